@@ -1,0 +1,1 @@
+"""Streaming video-language runtime: frames in, answers out. Knows nothing of ROS."""
