@@ -1,0 +1,62 @@
+"""The one attention path every policy goes through, in model runs and in the benchmark.
+
+A query block attends to a retrieved context (fully visible, it all precedes the block)
+followed by local "scratch" tokens (the chunk being ingested, or the question and the
+answer so far) under a causal mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mosaic_ros.runtime.kv.policy import KVContext
+from mosaic_ros.runtime.kv.rope import RotaryFn, apply_rotary
+
+
+def rotate_context(ctx: KVContext, rotary: RotaryFn) -> torch.Tensor:
+    """Post-RoPE keys (H_kv, T, D) of ``ctx``: its pre-RoPE keys rotated by ``ctx.positions``."""
+    h, t, d = ctx.keys.shape
+    if t == 0:
+        return ctx.keys
+    p = ctx.positions.shape[0]
+    cos, sin = rotary(ctx.positions.reshape(p, h * t))
+    cos = cos.view(h, t, d)
+    sin = sin.view(h, t, d)
+    return apply_rotary(ctx.keys.float(), cos, sin).to(ctx.keys.dtype)
+
+
+def attend(
+    query: torch.Tensor,
+    context_keys: torch.Tensor | None,
+    context_values: torch.Tensor | None,
+    local_keys: torch.Tensor,
+    local_values: torch.Tensor,
+    scaling: float | None = None,
+) -> torch.Tensor:
+    """Attention of ``query`` (H_q, L_q, D) over context (H_kv, T, D) then local (H_kv, L_s, D).
+
+    All tensors are post-RoPE. The last L_q local tokens are the query tokens themselves:
+    query i sees the whole context and local tokens ``[0, L_s - L_q + i]``. GQA: query head
+    h reads KV head ``h // (H_q // H_kv)``. Computes in the query's dtype; returns (H_q, L_q, D).
+    """
+    lq = query.shape[1]
+    ls = local_keys.shape[1]
+    if ls < lq:
+        raise ValueError(f"local tokens ({ls}) must include the {lq} query tokens")
+    dtype = query.dtype
+    if context_keys is not None and context_keys.shape[1] > 0:
+        keys = torch.cat((context_keys.to(dtype), local_keys.to(dtype)), dim=1)
+        values = torch.cat((context_values.to(dtype), local_values.to(dtype)), dim=1)
+        t = context_keys.shape[1]
+    else:
+        keys, values, t = local_keys.to(dtype), local_values.to(dtype), 0
+    mask = None
+    if lq > 1:
+        idx = torch.arange(lq, device=query.device)
+        local_visible = torch.arange(ls, device=query.device)[None, :] <= (ls - lq + idx)[:, None]
+        mask = torch.cat((torch.ones(lq, t, dtype=torch.bool, device=query.device), local_visible), dim=1)
+    out = F.scaled_dot_product_attention(
+        query[None], keys[None], values[None], attn_mask=mask, scale=scaling, enable_gqa=True
+    )
+    return out[0]

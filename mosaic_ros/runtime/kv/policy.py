@@ -1,0 +1,245 @@
+"""The ``KVPolicy`` interface: what a policy decides, and the shapes it hands to attention.
+
+A policy owns one stream's KV memory for all layers. The stream appends tokens chunk by
+chunk (a frame, a time marker, a question's text); each layer's keys arrive *pre-RoPE*
+(position-free), with the rotary positions kept per token so attention can re-apply the
+original positions (or re-assigned ones) on the device. Between frames the policy may do
+deferred maintenance. Per question, attention asks the policy, layer by layer, for the
+context to attend to; the policy selects stored tokens within its device budget, moves
+them to the device and reports what that cost.
+
+Every policy shares the same storage (``HostKVStore``), the same budget semantics and the
+same attention path, so comparing policies is a one-flag change.
+
+Shapes: ``H_kv`` KV heads, ``H_q`` query heads, ``D`` head dim, ``T`` tokens, ``P`` rotary
+position components (1 for 1-D RoPE, 3 for M-RoPE).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """KV shape of a model: what one token costs per layer and in all."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    num_q_heads: int
+    position_dims: int = 1
+    dtype: torch.dtype = torch.float16
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "num_q_heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"KVGeometry.{name} must be positive, got {getattr(self, name)}")
+        if self.num_q_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_q_heads ({self.num_q_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.position_dims not in (1, 3):
+            raise ValueError(f"position_dims must be 1 or 3, got {self.position_dims}")
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (GQA)."""
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def token_row_bytes(self) -> int:
+        """Bytes of K (or of V) for one token in one layer."""
+        return self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of K and V for one token over all layers."""
+        return 2 * self.num_layers * self.token_row_bytes
+
+
+@dataclass
+class PolicyConfig:
+    """Settings shared by every policy.
+
+    ``budget_tokens`` is the device-side budget per layer and per question, in tokens,
+    sinks and local window included: no policy hands attention more than this.
+    ``host_cap_bytes`` (0 = none) caps the stream's host KV; when reached, the configured
+    ``compression`` keeps memory under it. ``options`` carries policy-specific settings,
+    each policy documents and validates its own.
+    """
+
+    budget_tokens: int = 8192
+    sink_tokens: int = 32
+    window_tokens: int = 1024
+    host_cap_bytes: int = 0
+    compression: str = "vsb"
+    prefetch: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.budget_tokens <= 0:
+            raise ValueError(f"budget_tokens must be positive, got {self.budget_tokens}")
+        if self.sink_tokens < 0 or self.window_tokens < 0:
+            raise ValueError("sink_tokens and window_tokens must be >= 0")
+        if self.sink_tokens + self.window_tokens > self.budget_tokens:
+            raise ValueError(
+                f"sink_tokens + window_tokens ({self.sink_tokens + self.window_tokens}) exceed "
+                f"budget_tokens ({self.budget_tokens})"
+            )
+        if self.host_cap_bytes < 0:
+            raise ValueError(f"host_cap_bytes must be >= 0, got {self.host_cap_bytes}")
+
+
+@dataclass
+class TokenMeta:
+    """Per-token facts of one appended chunk, shared by all layers.
+
+    positions: (P, T) int64 rotary positions as the model applied them.
+    stamps: (T,) float64 stream time in seconds (text tokens carry the time they were added).
+    modality: (T,) uint8, 0 = text, 1 = vision.
+    frame: (T,) int64 frame index, -1 for text.
+    """
+
+    positions: torch.Tensor
+    stamps: torch.Tensor
+    modality: torch.Tensor
+    frame: torch.Tensor
+
+    def __post_init__(self) -> None:
+        n = self.positions.shape[-1]
+        if self.positions.dim() != 2:
+            raise ValueError(f"positions must be (P, T), got {tuple(self.positions.shape)}")
+        for name in ("stamps", "modality", "frame"):
+            t = getattr(self, name)
+            if t.shape != (n,):
+                raise ValueError(f"{name} must be ({n},), got {tuple(t.shape)}")
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[-1])
+
+
+@dataclass
+class KVContext:
+    """Stored tokens of one layer handed to attention, on the compute device.
+
+    keys: (H_kv, T, D) pre-RoPE; values: (H_kv, T, D); positions: (P, H_kv, T) int64
+    rotary positions to apply to ``keys``; token_ids: (H_kv, T) int64 logical token ids
+    (what fidelity is measured on). Selections shared by all heads are expanded views.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    token_ids: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.keys.shape[1])
+
+
+@dataclass
+class RetrievalStats:
+    """What one question's retrieval cost, summed over layers. Times in ms, sizes in bytes."""
+
+    select_ms: float = 0.0
+    transfer_ms: float = 0.0
+    copies: int = 0
+    bytes_moved: int = 0
+    tokens_retrieved: int = 0
+    prefetch_hits: int = 0
+    prefetch_lookups: int = 0
+
+    @property
+    def prefetch_hit_rate(self) -> float:
+        return self.prefetch_hits / self.prefetch_lookups if self.prefetch_lookups else 0.0
+
+
+@dataclass
+class MemoryStats:
+    """Memory held by a policy now. ``units`` are clusters, pages or blocks (per layer, mean)."""
+
+    tokens: int = 0
+    host_kv_bytes: int = 0
+    device_kv_bytes: int = 0
+    device_kv_bytes_peak: int = 0
+    units: int = 0
+    tokens_evicted: int = 0
+
+
+class KVPolicy(ABC):
+    """One stream's KV memory and the rule that decides what reaches the device.
+
+    Call order per chunk: ``add_tokens`` once, then for each layer ``ingest_context`` (what
+    the chunk attends to while ingesting) and ``append`` (the chunk's KV), then
+    ``maintain`` between chunks. Per question: ``begin_question``, then for each layer
+    ``retrieve``, then ``end_question``. Calls are not thread-safe: the owner serialises them.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, geometry: KVGeometry, config: PolicyConfig, device: torch.device | str = "cpu"):
+        self.geometry = geometry
+        self.config = config
+        self.device = torch.device(device)
+
+    @abstractmethod
+    def add_tokens(self, meta: TokenMeta) -> torch.Tensor:
+        """Register a chunk's token facts; returns its logical token ids (T,) int64."""
+
+    @abstractmethod
+    def ingest_context(self, layer: int) -> KVContext | None:
+        """Stored tokens a new chunk attends to during ingest (None: nothing stored yet)."""
+
+    @abstractmethod
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor, token_ids: torch.Tensor) -> None:
+        """Store one layer's KV of a chunk: keys (T, H_kv, D) pre-RoPE, values (T, H_kv, D)."""
+
+    def maintain(self, budget_ms: float) -> float:
+        """Deferred work between chunks within ``budget_ms``; returns ms spent (default: none)."""
+        return 0.0
+
+    @abstractmethod
+    def begin_question(self, window: tuple[float, float] | None = None) -> None:
+        """Start a question; ``window`` = (t_start, t_end) seconds limits what may be retrieved."""
+
+    @abstractmethod
+    def retrieve(self, layer: int, query: torch.Tensor) -> KVContext:
+        """Select and fetch this layer's context for the question's queries (H_q, L_q, D) pre-RoPE."""
+
+    @abstractmethod
+    def end_question(self) -> RetrievalStats:
+        """Finish the question; returns its retrieval cost."""
+
+    @abstractmethod
+    def memory(self) -> MemoryStats:
+        """Memory held now."""
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Forget the whole stream."""
+
+
+POLICIES: dict[str, type[KVPolicy]] = {}
+
+
+def register_policy(cls: type[KVPolicy]) -> type[KVPolicy]:
+    """Class decorator: make a policy available to ``make_policy`` under ``cls.name``."""
+    POLICIES[cls.name] = cls
+    return cls
+
+
+def make_policy(
+    name: str, geometry: KVGeometry, config: PolicyConfig | None = None, device: torch.device | str = "cpu"
+) -> KVPolicy:
+    """Build a registered policy by name; unknown names raise ``ValueError`` listing the known ones."""
+    from mosaic_ros.runtime.kv import policies  # noqa: F401  (registers the built-in policies)
+
+    if name not in POLICIES:
+        raise ValueError(f"unknown KV policy {name!r}; known: {', '.join(sorted(POLICIES))}")
+    return POLICIES[name](geometry, config or PolicyConfig(), device)
