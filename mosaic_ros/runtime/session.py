@@ -1,0 +1,378 @@
+"""``StreamSession``: one video stream's memory in a vision-language model, and questions about it.
+
+Concurrency contract
+--------------------
+``ingest`` and ``ask`` may be called from different threads (and ``status`` from any).
+Frame validation and the vision tower run outside the session lock; the language model
+and the KV policy are used under one lock, so an ingest step and a question never
+interleave inside the model. A question holds the lock from its prefill to its last
+token: frames that arrive meanwhile wait in ``ingest`` (a caller that must not block, like
+the ROS node, keeps only the latest frame per camera and counts what it drops).
+``reset`` takes the lock too. Errors in one call (a bad frame, a bad question) raise a
+clear exception and leave the session usable.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mosaic_ros.runtime.kv.bridge import ATTENTION_NAME, KVBridge
+from mosaic_ros.runtime.kv.policy import KVGeometry, PolicyConfig, TokenMeta, make_policy
+from mosaic_ros.runtime.stats import Answer, LatencyStats
+
+
+class SessionError(ValueError):
+    """A request the session cannot serve; the message says why. The session stays usable."""
+
+
+class QuestionError(SessionError):
+    """The question is empty, too long, or asked before any frame."""
+
+
+class StampError(SessionError):
+    """A frame's timestamp is not a finite number or goes backwards."""
+
+
+@dataclass(frozen=True)
+class TimeWindow:
+    """Only video between ``start`` and ``end`` (stream seconds, inclusive) may be retrieved."""
+
+    start: float
+    end: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.start) and math.isfinite(self.end)) or self.end < self.start:
+            raise SessionError(f"invalid time window [{self.start}, {self.end}]")
+
+    @classmethod
+    def last(cls, seconds: float, now: float) -> TimeWindow:
+        """The last ``seconds`` of video up to ``now``."""
+        if not seconds > 0:
+            raise SessionError(f"window length must be > 0 s, got {seconds}")
+        return cls(now - seconds, now)
+
+
+@dataclass
+class SessionConfig:
+    """How a stream is remembered and questioned.
+
+    ``sink_tokens=None`` makes the stream's fixed preamble the attention sinks.
+    ``kv_dtype=None`` stores KV in the model's dtype. ``maintain_budget_ms`` bounds deferred
+    KV maintenance after each frame. ``remember_dialogue`` appends each question and its
+    answer to the stream as text, so later questions can refer to them.
+    """
+
+    policy: str = "dense"
+    budget_tokens: int = 8192
+    sink_tokens: int | None = None
+    window_tokens: int = 1024
+    host_cap_bytes: int = 0
+    prefetch: bool = True
+    policy_options: dict = field(default_factory=dict)
+    kv_dtype: torch.dtype | None = None
+    max_question_chars: int = 2000
+    max_new_tokens: int = 64
+    maintain_budget_ms: float = 5.0
+    remember_dialogue: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_question_chars <= 0:
+            raise SessionError(f"max_question_chars must be > 0, got {self.max_question_chars}")
+        if self.max_new_tokens <= 0:
+            raise SessionError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.maintain_budget_ms < 0:
+            raise SessionError(f"maintain_budget_ms must be >= 0, got {self.maintain_budget_ms}")
+
+
+@dataclass
+class IngestResult:
+    """What one frame cost (ms) and added."""
+
+    tokens: int
+    vision_encode_ms: float
+    prefill_ms: float
+    maintain_ms: float
+
+
+@dataclass
+class SessionStatus:
+    """The stream's memory now."""
+
+    policy: str
+    frames_ingested: int
+    tokens_in_memory: int
+    host_kv_bytes: int
+    device_kv_bytes: int
+    clusters_in_memory: int
+    tokens_evicted: int
+    first_stamp: float | None
+    last_stamp: float | None
+    ingest_ms_mean: float
+
+    @property
+    def stream_seconds(self) -> float:
+        if self.first_stamp is None or self.last_stamp is None:
+            return 0.0
+        return self.last_stamp - self.first_stamp
+
+
+TokenCallback = Callable[[str, int], "bool | None"]
+
+
+class StreamSession:
+    """Ingests frames with timestamps and answers questions about everything seen so far."""
+
+    def __init__(self, adapter, config: SessionConfig | None = None):
+        self.adapter = adapter
+        self.config = config or SessionConfig()
+        adapter.set_attention(ATTENTION_NAME)
+        self._lock = threading.RLock()
+        self._build()
+
+    # ---- setup -------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        cfg, ad = self.config, self.adapter
+        preamble = ad.system_chunk(ad.new_cursor())
+        sinks = preamble.n_tokens if cfg.sink_tokens is None else cfg.sink_tokens
+        geometry = KVGeometry(
+            num_layers=ad.num_layers,
+            num_kv_heads=ad.num_kv_heads,
+            head_dim=ad.head_dim,
+            num_q_heads=ad.num_heads,
+            position_dims=ad.position_dims,
+            dtype=cfg.kv_dtype or ad.dtype,
+        )
+        policy_config = PolicyConfig(
+            budget_tokens=cfg.budget_tokens,
+            sink_tokens=sinks,
+            window_tokens=cfg.window_tokens,
+            host_cap_bytes=cfg.host_cap_bytes,
+            prefetch=cfg.prefetch,
+            options=dict(cfg.policy_options),
+        )
+        self.policy = make_policy(cfg.policy, geometry, policy_config, ad.device)
+        self.bridge = KVBridge(self.policy, ad.rotary, ad.num_layers)
+        self._start_stream()
+
+    def _start_stream(self) -> None:
+        """Empty stream: only the fixed preamble (the attention sinks) in memory."""
+        self._cursor = self.adapter.new_cursor()
+        self._frames = 0
+        self._first_stamp: float | None = None
+        self._last_stamp: float | None = None
+        self._ingest_ms_total = 0.0
+        self._forward_ingest(self.adapter.system_chunk(self._cursor), stamp=0.0)
+
+    @property
+    def rotary(self):
+        return self.adapter.rotary
+
+    # ---- stream ------------------------------------------------------------------------
+
+    def ingest(self, frame: np.ndarray, stamp: float, channel_order: str = "rgb") -> IngestResult:
+        """Add one frame (H, W, 3) uint8 seen at ``stamp`` seconds; returns its cost.
+
+        Raises ``FrameError`` (bad array) or ``StampError`` (non-finite or backwards stamp).
+        """
+        t0 = time.perf_counter()
+        stamp = float(stamp)
+        if not math.isfinite(stamp):
+            raise StampError(f"frame stamp must be finite, got {stamp}")
+        if channel_order not in ("rgb", "bgr"):
+            raise SessionError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
+        batch = self.adapter.prepare_frames([frame if channel_order == "rgb" else _bgr_to_rgb(frame)])
+        features = self.adapter.encode_frames(batch)
+        vision_ms = (time.perf_counter() - t0) * 1e3
+        with self._lock:
+            if self._last_stamp is not None and stamp < self._last_stamp:
+                raise StampError(
+                    f"frame stamp {stamp:.3f} s is older than the last one ({self._last_stamp:.3f} s); "
+                    "reset the stream after a time jump"
+                )
+            t1 = time.perf_counter()
+            chunk = self.adapter.frame_chunk(features, stamp, self._cursor)
+            self._forward_ingest(chunk, stamp)
+            prefill_ms = (time.perf_counter() - t1) * 1e3
+            self._frames += 1
+            self._first_stamp = stamp if self._first_stamp is None else self._first_stamp
+            self._last_stamp = stamp
+            maintain_ms = self.policy.maintain(self.config.maintain_budget_ms)
+            self._ingest_ms_total += vision_ms + prefill_ms + maintain_ms
+        return IngestResult(chunk.n_tokens, vision_ms, prefill_ms, maintain_ms)
+
+    def _forward_ingest(self, chunk, stamp: float) -> None:
+        """Run one chunk through the model and into the policy's store (caller holds the lock)."""
+        n = chunk.n_tokens
+        modality = torch.as_tensor(chunk.modality, dtype=torch.uint8).reshape(n)
+        frame = torch.full((n,), -1, dtype=torch.int64)
+        frame[modality.bool()] = self._frames
+        meta = TokenMeta(
+            positions=chunk.token_positions.detach().cpu().to(torch.int64),
+            stamps=torch.full((n,), stamp, dtype=torch.float64),
+            modality=modality,
+            frame=frame,
+        )
+        token_ids = self.policy.add_tokens(meta)
+        with torch.inference_mode(), self.bridge.ingest_step(chunk.token_positions, token_ids) as cache:
+            self.adapter.forward(chunk, cache)
+        self._cursor = chunk.cursor
+
+    # ---- questions ---------------------------------------------------------------------
+
+    def ask(
+        self,
+        question: str,
+        window: TimeWindow | None = None,
+        max_new_tokens: int | None = None,
+        on_token: TokenCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Answer:
+        """Answer ``question`` about the video so far (greedy decoding).
+
+        ``on_token(piece, token_id)`` is called per generated token with the new text;
+        returning False stops generation, as does setting ``cancel``. Raises
+        ``QuestionError`` for an empty or too long question or one asked before any frame.
+        """
+        t_call = time.perf_counter()
+        question = self._check_question(question)
+        limit = self.config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if limit <= 0:
+            raise QuestionError(f"max_new_tokens must be > 0, got {limit}")
+        with self._lock:
+            t_start = time.perf_counter()
+            if self._frames == 0:
+                raise QuestionError("no frame has been ingested yet; ask again once the camera streams")
+            answer = self._answer_locked(question, window, limit, on_token, cancel, t_call, t_start)
+            if self.config.remember_dialogue and answer.text:
+                self._remember(question, answer.text)
+        return answer
+
+    def question_queries(self, question: str) -> list[torch.Tensor]:
+        """Pre-RoPE queries (H_q, L_q, D) per layer of the question's prefill (for benchmarks)."""
+        question = self._check_question(question)
+        with self._lock, torch.inference_mode():
+            chunk = self.adapter.question_chunk(question, self._cursor)
+            self.bridge.begin_question(None, capture=True)
+            try:
+                with self.bridge.question_step(chunk.token_positions) as cache:
+                    self.adapter.forward(chunk, cache)
+                return [q.clone() for q in self.bridge.captured_queries]
+            finally:
+                self.bridge.end_question()
+
+    def _check_question(self, question: str) -> str:
+        if not isinstance(question, str) or not question.strip():
+            raise QuestionError("question is empty")
+        if len(question) > self.config.max_question_chars:
+            raise QuestionError(
+                f"question has {len(question)} characters; the limit is {self.config.max_question_chars}"
+            )
+        return question.strip()
+
+    def _answer_locked(self, question, window, limit, on_token, cancel, t_call, t_start) -> Answer:
+        ad = self.adapter
+        stats = LatencyStats(policy=self.config.policy, queue_ms=(t_start - t_call) * 1e3)
+        retrieval_window = None if window is None else (window.start, window.end)
+        generated: list[int] = []
+        text = ""
+        cancelled = False
+        with torch.inference_mode():
+            chunk = ad.question_chunk(question, self._cursor)
+            self.bridge.begin_question(retrieval_window)
+            try:
+                with self.bridge.question_step(chunk.token_positions) as cache:
+                    logits = ad.forward(chunk, cache)
+                t_prefill = time.perf_counter()
+                stats.prefill_ms = (t_prefill - t_start) * 1e3
+                cursor = chunk.cursor
+                eos = set(ad.eos_token_ids)
+                for i in range(limit):
+                    token = int(torch.argmax(logits[0]))
+                    if i == 0:
+                        stats.ttft_ms = (time.perf_counter() - t_call) * 1e3
+                    if token in eos:
+                        break
+                    generated.append(token)
+                    new_text = ad.tokenizer.decode(generated, skip_special_tokens=True)
+                    piece, text = new_text[len(text) :], new_text
+                    if on_token is not None and on_token(piece, token) is False:
+                        cancelled = True
+                        break
+                    if cancel is not None and cancel.is_set():
+                        cancelled = True
+                        break
+                    if i + 1 == limit:
+                        break
+                    step = ad.token_chunk(token, cursor)
+                    with self.bridge.question_step(step.token_positions) as cache:
+                        logits = ad.forward(step, cache)
+                    cursor = step.cursor
+                stats.decode_ms = (time.perf_counter() - t_prefill) * 1e3
+            finally:
+                retrieval = self.bridge.end_question()
+        stats.tokens_generated = len(generated)
+        stats.retrieval_ms = retrieval.select_ms
+        stats.transfer_ms = retrieval.transfer_ms
+        stats.tokens_retrieved = retrieval.tokens_retrieved
+        stats.bytes_moved = retrieval.bytes_moved
+        stats.copies = retrieval.copies
+        stats.prefetch_hit_rate = retrieval.prefetch_hit_rate
+        self._fill_memory(stats)
+        stats.total_ms = (time.perf_counter() - t_call) * 1e3
+        return Answer(text=text.strip(), stats=stats, cancelled=cancelled)
+
+    def _remember(self, question: str, answer: str) -> None:
+        stamp = self._last_stamp or 0.0
+        self._forward_ingest(self.adapter.question_chunk(question, self._cursor), stamp)
+        self._forward_ingest(self.adapter.resume_chunk(answer, self._cursor), stamp)
+
+    def _fill_memory(self, stats: LatencyStats) -> None:
+        mem = self.policy.memory()
+        stats.frames_in_memory = self._frames
+        stats.tokens_in_memory = mem.tokens
+        stats.device_kv_bytes = mem.device_kv_bytes_peak
+        stats.host_kv_bytes = mem.host_kv_bytes
+        stats.clusters_in_memory = mem.units
+        stats.tokens_evicted = mem.tokens_evicted
+
+    # ---- housekeeping ------------------------------------------------------------------
+
+    def status(self) -> SessionStatus:
+        with self._lock:
+            mem = self.policy.memory()
+            return SessionStatus(
+                policy=self.config.policy,
+                frames_ingested=self._frames,
+                tokens_in_memory=mem.tokens,
+                host_kv_bytes=mem.host_kv_bytes,
+                device_kv_bytes=mem.device_kv_bytes,
+                clusters_in_memory=mem.units,
+                tokens_evicted=mem.tokens_evicted,
+                first_stamp=self._first_stamp,
+                last_stamp=self._last_stamp,
+                ingest_ms_mean=self._ingest_ms_total / self._frames if self._frames else 0.0,
+            )
+
+    @property
+    def last_stamp(self) -> float | None:
+        return self._last_stamp
+
+    def reset(self) -> None:
+        """Forget the whole stream (the model stays loaded)."""
+        with self._lock:
+            self.bridge.reset()
+            self._start_stream()
+
+
+def _bgr_to_rgb(frame: np.ndarray) -> np.ndarray:
+    if not isinstance(frame, np.ndarray) or frame.ndim != 3 or frame.shape[2] != 3:
+        return frame
+    return frame[:, :, ::-1]
