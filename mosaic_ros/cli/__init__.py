@@ -1,0 +1,1 @@
+"""Command-line entry points that need no ROS: offline runs and benchmarks."""
