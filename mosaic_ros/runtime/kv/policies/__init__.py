@@ -1,0 +1,5 @@
+"""Built-in KV policies; importing this package registers every one of them with ``make_policy``."""
+
+from mosaic_ros.runtime.kv.policies import dense, window
+
+__all__ = ["dense", "window"]

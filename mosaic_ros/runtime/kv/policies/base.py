@@ -1,0 +1,320 @@
+"""What every store-backed policy shares: storage, budget rules, the host cap, fetching and stats.
+
+A subclass decides only *which* tokens a layer hands attention for a question
+(``select``) and, if it is not a plain retrieval policy, what a chunk attends to while
+ingesting. The base class turns token ids into store rows, fetches them into a reusable
+per-layer ``DeviceBuffer`` (sized to the budget, allocated once), times ``select`` and
+``transfer`` separately, and keeps host memory under ``config.host_cap_bytes``.
+
+Budget: ``config.budget_tokens`` per layer per question, sinks and local window included.
+Sinks are the stream's first ``sink_tokens`` tokens; the local window is the last
+``window_tokens`` live tokens. Both are never evicted by compression. A question's time
+window (``begin_question(window=(t0, t1))``) restricts every candidate, the local window
+included, to tokens stamped inside [t0, t1]; sinks are always allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, ClassVar
+
+import torch
+
+from mosaic_ros.runtime.kv.policies.compression import drop_oldest, vsb_compress
+from mosaic_ros.runtime.kv.policy import (
+    KVContext,
+    KVGeometry,
+    KVPolicy,
+    MemoryStats,
+    PolicyConfig,
+    RetrievalStats,
+    TokenMeta,
+)
+from mosaic_ros.runtime.kv.store import DeviceBuffer, FetchStats, HostKVStore
+
+COMPRESSIONS = ("vsb", "drop_oldest")
+
+COMMON_OPTIONS: dict[str, Any] = {
+    "page_rows": 8192,  # store rows per page
+    "run_min_rows": 64,  # mean run length from which runs are copied one by one instead of gathered
+    "compress_to": 0.75,  # at the host cap, compress live tokens to this fraction of the cap
+    "vsb_buckets": 32,  # VSB timeline buckets (each keeps its own top tokens)
+    "vsb_probe": 16,  # VSB probe tokens taken from the most recent vision tokens
+}
+
+
+class StoreBackedPolicy(KVPolicy):
+    """Base of the built-in policies. Subclasses implement ``select`` (and may override the rest).
+
+    ``per_head``: selections differ per KV head (``select`` returns (H_kv, n) ids) instead of
+    one (n,) set shared by all heads. ``option_defaults``: the policy's own ``config.options``
+    keys with defaults; any other key is an error.
+    """
+
+    per_head: ClassVar[bool] = False
+    option_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, geometry: KVGeometry, config: PolicyConfig, device: torch.device | str = "cpu"):
+        super().__init__(geometry, config, device)
+        known = {**COMMON_OPTIONS, **self.option_defaults}
+        unknown = sorted(set(config.options) - set(known))
+        if unknown:
+            raise ValueError(
+                f"policy {self.name!r}: unknown option(s) {unknown}; known: {', '.join(sorted(known))}"
+            )
+        self.options = {**known, **config.options}
+        if config.compression not in COMPRESSIONS:
+            raise ValueError(f"unknown compression {config.compression!r}; known: {', '.join(COMPRESSIONS)}")
+        if not 0.0 < float(self.options["compress_to"]) <= 1.0:
+            raise ValueError(f"compress_to must be in (0, 1], got {self.options['compress_to']}")
+        for key in ("page_rows", "run_min_rows", "vsb_buckets", "vsb_probe"):
+            if int(self.options[key]) <= 0:
+                raise ValueError(f"option {key} must be positive, got {self.options[key]}")
+        self.page_rows, self.max_rows = self._cap_layout()
+        self.reset()
+
+    # ------------------------------------------------------------------ construction helpers
+    def _cap_layout(self) -> tuple[int, int]:
+        """(page_rows, max_rows per layer) honouring ``host_cap_bytes`` (0 = no cap)."""
+        page = int(self.options["page_rows"])
+        cap = self.config.host_cap_bytes
+        if not cap:
+            return page, 0
+        cap_rows = cap // self.geometry.bytes_per_token
+        floor = self.config.sink_tokens + self.config.window_tokens + 1
+        if cap_rows < floor:
+            raise ValueError(
+                f"host_cap_bytes={cap} holds {cap_rows} tokens ({self.geometry.bytes_per_token} B/token); "
+                f"it must hold at least sinks + window + 1 = {floor}"
+            )
+        n_pages = math.ceil(cap_rows / page)
+        page = cap_rows // n_pages
+        return page, page * n_pages
+
+    def _new_store(self) -> HostKVStore:
+        return HostKVStore(
+            self.geometry,
+            page_rows=self.page_rows,
+            max_rows=self.max_rows,
+            pin=self.device.type == "cuda",
+            run_min_rows=int(self.options["run_min_rows"]),
+        )
+
+    def reset(self) -> None:
+        self.store = self._new_store()
+        self._buffers: dict[int, DeviceBuffer] = {}
+        self._ingest_buffers: dict[int, DeviceBuffer] = {}
+        self._stats = RetrievalStats()
+        self._events: list[tuple] = []
+        self._window: tuple[float, float] | None = None
+        self._in_question = False
+        self.tokens_evicted = 0
+        self._evicted_rows = 0
+        self._device_peak = 0
+
+    # ------------------------------------------------------------------ stream
+    def add_tokens(self, meta: TokenMeta) -> torch.Tensor:
+        frame = meta.frame
+        if bool((frame < -1).any()):
+            raise ValueError(f"frame indices must be >= 0 (or -1 for text), got min {int(frame.min())}")
+        if bool(((meta.modality == 1) & (frame < 0)).any()):
+            raise ValueError("vision tokens need a frame index >= 0")
+        if not bool(torch.isfinite(meta.stamps).all()):
+            raise ValueError("stamps must be finite seconds")
+        if self.max_rows:
+            self._make_room(meta.num_tokens)
+        return self.store.add_tokens(meta)
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor, token_ids: torch.Tensor) -> None:
+        self._check_layer(layer)
+        self.store.append(layer, token_ids, keys, values)
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.geometry.num_layers:
+            raise ValueError(f"layer {layer} out of range [0, {self.geometry.num_layers})")
+
+    # ------------------------------------------------------------------ host cap
+    def _protected(self, live: torch.Tensor, incoming: int) -> torch.Tensor:
+        """Mask over ``live`` ids (ascending) of tokens compression must keep: sinks + local window."""
+        keep = live < self.config.sink_tokens
+        room = self.max_rows - incoming - int(keep.sum())
+        if room < 0:
+            raise ValueError(
+                f"a chunk of {incoming} tokens does not fit under the host cap ({self.max_rows} tokens per "
+                f"layer with {int(keep.sum())} sinks)"
+            )
+        window = min(self.config.window_tokens, room)
+        if window:
+            keep[-window:] = True
+        return keep
+
+    def _make_room(self, incoming: int) -> None:
+        """Compress or evict so that ``incoming`` more tokens fit under ``max_rows`` in every layer."""
+        live_counts = self.store.live_rows
+        if max(live_counts) + incoming <= self.max_rows:
+            return
+        target = max(int(float(self.options["compress_to"]) * self.max_rows) - incoming, 0)
+        before = sum(live_counts)
+        if self.config.compression == "drop_oldest":
+            live = torch.nonzero(self.store.alive).flatten()
+            protected = self._protected(live, incoming)
+            victims = drop_oldest(live, protected, target)
+            self.store.evict(victims)
+        else:
+            for layer in range(self.geometry.num_layers):
+                live = self.store.live_tokens(layer)
+                protected = self._protected(live, incoming)
+                victims = vsb_compress(
+                    self.store,
+                    layer,
+                    live,
+                    protected,
+                    target,
+                    buckets=int(self.options["vsb_buckets"]),
+                    probe=int(self.options["vsb_probe"]),
+                )
+                self.store.release(layer, victims)
+        self._evicted_rows += before - sum(self.store.live_rows)
+        self.tokens_evicted = self._evicted_rows // self.geometry.num_layers
+        self._after_eviction()
+
+    def _after_eviction(self) -> None:
+        """Hook for policies that index stored tokens (their index must forget evicted ones)."""
+
+    # ------------------------------------------------------------------ token sets
+    def live_ids(self, layer: int) -> torch.Tensor:
+        """Ids (n,) ascending that ``layer`` holds."""
+        return self.store.live_tokens(layer)
+
+    def split_candidates(self, layer: int, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base, rest): base = sinks + local window (ids ascending, at most ``budget``), rest = the
+        other tokens a question may retrieve (ascending), both within the question's time window.
+        """
+        live = self.live_ids(layer)
+        sinks = live < self.config.sink_tokens
+        allowed = sinks | self._in_time_window(live)
+        cand = live[allowed & ~sinks]
+        sink_ids = live[sinks][:budget]
+        w = min(self.config.window_tokens, budget - sink_ids.numel(), cand.numel())
+        window = cand[cand.numel() - w :]
+        return torch.cat((sink_ids, window)), cand[: cand.numel() - w]
+
+    def _in_time_window(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._window is None:
+            return torch.ones(ids.numel(), dtype=torch.bool)
+        stamps = self.store.stamps[ids]
+        return (stamps >= self._window[0]) & (stamps <= self._window[1])
+
+    def ingest_ids(self, layer: int) -> torch.Tensor:
+        """Sinks + the last ``window_tokens`` live tokens (ascending ids), ignoring time windows."""
+        live = self.live_ids(layer)
+        sinks = live[live < self.config.sink_tokens]
+        rest = live[live >= self.config.sink_tokens]
+        return torch.cat((sinks, rest[max(rest.numel() - self.config.window_tokens, 0) :]))
+
+    # ------------------------------------------------------------------ ingest
+    def ingest_context(self, layer: int) -> KVContext | None:
+        self._check_layer(layer)
+        ids = self.ingest_ids(layer)
+        if ids.numel() == 0:
+            return None
+        buf = self._ingest_buffers.get(layer)
+        if buf is None:
+            cap = max(self.config.sink_tokens + self.config.window_tokens, 1)
+            buf = DeviceBuffer(self.geometry, cap, self.device)
+            self._ingest_buffers[layer] = buf
+            self._track_device()
+        self.store.fetch(layer, self.store.rows_of(layer, ids), buf)
+        return buf.context()
+
+    # ------------------------------------------------------------------ questions
+    def begin_question(self, window: tuple[float, float] | None = None) -> None:
+        if window is not None:
+            t0, t1 = float(window[0]), float(window[1])
+            if not t0 <= t1:
+                raise ValueError(f"time window must have start <= end, got {window}")
+            window = (t0, t1)
+        self._window = window
+        self._stats = RetrievalStats()
+        self._events = []
+        self._in_question = True
+
+    def select(self, layer: int, query: torch.Tensor) -> torch.Tensor:
+        """Token ids for ``layer``: (n,) shared by all KV heads, or (H_kv, n) when ``per_head``.
+
+        query: (H_q, L_q, D) pre-RoPE. Must respect ``config.budget_tokens``.
+        """
+        raise NotImplementedError
+
+    def _buffer(self, layer: int) -> DeviceBuffer:
+        buf = self._buffers.get(layer)
+        if buf is None:
+            buf = DeviceBuffer(self.geometry, self.config.budget_tokens, self.device, per_head=self.per_head)
+            self._buffers[layer] = buf
+            self._track_device()
+        return buf
+
+    def retrieve(self, layer: int, query: torch.Tensor) -> KVContext:
+        self._check_layer(layer)
+        if not self._in_question:
+            raise RuntimeError("retrieve() outside a question: call begin_question() first")
+        g = self.geometry
+        if query.dim() != 3 or query.shape[0] != g.num_q_heads or query.shape[2] != g.head_dim:
+            raise ValueError(f"query must be ({g.num_q_heads}, L_q, {g.head_dim}), got {tuple(query.shape)}")
+        t0 = time.perf_counter()
+        ids = self.select(layer, query)
+        t1 = time.perf_counter()
+        n = ids.shape[-1]
+        if n > self.config.budget_tokens:
+            raise AssertionError(
+                f"{self.name} selected {n} tokens over the budget {self.config.budget_tokens}"
+            )
+        buf = self._buffer(layer)
+        fs = self.store.fetch(layer, self.store.rows_of(layer, ids), buf)
+        t2 = time.perf_counter()
+        self._account(fs, (t1 - t0) * 1e3, (t2 - t1) * 1e3, n)
+        return buf.context()
+
+    def _account(self, fs: FetchStats, select_ms: float, transfer_ms: float, tokens: int) -> None:
+        s = self._stats
+        s.select_ms += select_ms
+        if fs.cuda_events is not None:
+            self._events.append(fs.cuda_events)
+        else:
+            s.transfer_ms += transfer_ms
+        s.copies += fs.copies
+        s.bytes_moved += fs.bytes_moved
+        s.tokens_retrieved += tokens
+
+    def end_question(self) -> RetrievalStats:
+        for start, end in self._events:
+            end.synchronize()
+            self._stats.transfer_ms += start.elapsed_time(end)
+        self._events = []
+        self._in_question = False
+        self._window = None
+        return self._stats
+
+    # ------------------------------------------------------------------ memory
+    def device_kv_bytes(self) -> int:
+        """KV bytes held on the compute device now (budget buffers and ingest buffers)."""
+        bufs = list(self._buffers.values()) + list(self._ingest_buffers.values())
+        return sum(b.nbytes for b in bufs)
+
+    def _track_device(self) -> None:
+        self._device_peak = max(self._device_peak, self.device_kv_bytes())
+
+    def units(self) -> int:
+        """Retrieval units per layer (pages, blocks); 0 for token-level policies."""
+        return 0
+
+    def memory(self) -> MemoryStats:
+        return MemoryStats(
+            tokens=int(self.store.alive.sum()),
+            host_kv_bytes=self.store.host_kv_bytes,
+            device_kv_bytes=self.device_kv_bytes(),
+            device_kv_bytes_peak=self._device_peak,
+            units=self.units(),
+            tokens_evicted=self.tokens_evicted,
+        )

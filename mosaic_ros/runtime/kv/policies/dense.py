@@ -1,0 +1,107 @@
+"""``dense``: every stored token on the device, every question attends to all of them (the reference).
+
+The store's single contiguous arena per layer lives on the compute device, so a question's
+context is a view of it: no selection, no transfer. A question's time window still
+restricts the context (sinks always kept), by a gather on the device.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mosaic_ros.runtime.kv.policies.base import StoreBackedPolicy
+from mosaic_ros.runtime.kv.policy import KVContext, register_policy
+from mosaic_ros.runtime.kv.store import FetchStats, HostKVStore
+
+
+@register_policy
+class DensePolicy(StoreBackedPolicy):
+    """All tokens, device-resident. ``host_kv_bytes`` is 0: the arena is counted as device KV."""
+
+    name = "dense"
+
+    def _new_store(self) -> HostKVStore:
+        return HostKVStore(
+            self.geometry,
+            page_rows=self.page_rows,
+            max_rows=self.max_rows,
+            device=self.device,
+            contiguous=True,
+        )
+
+    def reset(self) -> None:
+        super().reset()
+        self._meta_cache: dict[int, tuple[tuple[int, int], torch.Tensor, torch.Tensor]] = {}
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor, token_ids: torch.Tensor) -> None:
+        super().append(layer, keys, values, token_ids)
+        self._track_device()
+
+    def _after_eviction(self) -> None:
+        for layer in range(self.geometry.num_layers):
+            self.store.compact(layer)
+
+    def _all_tokens(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids (n,) on the device, positions (P, n) on the device) of every row in [0, high)."""
+        store = self.store
+        key = (store.layout_version[layer], store.high[layer])
+        cached = self._meta_cache.get(layer)
+        if cached is None or cached[0] != key:
+            ids = store.row_token[layer][: store.high[layer]]
+            pos = store.positions[:, ids]
+            cached = (key, ids.to(self.device), pos.to(self.device))
+            self._meta_cache[layer] = cached
+        return cached[1], cached[2]
+
+    def _context(self, layer: int) -> KVContext:
+        store = self.store
+        h = self.geometry.num_kv_heads
+        high = store.high[layer]
+        if high == 0:
+            g = self.geometry
+            empty = torch.zeros(0, 2, h, g.head_dim, dtype=g.dtype, device=self.device)
+            ids = torch.zeros(0, dtype=torch.int64, device=self.device)
+            pos = torch.zeros(g.position_dims, 0, dtype=torch.int64, device=self.device)
+            data = empty
+        elif self._window is None:
+            data = store.pages[layer][0][:high]
+            ids, pos = self._all_tokens(layer)
+        else:
+            base, rest = self.split_candidates(layer, store.num_tokens)
+            sel = torch.sort(torch.cat((base, rest))).values
+            rows = store.rows_of(layer, sel).to(self.device)
+            data = store.pages[layer][0].index_select(0, rows)
+            ids = sel.to(self.device)
+            pos = store.positions[:, sel].to(self.device)
+        n = ids.numel()
+        return KVContext(
+            keys=data[:, 0].permute(1, 0, 2),
+            values=data[:, 1].permute(1, 0, 2),
+            positions=pos[:, None, :].expand(-1, h, n),
+            token_ids=ids[None, :].expand(h, n),
+        )
+
+    def ingest_context(self, layer: int) -> KVContext | None:
+        self._check_layer(layer)
+        if self.store.high[layer] == 0:
+            return None
+        return self._context(layer)
+
+    def retrieve(self, layer: int, query: torch.Tensor) -> KVContext:
+        self._check_layer(layer)
+        if not self._in_question:
+            raise RuntimeError("retrieve() outside a question: call begin_question() first")
+        t0 = time.perf_counter()
+        ctx = self._context(layer)
+        self._account(FetchStats(), (time.perf_counter() - t0) * 1e3, 0.0, ctx.num_tokens)
+        return ctx
+
+    def device_kv_bytes(self) -> int:
+        return self.store.host_kv_bytes
+
+    def memory(self):
+        stats = super().memory()
+        stats.host_kv_bytes = 0
+        return stats

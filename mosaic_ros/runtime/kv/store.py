@@ -1,0 +1,676 @@
+"""``HostKVStore``: one stream's pre-RoPE KV for all layers, in large pages of host memory.
+
+Layout. Per layer, K and V of a token share one *row* of shape (2, H_kv, D): ``row[0]`` is
+the pre-RoPE key, ``row[1]`` the value. Rows live in pages of ``page_rows`` rows
+(``(page_rows, 2, H_kv, D)`` tensors, pinned when asked), so a run of consecutive rows is
+moved, K and V together, by ONE copy, and growing the store adds a page instead of copying
+what is stored. A ``contiguous`` store keeps one page per layer that doubles when full (the
+device-resident ``dense`` reference uses it so its context is a view, not a gather).
+
+Tokens. Logical token ids are dense int64 in append order and never reused. Their facts
+(``TokenMeta``: positions, stamps, modality, frame) are shared by all layers; each layer
+keeps its own logical->physical row map, so a policy may append sequentially (``append``),
+choose rows itself (``alloc`` + ``place``), relocate tokens (``move``, ``compact``) and drop
+them per layer (``release``). A token is *alive* while at least one layer holds it.
+
+Fetching. ``fetch(layer, rows, into=DeviceBuffer)`` fills a reusable per-layer device
+buffer: rows already resident from the previous question stay (moved inside the buffer at
+most), the others are copied either one copy per run (long runs) or with one gather per
+page (short runs), whichever the cost model says is cheaper. On CUDA the copies are
+non-blocking, issued on a side stream from pinned memory, and the compute stream waits on
+an event before it reads the buffer.
+
+Accounting. ``host_kv_bytes`` counts CAPACITY: the bytes of every page tensor allocated
+(used or not), i.e. exactly what the process holds for KV. ``used_kv_bytes`` counts the
+rows that hold a live token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mosaic_ros.runtime.kv.policy import KVContext, KVGeometry, TokenMeta
+
+
+class StoreFullError(RuntimeError):
+    """A layer cannot take more rows without exceeding its ``max_rows``; compress or evict first."""
+
+
+@dataclass
+class FetchStats:
+    """What one ``fetch`` moved. ``bytes_moved``/``copies`` count host->device KV traffic only.
+
+    ``tokens_reused`` were already resident in the buffer (not copied again); ``device_moves``
+    counts rows shifted inside the buffer. ``cuda_events`` = (start, end) events on the copy
+    stream when the copies are asynchronous (their elapsed time is the transfer time).
+    """
+
+    copies: int = 0
+    bytes_moved: int = 0
+    tokens_copied: int = 0
+    tokens_reused: int = 0
+    device_moves: int = 0
+    cuda_events: tuple | None = None
+
+
+def contiguous_runs(rows: torch.Tensor, break_every: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maximal runs of consecutive values in sorted unique ``rows`` (n,) int64.
+
+    Returns (starts, lengths), each (R,) int64. With ``break_every`` > 0 a run never crosses a
+    multiple of it (a page boundary).
+    """
+    if rows.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return empty, empty
+    brk = rows[1:] - rows[:-1] != 1
+    if break_every > 0:
+        brk |= (rows[1:] // break_every) != (rows[:-1] // break_every)
+    first = torch.cat((torch.ones(1, dtype=torch.bool), brk))
+    idx = torch.nonzero(first).flatten()
+    starts = rows[idx]
+    ends = torch.cat((idx[1:], torch.tensor([rows.numel()])))
+    return starts, ends - idx
+
+
+class DeviceBuffer:
+    """A reusable device tensor holding one layer's retrieved context.
+
+    data: (capacity, 2, H_kv, D) on ``device``. ``groups`` = 1 when all KV heads share one
+    token selection (a slot holds a whole row), or H_kv when each head selects its own tokens
+    (head h's token in slot s is ``data[s, :, h]``). After a fetch of n tokens per group the
+    context is slots [0, n). Slot bookkeeping: ``slot_rows`` (G, capacity) int64 physical rows on
+    the host (-1 empty), ``slot_ids`` (G, capacity) token ids and ``slot_pos`` (P, G, capacity)
+    rotary positions on the device.
+    """
+
+    def __init__(
+        self, geometry: KVGeometry, capacity: int, device: torch.device | str, per_head: bool = False
+    ):
+        if capacity <= 0:
+            raise ValueError(f"DeviceBuffer capacity must be positive, got {capacity}")
+        self.geometry = geometry
+        self.capacity = capacity
+        self.device = torch.device(device)
+        self.groups = geometry.num_kv_heads if per_head else 1
+        g, h, d = self.groups, geometry.num_kv_heads, geometry.head_dim
+        self.data = torch.zeros(capacity, 2, h, d, dtype=geometry.dtype, device=self.device)
+        self.slot_rows = torch.full((g, capacity), -1, dtype=torch.int64)
+        self.slot_ids = torch.full((g, capacity), -1, dtype=torch.int64, device=self.device)
+        self.slot_pos = torch.zeros(
+            geometry.position_dims, g, capacity, dtype=torch.int64, device=self.device
+        )
+        self.count = 0
+        self.layout_version = -1
+        self.staging: torch.Tensor | None = None
+        self.ready: torch.cuda.Event | None = None
+
+    @property
+    def per_head(self) -> bool:
+        return self.groups > 1
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of the KV data (the bookkeeping tensors are not KV)."""
+        return self.data.numel() * self.data.element_size()
+
+    def invalidate(self) -> None:
+        """Forget what is resident (the store's layout changed under it)."""
+        self.slot_rows.fill_(-1)
+        self.count = 0
+
+    def context(self) -> KVContext:
+        """The last fetched tokens as a ``KVContext`` of views: keys/values (H_kv, n, D)."""
+        n, h = self.count, self.geometry.num_kv_heads
+        keys = self.data[:n, 0].permute(1, 0, 2)
+        values = self.data[:n, 1].permute(1, 0, 2)
+        ids = self.slot_ids[:, :n]
+        pos = self.slot_pos[:, :, :n]
+        if self.groups == 1:
+            ids = ids.expand(h, n)
+            pos = pos.expand(-1, h, n)
+        return KVContext(keys=keys, values=values, positions=pos, token_ids=ids)
+
+
+class HostKVStore:
+    """Pre-RoPE K/V of one stream, all layers, in pages of rows (see the module docstring).
+
+    ``page_rows``: rows per page (a fixed-size store) or the initial capacity of a
+    ``contiguous`` store. ``max_rows``: per-layer cap on rows (0 = none; ``alloc`` raises
+    ``StoreFullError`` beyond it). ``pin``: page-lock the pages (for async copies to CUDA).
+    ``device``: where the pages live (host ``cpu`` normally; the compute device for a
+    device-resident store). ``run_min_rows``: runs at least this long on average are copied
+    one copy per run, shorter ones gathered.
+    """
+
+    def __init__(
+        self,
+        geometry: KVGeometry,
+        *,
+        page_rows: int = 8192,
+        max_rows: int = 0,
+        pin: bool = False,
+        device: torch.device | str = "cpu",
+        contiguous: bool = False,
+        run_min_rows: int = 64,
+    ):
+        if page_rows <= 0:
+            raise ValueError(f"page_rows must be positive, got {page_rows}")
+        if max_rows < 0:
+            raise ValueError(f"max_rows must be >= 0, got {max_rows}")
+        self.geometry = geometry
+        self.page_rows = page_rows
+        self.max_rows = max_rows
+        self.device = torch.device(device)
+        self.pin = pin and self.device.type == "cpu" and torch.cuda.is_available()
+        self.contiguous = contiguous
+        self.run_min_rows = run_min_rows
+        n_layers = geometry.num_layers
+        self.pages: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+        self.row_token: list[torch.Tensor] = [torch.zeros(0, dtype=torch.int64) for _ in range(n_layers)]
+        self.token_row: list[torch.Tensor] = [torch.zeros(0, dtype=torch.int64) for _ in range(n_layers)]
+        self.high = [0] * n_layers
+        self.live_rows = [0] * n_layers
+        self.layout_version = [0] * n_layers
+        self.num_tokens = 0
+        p = geometry.position_dims
+        self._positions = torch.zeros(p, 0, dtype=torch.int64)
+        self._stamps = torch.zeros(0, dtype=torch.float64)
+        self._modality = torch.zeros(0, dtype=torch.uint8)
+        self._frame = torch.zeros(0, dtype=torch.int64)
+        self._layers_holding = torch.zeros(0, dtype=torch.int16)
+        self._side_stream = torch.cuda.Stream() if self.device.type == "cpu" and self.pin else None
+
+    # ------------------------------------------------------------------ token metadata
+    @property
+    def positions(self) -> torch.Tensor:
+        """(P, N) int64 rotary positions of every token ever appended."""
+        return self._positions[:, : self.num_tokens]
+
+    @property
+    def stamps(self) -> torch.Tensor:
+        """(N,) float64 seconds."""
+        return self._stamps[: self.num_tokens]
+
+    @property
+    def modality(self) -> torch.Tensor:
+        """(N,) uint8, 0 text, 1 vision."""
+        return self._modality[: self.num_tokens]
+
+    @property
+    def frame(self) -> torch.Tensor:
+        """(N,) int64 frame index, -1 for text."""
+        return self._frame[: self.num_tokens]
+
+    @property
+    def alive(self) -> torch.Tensor:
+        """(N,) bool: held by at least one layer."""
+        return self._layers_holding[: self.num_tokens] > 0
+
+    def _grow_meta(self, need: int) -> None:
+        cap = self._stamps.numel()
+        if need <= cap:
+            return
+        new = max(need, 2 * cap, 1024)
+
+        def grow(t: torch.Tensor, fill: float) -> torch.Tensor:
+            out = torch.full((*t.shape[:-1], new), fill, dtype=t.dtype)
+            out[..., :cap] = t
+            return out
+
+        self._positions = grow(self._positions, 0)
+        self._stamps = grow(self._stamps, 0.0)
+        self._modality = grow(self._modality, 0)
+        self._frame = grow(self._frame, -1)
+        self._layers_holding = grow(self._layers_holding, 0)
+        self.token_row = [grow(t, -1) for t in self.token_row]
+
+    def add_tokens(self, meta: TokenMeta) -> torch.Tensor:
+        """Register a chunk's token facts; returns their logical ids (T,) int64."""
+        if meta.positions.shape[0] != self.geometry.position_dims:
+            raise ValueError(
+                f"positions have {meta.positions.shape[0]} components, geometry expects "
+                f"{self.geometry.position_dims}"
+            )
+        t = meta.num_tokens
+        start = self.num_tokens
+        self._grow_meta(start + t)
+        sl = slice(start, start + t)
+        self._positions[:, sl] = meta.positions.to("cpu", torch.int64)
+        self._stamps[sl] = meta.stamps.to("cpu", torch.float64)
+        self._modality[sl] = meta.modality.to("cpu", torch.uint8)
+        self._frame[sl] = meta.frame.to("cpu", torch.int64)
+        self.num_tokens = start + t
+        return torch.arange(start, start + t, dtype=torch.int64)
+
+    # ------------------------------------------------------------------ physical rows
+    def capacity_rows(self, layer: int) -> int:
+        """Rows allocated for ``layer`` (used or not)."""
+        return sum(p.shape[0] for p in self.pages[layer])
+
+    def _page_rows_of(self, layer: int) -> int:
+        return self.pages[layer][0].shape[0] if self.contiguous and self.pages[layer] else self.page_rows
+
+    def _new_page(self, rows: int) -> torch.Tensor:
+        g = self.geometry
+        return torch.zeros(
+            rows, 2, g.num_kv_heads, g.head_dim, dtype=g.dtype, device=self.device, pin_memory=self.pin
+        )
+
+    def _ensure_rows(self, layer: int, rows_needed: int) -> None:
+        """Grow ``layer`` so that rows [0, rows_needed) exist."""
+        cap = self.capacity_rows(layer)
+        if rows_needed <= cap:
+            return
+        if self.contiguous:
+            new_cap = max(rows_needed, 2 * cap, self.page_rows)
+            if self.max_rows:
+                new_cap = max(min(new_cap, self.max_rows), rows_needed)
+            page = self._new_page(new_cap)
+            if cap:
+                page[: self.high[layer]] = self.pages[layer][0][: self.high[layer]]
+            self.pages[layer] = [page]
+        else:
+            while self.capacity_rows(layer) < rows_needed:
+                self.pages[layer].append(self._new_page(self.page_rows))
+        new_cap = self.capacity_rows(layer)
+        grown = torch.full((new_cap,), -1, dtype=torch.int64)
+        grown[:cap] = self.row_token[layer]
+        self.row_token[layer] = grown
+
+    def alloc(self, layer: int, n: int) -> torch.Tensor:
+        """Reserve ``n`` consecutive free rows at the tail of ``layer``; returns them (n,) int64.
+
+        When the tail has no room (a new page would exceed ``max_rows``, or freed rows exist and
+        the tail would need a new page) the layer is compacted first, which reuses freed rows.
+        Raises ``StoreFullError`` when even that leaves no room.
+        """
+        if n < 0:
+            raise ValueError(f"cannot allocate {n} rows")
+        limit = self.max_rows or None
+        live = self.live_rows[layer]
+        if limit is not None and live + n > limit:
+            raise StoreFullError(
+                f"layer {layer}: {live} live rows + {n} new exceed max_rows={limit}; compress or evict first"
+            )
+        end = self.high[layer] + n
+        needs_growth = end > self.capacity_rows(layer)
+        if needs_growth and (self.high[layer] > live or (limit is not None and end > limit)):
+            self.compact(layer)
+            end = self.high[layer] + n
+        self._ensure_rows(layer, end)
+        rows = torch.arange(self.high[layer], end, dtype=torch.int64)
+        self.high[layer] = end
+        return rows
+
+    def _locate(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pr = self._page_rows_of(layer)
+        return rows // pr, rows % pr
+
+    def _write_rows(self, layer: int, rows: torch.Tensor, data: torch.Tensor) -> None:
+        """data (n, 2, H_kv, D) into ``rows`` (n,) (one copy per run)."""
+        order = torch.argsort(rows)
+        rows, data = rows[order], data[order]
+        starts, lengths = contiguous_runs(rows, self._page_rows_of(layer))
+        pr = self._page_rows_of(layer)
+        offset = 0
+        for s, ln in zip(starts.tolist(), lengths.tolist(), strict=True):
+            page = self.pages[layer][s // pr]
+            page[s % pr : s % pr + ln].copy_(data[offset : offset + ln])
+            offset += ln
+
+    def place(
+        self,
+        layer: int,
+        token_ids: torch.Tensor,
+        rows: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+    ) -> None:
+        """Write tokens' keys/values (T, H_kv, D) into free, allocated ``rows`` (T,) and map them."""
+        token_ids = token_ids.to("cpu", torch.int64)
+        rows = rows.to("cpu", torch.int64)
+        if (
+            keys.shape != values.shape
+            or keys.shape[0] != token_ids.numel()
+            or rows.numel() != token_ids.numel()
+        ):
+            raise ValueError("place: token_ids, rows, keys and values must agree on T")
+        g = self.geometry
+        if tuple(keys.shape[1:]) != (g.num_kv_heads, g.head_dim):
+            raise ValueError(f"keys must be (T, {g.num_kv_heads}, {g.head_dim}), got {tuple(keys.shape)}")
+        if token_ids.numel() == 0:
+            return
+        if int(token_ids.max()) >= self.num_tokens or int(token_ids.min()) < 0:
+            raise ValueError("place: unknown token ids (call add_tokens first)")
+        if int(rows.max()) >= self.high[layer] or bool((self.row_token[layer][rows] >= 0).any()):
+            raise ValueError("place: rows must be allocated and free")
+        if bool((self.token_row[layer][token_ids] >= 0).any()):
+            raise ValueError(f"place: some tokens are already stored in layer {layer}")
+        data = torch.stack((keys, values), dim=1).to(self.device, g.dtype)
+        self._write_rows(layer, rows, data)
+        self.row_token[layer][rows] = token_ids
+        self.token_row[layer][token_ids] = rows
+        self._layers_holding[token_ids] += 1
+        self.live_rows[layer] += token_ids.numel()
+
+    def append(
+        self, layer: int, token_ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        """Store tokens sequentially at the tail of ``layer``; returns their rows (T,) int64."""
+        rows = self.alloc(layer, int(token_ids.numel()))
+        self.place(layer, token_ids, rows, keys, values)
+        return rows
+
+    def read(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """Gather ``rows`` (n,) of ``layer`` as (n, 2, H_kv, D) (K then V), one gather per page."""
+        rows = rows.to("cpu", torch.int64)
+        g = self.geometry
+        out = torch.empty(rows.numel(), 2, g.num_kv_heads, g.head_dim, dtype=g.dtype, device=self.device)
+        pages, local = self._locate(layer, rows)
+        for p in torch.unique(pages).tolist():
+            sel = torch.nonzero(pages == p).flatten()
+            out[sel] = self.pages[layer][p].index_select(0, local[sel].to(self.device))
+        return out
+
+    def iter_pages(self, layer: int):
+        """Yield (first_row, rows_view (n, 2, H_kv, D)) over the used part of every page of ``layer``.
+
+        Views include freed rows (their ``row_token`` is -1): mask them with ``row_token``.
+        """
+        pr = self._page_rows_of(layer)
+        high = self.high[layer]
+        for i, page in enumerate(self.pages[layer]):
+            start = i * pr
+            if start >= high:
+                break
+            yield start, page[: min(pr, high - start)]
+
+    def rows_of(self, layer: int, token_ids: torch.Tensor) -> torch.Tensor:
+        """Physical rows (…) of ``token_ids`` in ``layer`` (-1 where the layer does not hold them)."""
+        return self.token_row[layer][: self.num_tokens][token_ids.to("cpu", torch.int64)]
+
+    def live_tokens(self, layer: int) -> torch.Tensor:
+        """Ids (n,) int64, ascending, of the tokens ``layer`` holds."""
+        return torch.nonzero(self.token_row[layer][: self.num_tokens] >= 0).flatten()
+
+    def runs(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maximal page-bounded runs (starts, lengths) of the row set ``rows`` of ``layer``."""
+        rows = torch.unique(rows.to("cpu", torch.int64))
+        return contiguous_runs(rows, self._page_rows_of(layer))
+
+    def move(self, layer: int, token_ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """Relocate stored tokens into allocated free ``rows`` (same length); frees their old rows."""
+        token_ids = token_ids.to("cpu", torch.int64)
+        rows = rows.to("cpu", torch.int64)
+        old = self.rows_of(layer, token_ids)
+        if bool((old < 0).any()):
+            raise ValueError(f"move: some tokens are not stored in layer {layer}")
+        if rows.numel() != old.numel():
+            raise ValueError("move: need one destination row per token")
+        if rows.numel() == 0:
+            return
+        if int(rows.max()) >= self.high[layer] or int(rows.min()) < 0:
+            raise ValueError("move: destination rows must be allocated")
+        occupied = self.row_token[layer][rows] >= 0
+        if bool(occupied.any()) and not bool(torch.isin(rows[occupied], old).all()):
+            raise ValueError("move: destination rows hold other tokens")
+        data = self.read(layer, old)
+        self.row_token[layer][old] = -1
+        self._write_rows(layer, rows, data)
+        self.row_token[layer][rows] = token_ids
+        self.token_row[layer][token_ids] = rows
+        self.layout_version[layer] += 1
+
+    def release(self, layer: int, token_ids: torch.Tensor) -> None:
+        """Drop tokens from ``layer``: their rows become free (reused after ``compact``)."""
+        token_ids = token_ids.to("cpu", torch.int64)
+        rows = self.rows_of(layer, token_ids)
+        held = rows >= 0
+        token_ids, rows = token_ids[held], rows[held]
+        self.row_token[layer][rows] = -1
+        self.token_row[layer][token_ids] = -1
+        self._layers_holding[token_ids] -= 1
+        self.live_rows[layer] -= int(token_ids.numel())
+        self.layout_version[layer] += 1
+
+    def evict(self, token_ids: torch.Tensor) -> None:
+        """Drop tokens from every layer."""
+        for layer in range(self.geometry.num_layers):
+            self.release(layer, token_ids)
+
+    def compact(self, layer: int) -> None:
+        """Order-preserving compaction: live rows move down to [0, live); spare pages are freed.
+
+        Runs stay runs (relative order is kept), so a placement laid out by a policy survives.
+        """
+        rt = self.row_token[layer][: self.high[layer]]
+        live_rows = torch.nonzero(rt >= 0).flatten()
+        n = live_rows.numel()
+        if n != self.high[layer]:
+            ids = rt[live_rows]
+            moving = live_rows != torch.arange(n)
+            if bool(moving.any()):
+                first = int(torch.nonzero(moving).flatten()[0])
+                data = self.read(layer, live_rows[first:])
+                self._write_rows(layer, torch.arange(first, n), data)
+            self.row_token[layer][:n] = ids
+            self.row_token[layer][n:] = -1
+            self.token_row[layer][ids] = torch.arange(n)
+            self.high[layer] = n
+            self.layout_version[layer] += 1
+        if not self.contiguous:
+            keep = -(-n // self.page_rows)
+            del self.pages[layer][keep:]
+            self.row_token[layer] = self.row_token[layer][: keep * self.page_rows].clone()
+
+    # ------------------------------------------------------------------ accounting
+    @property
+    def host_kv_bytes(self) -> int:
+        """Bytes of every page tensor allocated, all layers (capacity, not used rows)."""
+        return sum(p.numel() * p.element_size() for pages in self.pages for p in pages)
+
+    @property
+    def used_kv_bytes(self) -> int:
+        """Bytes of the rows holding live tokens, all layers."""
+        return sum(self.live_rows) * 2 * self.geometry.token_row_bytes
+
+    # ------------------------------------------------------------------ fetching
+    def fetch(self, layer: int, rows: torch.Tensor, into: DeviceBuffer) -> FetchStats:
+        """Make ``into`` hold ``rows`` of ``layer`` in slots [0, n) (per group); returns what moved.
+
+        rows: (n,) or (G, n) int64 physical rows, unique within a group, G = ``into.groups``.
+        Resident rows are kept (shifted inside the buffer if they sit beyond n); missing rows are
+        copied host->device by runs or by per-page gathers (see the class docstring).
+        """
+        rows = rows.to("cpu", torch.int64)
+        if rows.dim() == 1:
+            rows = rows.expand(into.groups, -1) if into.groups > 1 else rows[None]
+        g_count, n = rows.shape
+        if g_count != into.groups:
+            raise ValueError(f"fetch: rows have {g_count} groups, buffer has {into.groups}")
+        if n > into.capacity:
+            raise ValueError(f"fetch: {n} rows exceed the buffer capacity {into.capacity}")
+        if into.layout_version != self.layout_version[layer]:
+            into.invalidate()
+            into.layout_version = self.layout_version[layer]
+        stats = FetchStats()
+        cap = into.capacity
+        rows = rows.sort(dim=1).values
+        stride = max(self.high[layer], 1)
+        group_off = torch.arange(g_count)[:, None]
+        want = (rows + group_off * stride).flatten()
+        resident = into.slot_rows
+        res_key = torch.where(resident >= 0, resident + group_off * stride, -1).flatten()
+        order = torch.argsort(res_key)
+        sorted_res = res_key[order]
+        pos = torch.searchsorted(sorted_res, want).clamp_(max=g_count * cap - 1)
+        hit = sorted_res[pos] == want
+        hit_slot = order[pos]
+        keep = hit & (hit_slot % cap < n)
+        occupied = torch.zeros(g_count * cap, dtype=torch.bool)
+        occupied[hit_slot[keep]] = True
+        free = torch.zeros(g_count, cap, dtype=torch.bool)
+        free[:, :n] = True
+        free = free.flatten() & ~occupied
+        free_slots = torch.nonzero(free).flatten()
+        need = torch.nonzero(~keep).flatten()
+        is_miss = (~hit[need]).long()
+        need_group = need // n
+        need = need[torch.argsort(need_group * (2 * stride) + is_miss * stride + rows.flatten()[need])]
+        dst = free_slots
+        moved = hit[need]
+        stats.tokens_reused = int(hit.sum())
+        stream_ctx, events = self._copy_context(into)
+        with stream_ctx:
+            if events is not None:
+                events[0].record()
+            if bool(moved.any()):
+                src_m, dst_m = hit_slot[need[moved]], dst[moved]
+                self._device_move(into, src_m, dst_m)
+                into.slot_rows.view(-1)[src_m] = -1
+                stats.device_moves = int(src_m.numel())
+            miss = ~moved
+            if bool(miss.any()):
+                miss_rows = rows.flatten()[need[miss]]
+                miss_dst = dst[miss]
+                self._copy_in(layer, into, miss_rows, miss_dst, stats)
+                into.slot_rows.view(-1)[miss_dst] = miss_rows
+                self._write_slot_meta(layer, into, miss_rows, miss_dst)
+            if events is not None:
+                events[1].record()
+        if events is not None:
+            into.ready = events[1]
+            torch.cuda.current_stream(into.device).wait_event(events[1])
+            stats.cuda_events = events
+        into.count = n
+        stats.tokens_copied = int(miss.sum())
+        return stats
+
+    def _copy_context(self, into: DeviceBuffer):
+        if into.device.type != "cuda" or self.device.type == "cuda":
+            return _NullContext(), None
+        side = self._side_stream or torch.cuda.Stream(into.device)
+        self._side_stream = side
+        side.wait_stream(torch.cuda.current_stream(into.device))
+        events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        return torch.cuda.stream(side), events
+
+    def _unit_views(self, into: DeviceBuffer, tensor: torch.Tensor) -> torch.Tensor:
+        """(rows, 2, H, D) -> (G, rows, ...) so that a flat (group, slot) index addresses one unit."""
+        if into.groups == 1:
+            return tensor[None]
+        return tensor.permute(2, 0, 1, 3)
+
+    def _device_move(self, into: DeviceBuffer, src: torch.Tensor, dst: torch.Tensor) -> None:
+        cap = into.capacity
+        dev_src, dev_dst = src.to(into.device), dst.to(into.device)
+        view = self._unit_views(into, into.data)
+        g_s, s_s = dev_src // cap, dev_src % cap
+        g_d, s_d = dev_dst // cap, dev_dst % cap
+        view[g_d, s_d] = view[g_s, s_s]
+        into.slot_ids.view(-1)[dev_dst] = into.slot_ids.view(-1)[dev_src]
+        p = into.slot_pos.shape[0]
+        flat_pos = into.slot_pos.view(p, -1)
+        flat_pos[:, dev_dst] = flat_pos[:, dev_src]
+
+    def _write_slot_meta(self, layer: int, into: DeviceBuffer, rows: torch.Tensor, dst: torch.Tensor) -> None:
+        ids = self.row_token[layer][rows]
+        pos = self._positions[:, ids]
+        dev_dst = dst.to(into.device, non_blocking=True)
+        into.slot_ids.view(-1)[dev_dst] = ids.to(into.device, non_blocking=True)
+        into.slot_pos.view(pos.shape[0], -1)[:, dev_dst] = pos.to(into.device, non_blocking=True)
+
+    def _copy_in(
+        self, layer: int, into: DeviceBuffer, rows: torch.Tensor, dst: torch.Tensor, stats: FetchStats
+    ) -> None:
+        """Copy host ``rows`` (k,) into flat buffer slots ``dst`` (k,), group-major, rows sorted per group."""
+        pr = self._page_rows_of(layer)
+        unit_bytes = (2 * self.geometry.token_row_bytes) // into.groups
+        stats.bytes_moved += rows.numel() * unit_bytes
+        if into.groups == 1:
+            brk = (
+                (rows[1:] - rows[:-1] != 1) | (dst[1:] - dst[:-1] != 1) | (rows[1:] // pr != rows[:-1] // pr)
+            )
+            pieces = int(brk.sum()) + 1
+            if rows.numel() / pieces >= self.run_min_rows:
+                self._copy_runs(layer, into, rows, dst, brk)
+                stats.copies += pieces
+                return
+        self._gather(layer, into, rows, dst, stats)
+
+    def _copy_runs(
+        self, layer: int, into: DeviceBuffer, rows: torch.Tensor, dst: torch.Tensor, brk: torch.Tensor
+    ) -> None:
+        pr = self._page_rows_of(layer)
+        idx = torch.nonzero(torch.cat((torch.ones(1, dtype=torch.bool), brk))).flatten()
+        lengths = torch.diff(idx, append=torch.tensor([rows.numel()]))
+        non_blocking = into.device.type == "cuda"
+        for r, s, ln in zip(rows[idx].tolist(), dst[idx].tolist(), lengths.tolist(), strict=True):
+            page = self.pages[layer][r // pr]
+            into.data[s : s + ln].copy_(page[r % pr : r % pr + ln], non_blocking=non_blocking)
+
+    def _gather(
+        self, layer: int, into: DeviceBuffer, rows: torch.Tensor, dst: torch.Tensor, stats: FetchStats
+    ) -> None:
+        """One gather per page touched; across devices through one pinned staging copy."""
+        cap = into.capacity
+        pr = self._page_rows_of(layer)
+        pages = rows // pr
+        order = torch.argsort(pages, stable=True)
+        rows, dst, pages = rows[order], dst[order], pages[order]
+        page_ids, counts = torch.unique_consecutive(pages, return_counts=True)
+        cross_device = self.device != into.device
+        k = rows.numel()
+        unit_shape = into.data.shape[1:] if into.groups == 1 else (2, into.data.shape[3])
+        staged = self._staging(into, (k, *unit_shape)) if cross_device else None
+        groups = dst // cap
+        slots = dst % cap
+        local = rows % pr
+        a = 0
+        for p, c in zip(page_ids.tolist(), counts.tolist(), strict=True):
+            b = a + c
+            page = self.pages[layer][p]
+            loc = local[a:b].to(page.device)
+            if into.groups == 1:
+                if staged is not None:
+                    torch.index_select(page, 0, loc, out=staged[a:b])
+                elif int(slots[b - 1]) - int(slots[a]) == c - 1:
+                    s0 = int(slots[a])
+                    torch.index_select(page, 0, loc, out=into.data[s0 : s0 + c])
+                else:
+                    into.data.index_copy_(0, slots[a:b].to(into.device), page.index_select(0, loc))
+            else:
+                gathered = page.permute(2, 0, 1, 3)[groups[a:b].to(page.device), loc]
+                if staged is not None:
+                    staged[a:b] = gathered
+                else:
+                    into.data.permute(2, 0, 1, 3)[groups[a:b], slots[a:b]] = gathered
+            a = b
+        stats.copies += len(page_ids)
+        if staged is not None:
+            dev = staged.to(into.device, non_blocking=True)
+            self._unit_views(into, into.data)[
+                groups.to(into.device, non_blocking=True), slots.to(into.device, non_blocking=True)
+            ] = dev
+            stats.copies += 1
+
+    def _staging(self, into: DeviceBuffer, shape: tuple[int, ...]) -> torch.Tensor:
+        """A pinned host tensor of ``shape`` for one fetch (waits until the last fetch's copy is done)."""
+        if into.ready is not None:
+            into.ready.synchronize()
+        numel = 1
+        for s in shape:
+            numel *= s
+        if into.staging is None or into.staging.numel() < numel:
+            into.staging = torch.empty(max(numel, into.data.numel()), dtype=into.data.dtype, pin_memory=True)
+        return into.staging[:numel].view(shape)
+
+
+class _NullContext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

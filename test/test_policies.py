@@ -1,0 +1,199 @@
+"""The built-in KV policies: the shared budget, equality with dense, caps, windows, bad parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mosaic_ros.runtime.kv.attention import attend, rotate_context
+from mosaic_ros.runtime.kv.policy import KVGeometry, KVPolicy, PolicyConfig, TokenMeta, make_policy
+from mosaic_ros.runtime.kv.rope import Rotary1D
+
+GEOM = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=16, num_q_heads=4)
+BUILT_IN = ["dense", "window"]
+ROTARY = Rotary1D(GEOM.head_dim)
+
+
+def frame_meta(frame: int, start: int, n: int, text: int = 1) -> TokenMeta:
+    """``text`` time-marker tokens then ``n - text`` vision tokens of ``frame``, stamped ``frame`` s."""
+    modality = torch.ones(n, dtype=torch.uint8)
+    modality[:text] = 0
+    frames = torch.full((n,), frame)
+    frames[:text] = -1
+    return TokenMeta(
+        positions=torch.arange(start, start + n)[None],
+        stamps=torch.full((n,), float(frame), dtype=torch.float64),
+        modality=modality,
+        frame=frames,
+    )
+
+
+def feed(
+    policies: list[KVPolicy], frames: int, per_frame: int, seed: int = 0, geom: KVGeometry = GEOM
+) -> int:
+    """Stream the same random KV into every policy (ingest context asked first, as a model does)."""
+    gen = torch.Generator().manual_seed(seed)
+    start = 0
+    for f in range(frames):
+        meta = frame_meta(f, start, per_frame)
+        kv = [
+            (
+                torch.randn(per_frame, geom.num_kv_heads, geom.head_dim, generator=gen).half(),
+                torch.randn(per_frame, geom.num_kv_heads, geom.head_dim, generator=gen).half(),
+            )
+            for _ in range(geom.num_layers)
+        ]
+        for p in policies:
+            ids = p.add_tokens(meta)
+            for layer, (k, v) in enumerate(kv):
+                ctx = p.ingest_context(layer)
+                if ctx is not None:
+                    assert ctx.num_tokens <= max(p.config.sink_tokens + p.config.window_tokens, start)
+                p.append(layer, k, v, ids)
+            p.maintain(5.0)
+        start += per_frame
+    return start
+
+
+def context_output(ctx, query: torch.Tensor, local: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    keys = rotate_context(ctx, ROTARY)
+    return attend(query, keys.float(), ctx.values.float(), local[0], local[1])
+
+
+def sorted_heads(ctx) -> list[list[int]]:
+    return [sorted(row) for row in ctx.token_ids.tolist()]
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_budget_covering_the_stream_equals_dense(name):
+    config = PolicyConfig(budget_tokens=512, sink_tokens=4, window_tokens=16)
+    dense = make_policy("dense", GEOM, config)
+    other = make_policy(name, GEOM, config)
+    total = feed([dense, other], frames=12, per_frame=20)
+    assert total <= config.budget_tokens
+    gen = torch.Generator().manual_seed(1)
+    for p in (dense, other):
+        p.begin_question()
+    for layer in range(GEOM.num_layers):
+        query = torch.randn(GEOM.num_q_heads, 3, GEOM.head_dim, generator=gen)
+        local = (
+            torch.randn(2, 3, GEOM.head_dim, generator=gen),
+            torch.randn(2, 3, GEOM.head_dim, generator=gen),
+        )
+        ref = dense.retrieve(layer, query)
+        got = other.retrieve(layer, query)
+        assert sorted_heads(got) == sorted_heads(ref) == [list(range(total))] * GEOM.num_kv_heads
+        torch.testing.assert_close(
+            context_output(got, query, local), context_output(ref, query, local), rtol=1e-5, atol=1e-5
+        )
+    for p in (dense, other):
+        p.end_question()
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_no_policy_exceeds_its_budget(name):
+    gen = torch.Generator().manual_seed(7)
+    for trial in range(6):
+        budget = int(torch.randint(24, 200, (1,), generator=gen))
+        sinks = int(torch.randint(0, 8, (1,), generator=gen))
+        window = int(torch.randint(0, budget - sinks, (1,), generator=gen))
+        config = PolicyConfig(budget_tokens=budget, sink_tokens=sinks, window_tokens=window)
+        policy = make_policy(name, GEOM, config)
+        frames = int(torch.randint(1, 15, (1,), generator=gen))
+        total = feed([policy], frames=frames, per_frame=17, seed=trial)
+        policy.begin_question()
+        for layer in range(GEOM.num_layers):
+            ctx = policy.retrieve(layer, torch.randn(GEOM.num_q_heads, 2, GEOM.head_dim))
+            if name != "dense":
+                assert ctx.num_tokens <= budget
+                assert ctx.num_tokens == min(budget, total)
+            for row in ctx.token_ids.tolist():
+                assert len(set(row)) == len(row)
+        stats = policy.end_question()
+        assert stats.tokens_retrieved == GEOM.num_layers * ctx.num_tokens
+
+
+def test_window_keeps_sinks_and_the_newest_tokens():
+    config = PolicyConfig(budget_tokens=40, sink_tokens=4, window_tokens=8)
+    policy = make_policy("window", GEOM, config)
+    total = feed([policy], frames=10, per_frame=10)
+    policy.begin_question()
+    ctx = policy.retrieve(0, torch.randn(4, 1, 16))
+    assert sorted_heads(ctx)[0] == [0, 1, 2, 3, *range(total - 36, total)]
+    ingest = policy.ingest_context(1)
+    assert sorted(ingest.token_ids[0].tolist()) == [0, 1, 2, 3, *range(total - 8, total)]
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_time_window_limits_candidates_but_keeps_sinks(name):
+    config = PolicyConfig(budget_tokens=64, sink_tokens=3, window_tokens=8)
+    policy = make_policy(name, GEOM, config)
+    feed([policy], frames=10, per_frame=10)
+    policy.begin_question(window=(4.0, 5.0))
+    ctx = policy.retrieve(0, torch.randn(4, 2, 16))
+    policy.end_question()
+    ids = torch.tensor(sorted_heads(ctx)[0])
+    stamps = policy.store.stamps[ids]
+    inside = (stamps >= 4.0) & (stamps <= 5.0)
+    assert bool((inside | (ids < 3)).all())
+    assert {0, 1, 2} <= set(ids.tolist())
+    assert set(range(40, 60)) <= set(ids.tolist())
+
+
+def test_bad_parameters_raise_clear_errors():
+    with pytest.raises(ValueError, match="budget_tokens must be positive"):
+        PolicyConfig(budget_tokens=0)
+    with pytest.raises(ValueError, match="exceed budget_tokens"):
+        PolicyConfig(budget_tokens=10, sink_tokens=4, window_tokens=8)
+    with pytest.raises(ValueError, match="unknown KV policy 'nope'"):
+        make_policy("nope", GEOM)
+    with pytest.raises(ValueError, match="unknown option"):
+        make_policy("window", GEOM, PolicyConfig(options={"bogus": 1}))
+    with pytest.raises(ValueError, match="unknown compression"):
+        make_policy("window", GEOM, PolicyConfig(compression="zip"))
+    policy = make_policy("window", GEOM, PolicyConfig(budget_tokens=64, sink_tokens=4, window_tokens=8))
+    bad = frame_meta(0, 0, 4)
+    bad.frame[2] = -5
+    with pytest.raises(ValueError, match="frame indices must be >= 0"):
+        policy.add_tokens(bad)
+    with pytest.raises(RuntimeError, match="begin_question"):
+        policy.retrieve(0, torch.randn(4, 1, 16))
+    policy.begin_question()
+    with pytest.raises(ValueError, match="query must be"):
+        policy.retrieve(0, torch.randn(3, 1, 16))
+    with pytest.raises(ValueError, match="layer 9 out of range"):
+        policy.retrieve(9, torch.randn(4, 1, 16))
+
+
+def test_a_host_cap_below_sinks_plus_window_is_refused_at_construction():
+    config = PolicyConfig(
+        budget_tokens=64, sink_tokens=4, window_tokens=16, host_cap_bytes=10 * GEOM.bytes_per_token
+    )
+    with pytest.raises(ValueError, match="must hold at least sinks"):
+        make_policy("window", GEOM, config)
+
+
+@pytest.mark.parametrize("compression", ["vsb", "drop_oldest"])
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_host_cap_holds_over_a_long_stream_and_sinks_survive(name, compression):
+    cap = 120 * GEOM.bytes_per_token
+    config = PolicyConfig(
+        budget_tokens=64, sink_tokens=4, window_tokens=16, host_cap_bytes=cap, compression=compression
+    )
+    policy = make_policy(name, GEOM, config)
+    peak = 0
+    for f in range(40):
+        feed_one = frame_meta(f, f * 10, 10)
+        ids = policy.add_tokens(feed_one)
+        for layer in range(GEOM.num_layers):
+            policy.ingest_context(layer)
+            policy.append(layer, torch.randn(10, 2, 16).half(), torch.randn(10, 2, 16).half(), ids)
+        mem = policy.memory()
+        peak = max(peak, mem.host_kv_bytes + (mem.device_kv_bytes if name == "dense" else 0))
+    mem = policy.memory()
+    assert peak <= cap
+    assert mem.tokens_evicted > 0
+    assert mem.tokens + mem.tokens_evicted >= 400 - 10
+    assert bool(policy.store.alive[:4].all())
+    # The local window (the newest tokens) survives too.
+    assert bool(policy.store.alive[400 - 16 :].all())

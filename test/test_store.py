@@ -1,0 +1,181 @@
+"""HostKVStore: accounting, placement and relocation, run detection, fetch and buffer reuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mosaic_ros.runtime.kv.policy import KVGeometry, TokenMeta
+from mosaic_ros.runtime.kv.store import DeviceBuffer, HostKVStore, StoreFullError, contiguous_runs
+
+GEOM = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=8, num_q_heads=4)
+
+
+def meta(start: int, n: int, frame: int = 0) -> TokenMeta:
+    return TokenMeta(
+        positions=torch.arange(start, start + n)[None],
+        stamps=torch.full((n,), float(frame)),
+        modality=torch.ones(n, dtype=torch.uint8),
+        frame=torch.full((n,), frame),
+    )
+
+
+def filled_store(
+    n: int, page_rows: int = 16, chunk: int = 5, seed: int = 0, **kw
+) -> tuple[HostKVStore, dict]:
+    """A store with ``n`` tokens appended in chunks, and the ground truth per layer (n, 2, H, D)."""
+    gen = torch.Generator().manual_seed(seed)
+    store = HostKVStore(GEOM, page_rows=page_rows, **kw)
+    truth = {layer: [] for layer in range(GEOM.num_layers)}
+    for start in range(0, n, chunk):
+        c = min(chunk, n - start)
+        ids = store.add_tokens(meta(start, c, frame=start // chunk))
+        for layer in range(GEOM.num_layers):
+            k = torch.randn(c, 2, 8, generator=gen).half()
+            v = torch.randn(c, 2, 8, generator=gen).half()
+            store.append(layer, ids, k, v)
+            truth[layer].append(torch.stack((k, v), dim=1))
+    return store, {layer: torch.cat(t) for layer, t in truth.items()}
+
+
+def test_host_bytes_equal_the_sum_of_page_tensor_sizes():
+    store, _ = filled_store(50, page_rows=16)
+    expected = sum(p.numel() * p.element_size() for pages in store.pages for p in pages)
+    assert store.host_kv_bytes == expected
+    # 50 rows -> 4 pages of 16 rows per layer; a row is K+V = 2 * 2 heads * 8 dims * 2 bytes.
+    assert store.host_kv_bytes == 2 * 4 * 16 * 64
+    assert store.used_kv_bytes == 2 * 50 * 64
+
+
+def test_read_returns_what_was_appended():
+    store, truth = filled_store(37)
+    rows = store.rows_of(1, torch.arange(37))
+    assert torch.equal(store.read(1, rows), truth[1])
+
+
+def test_contiguous_runs_split_at_gaps_and_page_boundaries():
+    starts, lengths = contiguous_runs(torch.tensor([0, 1, 2, 5, 6, 14, 15, 16, 17]), break_every=16)
+    assert starts.tolist() == [0, 5, 14, 16]
+    assert lengths.tolist() == [3, 2, 2, 2]
+
+
+def test_place_and_move_relocate_without_changing_data():
+    store, truth = filled_store(20, page_rows=8)
+    ids = torch.tensor([3, 11, 17])
+    dest = store.alloc(0, 3)
+    store.move(0, ids, dest)
+    assert store.rows_of(0, ids).tolist() == dest.tolist()
+    assert torch.equal(store.read(0, dest), truth[0][ids])
+    assert torch.equal(store.read(0, store.rows_of(0, torch.arange(20))), truth[0])
+    # The other layer is untouched.
+    assert store.rows_of(1, ids).tolist() == ids.tolist()
+
+
+def test_place_writes_into_rows_the_policy_chose():
+    store = HostKVStore(GEOM, page_rows=8)
+    ids = store.add_tokens(meta(0, 4))
+    rows = store.alloc(0, 10)
+    chosen = rows[torch.tensor([9, 2, 5, 0])]
+    k = torch.randn(4, 2, 8).half()
+    v = torch.randn(4, 2, 8).half()
+    store.place(0, ids, chosen, k, v)
+    assert torch.equal(store.read(0, chosen), torch.stack((k, v), dim=1))
+    with pytest.raises(ValueError, match="free"):
+        store.place(0, ids, chosen, k, v)
+
+
+def test_release_then_compact_reuses_rows_and_frees_pages():
+    store, truth = filled_store(64, page_rows=16)
+    gone = torch.arange(8, 48)
+    store.evict(gone)
+    assert store.live_rows == [24, 24]
+    assert not bool(store.alive[gone].any())
+    for layer in range(2):
+        store.compact(layer)
+    assert store.host_kv_bytes == 2 * 2 * 16 * 64  # 24 live rows need 2 pages of 16
+    kept = torch.cat((torch.arange(8), torch.arange(48, 64)))
+    assert store.rows_of(0, kept).tolist() == list(range(24))
+    assert torch.equal(store.read(0, torch.arange(24)), truth[0][kept])
+
+
+def test_alloc_compacts_instead_of_growing_past_max_rows():
+    store, truth = filled_store(32, page_rows=16, max_rows=32)
+    store.evict(torch.arange(4, 14))
+    ids = store.add_tokens(meta(32, 6, frame=99))
+    k = torch.randn(6, 2, 8).half()
+    for layer in range(2):
+        store.append(layer, ids, k, k)
+    assert store.host_kv_bytes == 2 * 2 * 16 * 64
+    kept = torch.cat((torch.arange(4), torch.arange(14, 32)))
+    assert torch.equal(store.read(1, store.rows_of(1, kept)), truth[1][kept])
+    with pytest.raises(StoreFullError):
+        store.alloc(0, 10)
+
+
+@pytest.mark.parametrize("run_min_rows", [1, 10_000])
+def test_fetch_by_runs_or_gather_gives_the_same_context(run_min_rows):
+    store, truth = filled_store(60, page_rows=16, run_min_rows=run_min_rows)
+    sel = torch.cat((torch.arange(0, 4), torch.arange(10, 30), torch.tensor([41, 43, 59])))
+    buf = DeviceBuffer(GEOM, 40, "cpu")
+    fs = store.fetch(0, store.rows_of(0, sel), buf)
+    ctx = buf.context()
+    assert ctx.token_ids[0].tolist() == sel.tolist()
+    assert torch.equal(ctx.keys, truth[0][sel][:, 0].permute(1, 0, 2))
+    assert torch.equal(ctx.values, truth[0][sel][:, 1].permute(1, 0, 2))
+    assert torch.equal(ctx.positions[0, 0], sel)
+    assert fs.bytes_moved == sel.numel() * 2 * GEOM.token_row_bytes
+    if run_min_rows == 1:
+        assert fs.copies == 6  # runs [0,4) [10,16) [16,30) split at row 16, then 41, 43, 59
+    else:
+        assert fs.copies == 4  # one gather per page touched
+
+
+def test_fetch_skips_rows_already_resident():
+    store, truth = filled_store(60, page_rows=16)
+    buf = DeviceBuffer(GEOM, 32, "cpu")
+    first = torch.arange(10, 40)
+    store.fetch(0, store.rows_of(0, first), buf)
+    again = store.fetch(0, store.rows_of(0, first), buf)
+    assert again.bytes_moved == 0 and again.copies == 0 and again.tokens_reused == 30
+    shifted = torch.arange(20, 50)
+    fs = store.fetch(0, store.rows_of(0, shifted), buf)
+    assert fs.tokens_reused == 20 and fs.tokens_copied == 10
+    assert fs.bytes_moved == 10 * 2 * GEOM.token_row_bytes
+    ctx = buf.context()
+    order = torch.argsort(ctx.token_ids[0])
+    assert torch.equal(ctx.token_ids[0][order], shifted)
+    assert torch.equal(ctx.keys[:, order], truth[0][shifted][:, 0].permute(1, 0, 2))
+
+
+def test_fetch_after_relocation_refetches_instead_of_serving_stale_rows():
+    store, truth = filled_store(30, page_rows=16)
+    buf = DeviceBuffer(GEOM, 30, "cpu")
+    sel = torch.arange(5, 15)
+    store.fetch(0, store.rows_of(0, sel), buf)
+    store.move(0, sel, store.alloc(0, 10))
+    fs = store.fetch(0, store.rows_of(0, sel), buf)
+    assert fs.tokens_reused == 0
+    assert torch.equal(buf.context().keys, truth[0][sel][:, 0].permute(1, 0, 2))
+
+
+def test_per_head_fetch_gives_each_head_its_own_tokens():
+    store, truth = filled_store(40, page_rows=16)
+    sel = torch.tensor([[0, 3, 17, 33], [1, 2, 20, 39]])
+    buf = DeviceBuffer(GEOM, 8, "cpu", per_head=True)
+    fs = store.fetch(1, store.rows_of(1, sel), buf)
+    ctx = buf.context()
+    assert torch.equal(ctx.token_ids, sel)
+    for h in range(2):
+        assert torch.equal(ctx.keys[h], truth[1][sel[h], 0, h])
+        assert torch.equal(ctx.values[h], truth[1][sel[h], 1, h])
+        assert torch.equal(ctx.positions[0, h], sel[h])
+    assert fs.bytes_moved == 8 * 2 * GEOM.head_dim * 2
+    again = store.fetch(1, store.rows_of(1, sel), buf)
+    assert again.bytes_moved == 0
+
+
+def test_contiguous_store_grows_by_doubling_and_keeps_data():
+    store, truth = filled_store(45, page_rows=8, contiguous=True)
+    assert [len(p) for p in store.pages] == [1, 1]
+    assert store.capacity_rows(0) == 64
+    assert torch.equal(store.pages[0][0][:45], truth[0])
