@@ -1,0 +1,124 @@
+"""Helpers for tests that wait on real events (processes, DDS discovery, ROS callbacks).
+
+Tests never sleep and then assert: they wait for the awaited condition with a deadline and
+fail with a message that says what did not happen.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from mosaic_ros.runtime.stats import LatencyStats
+
+T = TypeVar("T")
+
+TEST_DIR = Path(__file__).resolve().parent
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
+    """Poll ``predicate`` until it returns a truthy value, and return that value.
+
+    ``timeout`` and ``interval`` are seconds. Raises ``AssertionError`` naming ``what`` when
+    the deadline passes first.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def spin_until(executor, predicate: Callable[[], T], timeout: float, what: str) -> T:
+    """Like :func:`wait_for`, spinning ``executor`` (an rclpy executor) between checks."""
+
+    def spun() -> T:
+        executor.spin_once(timeout_sec=0.02)
+        return predicate()
+
+    return wait_for(spun, timeout, what, interval=0.0)
+
+
+class PythonProcess:
+    """A Python script run in its own OS process with this environment (ROS isolation included).
+
+    Output goes to ``log_path`` so a chatty child never blocks on a full pipe; ``output()``
+    returns it for failure messages. Use as a context manager: leaving it stops the child.
+    """
+
+    def __init__(self, script: Path, args: list[str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [sys.executable, str(script), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ),
+        )
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """Ask the child to exit with SIGINT (as Ctrl-C would); kill it after ``timeout`` s.
+
+        Returns the exit status: 0 for a clean exit, negative for a signal.
+        """
+        if self.running():
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=timeout)
+        self._log.close()
+        return self.process.returncode
+
+    def __enter__(self) -> PythonProcess:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+def distinct_latency_stats() -> LatencyStats:
+    """Stats whose every field holds a value no other field holds.
+
+    Integers exceed 32 bits where the message field is 64 bits wide; the float32 field holds
+    a value a float32 represents exactly.
+    """
+    return LatencyStats(
+        policy="mosaic",
+        queue_ms=0.5,
+        vision_encode_ms=1.25,
+        retrieval_ms=2.125,
+        transfer_ms=3.0625,
+        prefill_ms=4.5,
+        ttft_ms=5.75,
+        decode_ms=6.875,
+        total_ms=7.9375,
+        tokens_generated=11,
+        frames_in_memory=12,
+        tokens_in_memory=2**40 + 13,
+        device_kv_bytes=2**41 + 14,
+        host_kv_bytes=2**42 + 15,
+        clusters_in_memory=2**32 - 1,
+        tokens_retrieved=2**43 + 17,
+        bytes_moved=2**64 - 1,
+        copies=19,
+        prefetch_hit_rate=0.625,
+        tokens_evicted=2**44 + 21,
+    )
