@@ -106,16 +106,18 @@ def main() -> None:
     parser.add_argument("--namespace", required=True)
     args = parser.parse_args()
     rclpy.init()
-    node = AskVideoServer(args.namespace)
+    node = None
     executor = MultiThreadedExecutor(num_threads=4)
-    executor.add_node(node)
     try:
+        node = AskVideoServer(args.namespace)
+        executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
         executor.shutdown()
-        node.destroy_node()
+        if node is not None:
+            node.destroy_node()
         rclpy.try_shutdown()
 
 

@@ -210,6 +210,8 @@ def test_server_process_exits_cleanly_on_sigint(tmp_path, client_node):
     try:
         client = node.create_client(AskVideo, f"{namespace}/ask")
         wait_for_service(executor, client, process, "the AskVideo service of the second server")
+        action_client = ActionClient(node, AskVideoAction, f"{namespace}/ask")
+        wait_for_action_server(executor, action_client, process)
     finally:
         status = process.stop()
     assert status == 0, process.output()
