@@ -10,7 +10,7 @@ from mosaic_ros.runtime.kv.policy import KVGeometry, KVPolicy, PolicyConfig, Tok
 from mosaic_ros.runtime.kv.rope import Rotary1D
 
 GEOM = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=16, num_q_heads=4)
-BUILT_IN = ["dense", "window"]
+BUILT_IN = ["dense", "window", "token_topk", "rekv", "livevlm"]
 ROTARY = Rotary1D(GEOM.head_dim)
 
 
@@ -102,15 +102,18 @@ def test_no_policy_exceeds_its_budget(name):
         frames = int(torch.randint(1, 15, (1,), generator=gen))
         total = feed([policy], frames=frames, per_frame=17, seed=trial)
         policy.begin_question()
+        handed = 0
         for layer in range(GEOM.num_layers):
             ctx = policy.retrieve(layer, torch.randn(GEOM.num_q_heads, 2, GEOM.head_dim))
+            handed += ctx.num_tokens
             if name != "dense":
                 assert ctx.num_tokens <= budget
+            if name in ("window", "token_topk"):
                 assert ctx.num_tokens == min(budget, total)
             for row in ctx.token_ids.tolist():
                 assert len(set(row)) == len(row)
         stats = policy.end_question()
-        assert stats.tokens_retrieved == GEOM.num_layers * ctx.num_tokens
+        assert stats.tokens_retrieved == handed
 
 
 def test_window_keeps_sinks_and_the_newest_tokens():
@@ -197,3 +200,44 @@ def test_host_cap_holds_over_a_long_stream_and_sinks_survive(name, compression):
     assert bool(policy.store.alive[:4].all())
     # The local window (the newest tokens) survives too.
     assert bool(policy.store.alive[400 - 16 :].all())
+
+
+@pytest.mark.parametrize("name", ["window", "token_topk", "rekv", "livevlm"])
+def test_an_identical_second_question_copies_nothing_again(name):
+    config = PolicyConfig(budget_tokens=96, sink_tokens=4, window_tokens=16)
+    policy = make_policy(name, GEOM, config)
+    feed([policy], frames=20, per_frame=15)
+    query = torch.randn(GEOM.num_q_heads, 3, GEOM.head_dim, generator=torch.Generator().manual_seed(3))
+    moved = []
+    for _ in range(2):
+        policy.begin_question()
+        for layer in range(GEOM.num_layers):
+            policy.retrieve(layer, query)
+        moved.append(policy.end_question().bytes_moved)
+    assert moved[0] > 0
+    assert moved[1] == 0
+
+
+def test_livevlm_closes_gaps_so_retrieved_pages_abut_before_the_question():
+    from mosaic_ros.runtime.kv.policies.livevlm import contiguous_positions
+
+    ids = torch.tensor([0, 1, 5, 6, 7, 12])
+    positions = ids[None].clone()
+    shifted = contiguous_positions(ids, positions, end_id=15, end_position=15)
+    # Gaps: 2..4 (3 tokens), 8..11 (4 tokens), 13..15 (3 tokens) -> everything ends at 15.
+    assert shifted[0].tolist() == [10, 11, 12, 13, 14, 15]
+    # M-RoPE: the gap is measured on the time component and added to all three.
+    mpos = torch.tensor([[0, 0, 4], [0, 1, 7], [1, 2, 9]])
+    out = contiguous_positions(torch.tensor([0, 1, 30]), mpos, end_id=30, end_position=4)
+    assert out.tolist() == [[3, 3, 4], [3, 4, 7], [4, 5, 9]]
+
+
+def test_livevlm_continuous_vsb_keeps_the_configured_share():
+    config = PolicyConfig(budget_tokens=64, sink_tokens=4, window_tokens=20, options={"vsb_ratio": 0.5})
+    policy = make_policy("livevlm", GEOM, config)
+    total = feed([policy], frames=30, per_frame=10)
+    live = policy.store.live_rows[0]
+    old = total - 20 - 4
+    assert live == pytest.approx(4 + 20 + old * 0.5, abs=30)
+    assert policy.memory().tokens_evicted > 0
+    assert bool(policy.store.alive[:4].all()) and bool(policy.store.alive[total - 20 :].all())

@@ -160,7 +160,8 @@ class StoreBackedPolicy(KVPolicy):
             live = torch.nonzero(self.store.alive).flatten()
             protected = self._protected(live, incoming)
             victims = drop_oldest(live, protected, target)
-            self.store.evict(victims)
+            for layer in range(self.geometry.num_layers):
+                self.release(layer, victims)
         else:
             for layer in range(self.geometry.num_layers):
                 live = self.store.live_tokens(layer)
@@ -174,13 +175,20 @@ class StoreBackedPolicy(KVPolicy):
                     buckets=int(self.options["vsb_buckets"]),
                     probe=int(self.options["vsb_probe"]),
                 )
-                self.store.release(layer, victims)
-        self._evicted_rows += before - sum(self.store.live_rows)
-        self.tokens_evicted = self._evicted_rows // self.geometry.num_layers
+                self.release(layer, victims)
+        self._count_evicted(before)
         self._after_eviction()
 
+    def _count_evicted(self, live_rows_before: int) -> None:
+        self._evicted_rows += live_rows_before - sum(self.store.live_rows)
+        self.tokens_evicted = self._evicted_rows // self.geometry.num_layers
+
+    def release(self, layer: int, token_ids: torch.Tensor) -> None:
+        """Drop tokens from ``layer`` (compression); policies that index tokens override to forget them."""
+        self.store.release(layer, token_ids)
+
     def _after_eviction(self) -> None:
-        """Hook for policies that index stored tokens (their index must forget evicted ones)."""
+        """Hook run once a compression pass is over (e.g. to compact a device-resident store)."""
 
     # ------------------------------------------------------------------ token sets
     def live_ids(self, layer: int) -> torch.Tensor:

@@ -30,8 +30,9 @@ def drop_oldest(live: torch.Tensor, protected: torch.Tensor, target: int) -> tor
     return live[~protected][:excess]
 
 
-def _probe_keys(store: HostKVStore, layer: int, live: torch.Tensor, probe: int) -> torch.Tensor:
-    """(m, H_kv, D) float32 pre-RoPE keys of up to ``probe`` tokens spread over the newest frame."""
+def _probe_keys(store: HostKVStore, layer: int, probe: int) -> torch.Tensor:
+    """(m, H_kv, D) float32 pre-RoPE keys of up to ``probe`` tokens spread over the layer's newest frame."""
+    live = store.live_tokens(layer)
     vision = live[store.modality[live] == 1]
     if vision.numel() == 0:
         vision = live
@@ -42,21 +43,18 @@ def _probe_keys(store: HostKVStore, layer: int, live: torch.Tensor, probe: int) 
     return store.read(layer, rows)[:, 0].float()
 
 
-def vision_scores(store: HostKVStore, layer: int, live: torch.Tensor, probe: int) -> torch.Tensor:
-    """(n,) float32 attention mass the newest frame's probe keys pay each of ``live`` (n,) ids."""
-    q = _probe_keys(store, layer, live, probe)
+def vision_scores(
+    store: HostKVStore, layer: int, among: torch.Tensor, probe: int, chunk: int = 16384
+) -> torch.Tensor:
+    """(n,) float32 attention mass the newest frame's probe keys pay each of ``among`` (n,) ids,
+    softmax taken over ``among``, summed over probes and KV heads."""
+    q = _probe_keys(store, layer, probe).permute(1, 0, 2)
     scale = q.shape[-1] ** -0.5
-    rows = store.rows_of(layer, live)
-    logits = torch.empty(q.shape[1], q.shape[0], live.numel())
-    row_to_pos = torch.full((store.high[layer],), -1, dtype=torch.int64)
-    row_to_pos[rows] = torch.arange(live.numel())
-    for first, page in store.iter_pages(layer):
-        pos = row_to_pos[first : first + page.shape[0]]
-        held = pos >= 0
-        if not bool(held.any()):
-            continue
-        keys = page[:, 0][held.to(page.device)].float().cpu()
-        logits[:, :, pos[held]] = torch.einsum("mhd,rhd->hmr", q, keys) * scale
+    rows = store.rows_of(layer, among)
+    logits = torch.empty(q.shape[0], q.shape[1], among.numel())
+    for a in range(0, among.numel(), chunk):
+        keys = store.read(layer, rows[a : a + chunk])[:, 0].float().cpu().permute(1, 2, 0)
+        logits[:, :, a : a + chunk] = torch.bmm(q, keys) * scale
     return torch.softmax(logits, dim=-1).sum(dim=(0, 1))
 
 
