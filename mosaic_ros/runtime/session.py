@@ -25,6 +25,7 @@ import torch
 
 from mosaic_ros.runtime.kv.bridge import ATTENTION_NAME, KVBridge
 from mosaic_ros.runtime.kv.policy import KVGeometry, PolicyConfig, TokenMeta, make_policy
+from mosaic_ros.runtime.models.base import PositionCursor
 from mosaic_ros.runtime.stats import Answer, LatencyStats
 
 
@@ -140,7 +141,7 @@ class StreamSession:
 
     def _build(self) -> None:
         cfg, ad = self.config, self.adapter
-        preamble = ad.system_chunk(ad.new_cursor())
+        preamble = ad.system_chunk(PositionCursor())
         sinks = preamble.n_tokens if cfg.sink_tokens is None else cfg.sink_tokens
         geometry = KVGeometry(
             num_layers=ad.num_layers,
@@ -164,7 +165,7 @@ class StreamSession:
 
     def _start_stream(self) -> None:
         """Empty stream: only the fixed preamble (the attention sinks) in memory."""
-        self._cursor = self.adapter.new_cursor()
+        self._cursor = PositionCursor()
         self._frames = 0
         self._first_stamp: float | None = None
         self._last_stamp: float | None = None
@@ -221,7 +222,7 @@ class StreamSession:
             frame=frame,
         )
         token_ids = self.policy.add_tokens(meta)
-        with torch.inference_mode(), self.bridge.ingest_step(chunk.token_positions, token_ids) as cache:
+        with torch.no_grad(), self.bridge.ingest_step(chunk.token_positions, token_ids) as cache:
             self.adapter.forward(chunk, cache)
         self._cursor = chunk.cursor
 
@@ -258,7 +259,7 @@ class StreamSession:
     def question_queries(self, question: str) -> list[torch.Tensor]:
         """Pre-RoPE queries (H_q, L_q, D) per layer of the question's prefill (for benchmarks)."""
         question = self._check_question(question)
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.no_grad():
             chunk = self.adapter.question_chunk(question, self._cursor)
             self.bridge.begin_question(None, capture=True)
             try:
@@ -284,7 +285,7 @@ class StreamSession:
         generated: list[int] = []
         text = ""
         cancelled = False
-        with torch.inference_mode():
+        with torch.no_grad():
             chunk = ad.question_chunk(question, self._cursor)
             self.bridge.begin_question(retrieval_window)
             try:
