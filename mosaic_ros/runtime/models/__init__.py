@@ -3,6 +3,7 @@
 ``load_model(spec)`` takes a Hugging Face id, a local folder or ``tiny-random:<family>``.
 """
 
+from mosaic_ros.runtime.kv.rope import apply_rotary, rotate_half, unapply_rotary
 from mosaic_ros.runtime.models.base import (
     TEXT,
     VISION,
@@ -13,9 +14,6 @@ from mosaic_ros.runtime.models.base import (
     PositionCursor,
     VisionFeatures,
     VLMAdapter,
-    apply_rotary,
-    rotate_half,
-    unapply_rotary,
 )
 from mosaic_ros.runtime.models.llava_onevision import LlavaOnevisionAdapter
 from mosaic_ros.runtime.models.loading import ADAPTERS, TINY_PREFIX, load_model

@@ -35,22 +35,6 @@ class ModelLoadError(RuntimeError):
     """A model spec that cannot be loaded; the message says what to do about it."""
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(..., D) -> (..., D): ``[-x2, x1]`` for ``x = [x1, x2]`` split at D/2 (RoPE's 90° turn)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (..., N, D) by the angles whose cosines/sines are ``cos``/``sin`` (N, D)."""
-    return x * cos + rotate_half(x) * sin
-
-
-def unapply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``apply_rotary``: rotate ``x`` (..., N, D) back by the same angles."""
-    return x * cos - rotate_half(x) * sin
-
-
 @dataclass(frozen=True)
 class PositionCursor:
     """The next free rotary position of a stream (an integer on the model's position axis)."""
