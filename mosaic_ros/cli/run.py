@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def ingest_milestones(ingest_ms: list[float], milestones=(10, 100, 500, 1000), span: int = 10) -> dict:
+    """Median ingest ms over the ``span`` frames ending at each milestone the run reached."""
+    return {
+        str(m): statistics.median(ingest_ms[m - span : m]) for m in milestones if len(ingest_ms) >= m
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -97,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "stream_seconds": st.stream_seconds,
         "ingest_seconds": ingest_s,
         "ingest_ms_per_frame": statistics.median(ingest_ms) if ingest_ms else 0.0,
+        "ingest_ms_at_frame": ingest_milestones(ingest_ms),
         "answers": answers,
     }
     if args.model.startswith("tiny-random:"):
