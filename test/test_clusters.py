@@ -1,0 +1,328 @@
+"""ClusterIndex: cohesion-aware assignment, adaptive threshold, deferred splits, scoring, selection."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mosaic_ros.runtime.kv.clusters import ClusterConfig, ClusterIndex
+
+H, D = 4, 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: intra-op threads only add overhead (a lot of it on busy shared cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class KeyBank:
+    """Keys by token id, the ``key_lookup`` the index is given."""
+
+    def __init__(self, heads: int = H, dim: int = D, capacity: int = 1 << 16):
+        self.keys = torch.zeros(capacity, heads, dim)
+        self.next_id = 0
+
+    def add(self, keys: torch.Tensor) -> torch.Tensor:
+        ids = torch.arange(self.next_id, self.next_id + keys.shape[0])
+        self.keys[ids] = keys.float()
+        self.next_id += keys.shape[0]
+        return ids
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.keys[ids]
+
+
+def blob_stream(blobs=6, chunks=20, chunk=50, noise=0.3, seed=0, heads=H, dim=D):
+    """Chunks of keys drawn from ``blobs`` well separated Gaussian blobs: (keys, blob label) pairs."""
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(blobs, heads, dim, generator=gen)
+    out = []
+    for _ in range(chunks):
+        label = torch.randint(blobs, (chunk,), generator=gen)
+        out.append((centers[label] + noise * torch.randn(chunk, heads, dim, generator=gen), label))
+    return out
+
+
+def purity(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    """Share of tokens whose cluster's majority label is their own label."""
+    hits = sum(int(torch.bincount(truth[pred == c]).max()) for c in pred.unique())
+    return hits / truth.numel()
+
+
+def run_stream(index: ClusterIndex, stream, bank: KeyBank, scale: float = 1.0):
+    labels = []
+    for keys, label in stream:
+        index.assign(keys * scale, bank.add(keys * scale))
+        labels.append(label)
+    truth = torch.cat(labels)
+    return index.cluster_of(torch.arange(truth.numel())), truth
+
+
+def test_recovers_blobs():
+    index, bank = ClusterIndex(H, D), KeyBank()
+    pred, truth = run_stream(index, blob_stream(), bank)
+    assert purity(pred, truth) > 0.95  # clusters do not mix blobs
+    assert purity(truth, pred) > 0.9  # each blob lives (almost) in one cluster
+    assert index.num_clusters <= 12
+    index.check_invariants(bank)
+
+
+@pytest.mark.parametrize("factor", [10.0, 0.1])
+def test_partition_does_not_depend_on_key_scale(factor):
+    stream = blob_stream(noise=0.6, seed=1)
+    base, bank = ClusterIndex(H, D), KeyBank()
+    ref, _ = run_stream(base, stream, bank)
+    scaled, bank_scaled = ClusterIndex(H, D), KeyBank()
+    pred, _ = run_stream(scaled, stream, bank_scaled, scale=factor)
+    assert torch.equal(pred, ref)
+    assert scaled.threshold == pytest.approx(base.threshold, rel=1e-4)
+
+
+def test_threshold_follows_the_spread():
+    taus = []
+    for noise in (0.15, 0.3):
+        index, bank = ClusterIndex(H, D), KeyBank()
+        pred, truth = run_stream(index, blob_stream(noise=noise, seed=2), bank)
+        assert purity(pred, truth) > 0.95 and purity(truth, pred) > 0.9
+        taus.append(index.threshold)
+    # twice the noise is about four times the within-blob variance on the unit sphere
+    assert 2.5 < taus[1] / taus[0] < 5.0
+
+
+def test_far_token_opens_a_cluster_even_next_to_a_big_one():
+    gen = torch.Generator().manual_seed(3)
+    center = torch.randn(H, D, generator=gen)
+    index, bank = ClusterIndex(H, D), KeyBank()
+    for _ in range(6):
+        keys = center + 0.2 * torch.randn(64, H, D, generator=gen)
+        index.assign(keys, bank.add(keys))
+    assert index.num_clusters == 1
+    # halfway to an unrelated direction: a single token would barely move the big cluster's
+    # variance, but it lies far outside the cluster's radius
+    outlier = (center + torch.randn(H, D, generator=gen))[None]
+    (cid,) = index.assign(outlier, bank.add(outlier)).tolist()
+    assert index.num_clusters == 2 and index.counts[cid] == 1
+
+
+def test_cross_modal_tokens_share_clusters():
+    gen = torch.Generator().manual_seed(4)
+    centers = torch.randn(2, H, D, generator=gen)
+    index, bank = ClusterIndex(H, D), KeyBank()
+    labels = []
+    for _ in range(4):
+        label = torch.randint(2, (40,), generator=gen)
+        keys = centers[label] + 0.2 * torch.randn(40, H, D, generator=gen)
+        index.assign(keys, bank.add(keys), modality=torch.ones(40, dtype=torch.uint8))
+        labels.append(label)
+    frames_of_blob1 = index.cluster_of((torch.cat(labels) == 1).nonzero().flatten()).unique()
+    text = centers[1][None] + 0.2 * torch.randn(3, H, D, generator=gen)  # text tokens "about" blob 1
+    cid = index.assign(text, bank.add(text), modality=torch.zeros(3, dtype=torch.uint8))
+    assert frames_of_blob1.numel() == 1 and cid.tolist() == frames_of_blob1.tolist() * 3
+    mixed = index.modality_counts()[cid[0]]
+    assert mixed[0] == 3 and mixed[1] > 0
+
+
+def test_large_cluster_is_only_queued_by_assign_then_split_by_maintain():
+    gen = torch.Generator().manual_seed(5)
+    center = torch.randn(H, D, generator=gen)
+    index, bank = ClusterIndex(H, D, ClusterConfig(max_cluster_tokens=32)), KeyBank()
+    seen = torch.zeros(0, dtype=torch.int64)
+    for _ in range(5):
+        placed = index.cluster_of(seen)
+        keys = center + 0.2 * torch.randn(20, H, D, generator=gen)
+        ids = bank.add(keys)
+        index.assign(keys, ids)
+        assert torch.equal(index.cluster_of(seen), placed)  # assign never moves placed tokens
+        seen = torch.cat((seen, ids))
+    assert index.counts.max() > 32
+    assert index.pending
+    state = (index.counts, index.cluster_of(seen))
+    report = index.maintain(bank, budget_ms=0.0)
+    assert report.splits == [] and report.pending == len(index.pending)
+    assert torch.equal(index.counts, state[0]) and torch.equal(index.cluster_of(seen), state[1])
+    report = index.maintain(bank, budget_ms=60_000.0)
+    assert report.splits and report.pending == 0 and not index.pending
+    assert int(index.counts.max()) <= 32
+    index.check_invariants(bank)
+
+
+def test_loose_cluster_is_queued_when_the_scale_tightens_and_split_later():
+    gen = torch.Generator().manual_seed(6)
+    wide, tight = torch.randn(2, H, D, generator=gen)
+    index, bank = ClusterIndex(H, D), KeyBank()
+    for _ in range(3):
+        keys = wide + 0.8 * torch.randn(40, H, D, generator=gen)
+        index.assign(keys, bank.add(keys))
+    (wide_id,) = index.cluster_of(torch.arange(120)).unique().tolist()
+    assert wide_id not in index.pending
+    for _ in range(30):  # the layer's local scale shrinks: the wide cluster is now loose
+        keys = tight + 0.1 * torch.randn(40, H, D, generator=gen)
+        index.assign(keys, bank.add(keys))
+    assert wide_id in index.pending
+    assert index.counts[wide_id] == 120  # queued, untouched
+    parent_members = index.members(wide_id).clone()
+    report = index.maintain(bank, budget_ms=60_000.0)
+    first = next(s for s in report.splits if s.parent == wide_id)
+    assert first.children[0] == wide_id
+    assert torch.equal(torch.cat(first.members).sort().values, parent_members)
+    index.check_invariants(bank)
+
+
+def test_split_reports_preserve_membership():
+    gen = torch.Generator().manual_seed(7)
+    centers = torch.randn(3, H, D, generator=gen)
+    index, bank = ClusterIndex(H, D, ClusterConfig(max_cluster_tokens=16)), KeyBank()
+    for _ in range(8):
+        label = torch.randint(3, (30,), generator=gen)
+        keys = centers[label] + 0.3 * torch.randn(30, H, D, generator=gen)
+        index.assign(keys, bank.add(keys))
+    members = {c: index.members(c).clone() for c in range(index.num_slots)}
+    report = index.maintain(bank, budget_ms=60_000.0)
+    assert report.splits
+    for split in report.splits:
+        a, b = split.members
+        assert split.parent == split.children[0]
+        assert torch.equal(torch.cat((a, b)).sort().values, members[split.parent])
+        assert not set(a.tolist()) & set(b.tolist())
+        members[split.children[0]], members[split.children[1]] = a, b
+    for c, m in members.items():  # replaying the report reproduces the index
+        assert torch.equal(index.members(c), m)
+    index.check_invariants(bank)
+
+
+def test_score_ranks_the_cluster_aligned_with_the_query_first():
+    gen = torch.Generator().manual_seed(8)
+    centers = torch.randn(5, H, D, generator=gen)
+    index, bank = ClusterIndex(H, D), KeyBank()
+    for _ in range(6):
+        label = torch.randint(5, (50,), generator=gen)
+        keys = centers[label] + 0.3 * torch.randn(50, H, D, generator=gen)
+        index.assign(keys, bank.add(keys))
+    group = 2  # GQA: 8 query heads over 4 KV heads
+    for target in range(5):
+        query = 3.0 * centers[target].repeat_interleave(group, dim=0)[:, None, :].expand(-1, 3, -1)
+        scores = index.score(query)
+        truth = centers.flatten(1) @ centers[target].flatten()
+        best_blob = int(truth.argmax())
+        best_cluster = int(scores.argmax())
+        member_keys = bank(index.members(best_cluster))
+        dist = (member_keys.mean(0) - centers).flatten(1).norm(dim=1)
+        assert int(dist.argmin()) == best_blob
+        assert torch.exp(scores).sum() == pytest.approx(1.0, abs=1e-5)  # shares of attention
+
+
+def test_select_skips_a_cluster_that_does_not_fit_for_a_smaller_one():
+    scores = torch.tensor([5.0, 4.0, 3.0, 2.0, float("-inf")])
+    counts = torch.tensor([6, 5, 3, 1, 1])
+    assert ClusterIndex.select(scores, counts, 10).tolist() == [0, 2, 3]
+    assert ClusterIndex.select(scores, counts, 0).tolist() == []
+    assert ClusterIndex.select(scores, torch.tensor([0, 5, 3, 1, 1]), 10).tolist() == [1, 2, 3]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.lists(st.tuples(st.floats(-50, 50), st.integers(0, 40)), min_size=0, max_size=60),
+    budget=st.integers(0, 300),
+)
+def test_select_never_exceeds_the_budget(data, budget):
+    scores = torch.tensor([s for s, _ in data], dtype=torch.float32)
+    counts = torch.tensor([n for _, n in data], dtype=torch.int64)
+    chosen = ClusterIndex.select(scores, counts, budget)
+    used = int(counts[chosen].sum())
+    assert used <= budget
+    assert len(set(chosen.tolist())) == chosen.numel()
+    assert bool((counts[chosen] > 0).all())
+    assert bool((scores[chosen][1:] <= scores[chosen][:-1]).all())  # best first
+    left = budget - used
+    skipped = torch.ones(len(data), dtype=torch.bool)
+    skipped[chosen] = False
+    assert not bool(((counts > 0) & skipped & (counts <= left)).any())  # nothing that fits is left out
+
+
+def test_remove_tokens_frees_and_reuses_ids():
+    gen = torch.Generator().manual_seed(9)
+    centers = torch.randn(2, H, D, generator=gen)
+    index, bank = ClusterIndex(H, D), KeyBank()
+    for blob in (0, 1, 0, 1):
+        keys = centers[blob] + 0.2 * torch.randn(30, H, D, generator=gen)
+        index.assign(keys, bank.add(keys))
+    first = int(index.cluster_of(torch.tensor([0])))
+    gone = index.members(first).clone()
+    emptied = index.remove_tokens(gone, bank(gone))
+    assert emptied.tolist() == [first] and index.counts[first] == 0
+    assert bool((index.cluster_of(gone) == -1).all()) and index.num_tokens == 120 - gone.numel()
+    index.check_invariants(bank)
+    far = torch.randn(1, H, D, generator=gen) * 5
+    assert index.assign(far, bank.add(far)).tolist() == [first]  # the freed id is reused
+    index.check_invariants(bank)
+
+
+def test_rejects_bad_input():
+    index = ClusterIndex(H, D)
+    keys = torch.randn(3, H, D)
+    with pytest.raises(ValueError, match="increasing"):
+        index.assign(keys, torch.tensor([0, 2, 1]))
+    index.assign(keys, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="above"):
+        index.assign(keys, torch.tensor([2, 3, 4]))
+    with pytest.raises(ValueError, match="keys must be"):
+        index.assign(torch.randn(3, H, D + 1), torch.tensor([5, 6, 7]))
+
+
+def test_check_invariants_catches_corruption():
+    index, bank = ClusterIndex(H, D), KeyBank()
+    keys = torch.randn(10, H, D)
+    index.assign(keys, bank.add(keys))
+    index.check_invariants(bank)
+    bank.keys[3] += 1.0  # stored keys no longer match the statistics
+    with pytest.raises(AssertionError, match="centroids drifted"):
+        index.check_invariants(bank)
+    bank.keys[3] -= 1.0
+    index._tok_cluster[0] = -1  # a token lost from the map
+    with pytest.raises(AssertionError, match="tokens mapped"):
+        index.check_invariants(bank)
+
+
+def test_invariants_hold_over_ten_thousand_random_operations():
+    rng = random.Random(10)
+    gen = torch.Generator().manual_seed(10)
+    heads, dim = 2, 8
+    centers = torch.randn(12, heads, dim, generator=gen)
+    index = ClusterIndex(heads, dim, ClusterConfig(max_cluster_tokens=24))
+    bank = KeyBank(heads, dim, capacity=1 << 17)
+    held: list[int] = []  # ascending
+    for step in range(10_000):
+        op = rng.random()
+        if op < 0.5:
+            n = rng.randint(1, 24)
+            label = torch.randint(len(centers), (n,), generator=gen)
+            keys = centers[label] + rng.choice((0.05, 0.3, 1.0)) * torch.randn(n, heads, dim, generator=gen)
+            ids = bank.add(keys)
+            cid = index.assign(keys, ids, modality=torch.randint(2, (n,), generator=gen).to(torch.uint8))
+            assert bool((cid >= 0).all()) and bool((index.cluster_of(ids) == cid).all())
+            held.extend(ids.tolist())
+        elif op < 0.75 and held:
+            if len(held) > 1500:  # a memory cap: evict the oldest tokens
+                gone = held[: rng.randint(100, 500)]
+            else:
+                gone = rng.sample(held, min(len(held), rng.randint(1, 20)))
+            index.remove_tokens(torch.tensor(gone), bank(torch.tensor(gone)))
+            gone_set = set(gone)
+            held = [t for t in held if t not in gone_set]
+        else:
+            index.maintain(bank, budget_ms=rng.choice((0.0, 0.5, 5.0)))
+        if step % 1000 == 999:
+            index.check_invariants(bank)
+            assert index.num_tokens == len(held)
+    index.maintain(bank, budget_ms=60_000.0)
+    index.check_invariants(bank)
+    assert index.num_tokens == len(held) and not index.pending
+    assert index.state_bytes() > 0
