@@ -97,6 +97,23 @@ def test_threshold_follows_the_spread():
     assert 2.5 < taus[1] / taus[0] < 5.0
 
 
+def test_leading_text_does_not_distort_the_scale():
+    stream = blob_stream(seed=11)
+    plain, bank = ClusterIndex(H, D), KeyBank()
+    vision = [(keys, label, torch.ones(keys.shape[0], dtype=torch.uint8)) for keys, label in stream]
+    for keys, _, tags in vision:
+        plain.assign(keys, bank.add(keys), modality=tags)
+    prompted, bank = ClusterIndex(H, D), KeyBank()
+    prompt = 3.0 * torch.randn(30, H, D, generator=torch.Generator().manual_seed(12))  # a system prompt
+    prompted.assign(prompt, bank.add(prompt), modality=torch.zeros(30, dtype=torch.uint8))
+    for keys, _, tags in vision:
+        prompted.assign(keys, bank.add(keys), modality=tags)
+    assert prompted.threshold == pytest.approx(plain.threshold, rel=0.05)
+    truth = torch.cat([label for _, label in stream])
+    pred = prompted.cluster_of(torch.arange(30, 30 + truth.numel()))
+    assert purity(pred, truth) > 0.95 and purity(truth, pred) > 0.9
+
+
 def test_far_token_opens_a_cluster_even_next_to_a_big_one():
     gen = torch.Generator().manual_seed(3)
     center = torch.randn(H, D, generator=gen)

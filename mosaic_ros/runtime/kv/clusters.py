@@ -18,16 +18,18 @@ Local scale ``s`` and cohesion threshold ``tau`` (adapt per layer; no per-model 
     ``s`` is how far a token's key lies from the nearest key of the chunks just before it (the
     reference: the last ``2 * largest chunk`` rows, about two frames): the lower quartile over
     the chunk of ``min_j |x - y_j|^2 / 2`` (half a squared pair distance = the variance of a
-    pair). It measures how much "the same content" moves from frame to frame in this layer.
-    The lower quartile, not the median, so a chunk where only a quarter of the tokens have
-    a same-content match in the reference (new objects, another camera in between) still
-    measures the same-content mode. It depends on the data only, not on the clusters, so it
-    cannot feed back into itself; it is tracked as a moving average of its logarithm (evenly
-    weighted over the first chunks, then ``scale_momentum`` per full chunk).
+    pair), tokens compared only with tokens of the same modality tag. It measures how much
+    "the same content" moves from frame to frame in this layer. The lower quartile rather than
+    the median: it still measures the same-content mode when only a quarter of a chunk's tokens
+    have a match in the reference (new objects, another camera in between). It depends on the
+    data only, not on the clusters, so it cannot feed back into itself; it is tracked as a
+    moving average of its logarithm (evenly weighted over the first chunks, then
+    ``scale_momentum`` per full chunk).
     ``tau = cohesion * s`` (``cohesion = 4``, a ratio of variances, the same for every model and
     layer). A chunk is judged with the scale of the chunks before it and only then updates it,
-    so a scene cut cannot loosen its own threshold. The first chunk, with no reference, uses its
-    own tokens' nearest neighbours and does not enter the average.
+    so a scene cut cannot loosen its own threshold. A chunk with no same-modality reference
+    (the first one) uses its own tokens' nearest neighbours; that sample does not enter the
+    average.
 
 Assignment of a chunk (vectorized; one matrix product against all centroids)
     A token joins its nearest cluster if (a) the cluster's variance after the join stays
@@ -71,6 +73,7 @@ KeyLookup = Callable[[Tensor], Tensor]
 _MIN_SCALE = 1e-6  # floor of the local scale (unit-sphere variance units)
 _SCALE_QUANTILE = 0.25  # share of a chunk's tokens that need a same-content match in the reference
 _REF_CHUNKS = 2  # the reference holds this many largest-chunk sizes of the most recent rows
+_SCALE_PROBES = 64  # tokens per chunk whose nearest reference distance is measured
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,7 @@ class ClusterIndex:
         self._removed = 0
         # local scale
         self._ref = torch.zeros(0, width, dtype=torch.float32, device=self.device)
+        self._ref_modality = torch.zeros(0, dtype=torch.uint8, device=self.device)
         self._chunk_max = 0
         self._log_scale: float | None = None
         self._scale_updates = 0
@@ -262,8 +266,8 @@ class ClusterIndex:
 
     def state_bytes(self) -> int:
         """Bytes of tensor payload the index holds (statistics, bookkeeping, scale reference)."""
-        tensors = [self._count, self._sum_unit, self._sum_raw, self._sum_norm2, self._ref, self._tok_cluster]
-        tensors.append(self._tok_modality)
+        tensors = [self._count, self._sum_unit, self._sum_raw, self._sum_norm2, self._ref, self._ref_modality]
+        tensors += [self._tok_cluster, self._tok_modality]
         if self._centroid_cache is not None:
             tensors.append(self._centroid_cache)
         total = sum(t.numel() * t.element_size() for t in tensors)
@@ -278,16 +282,18 @@ class ClusterIndex:
 
         keys: (T, H_kv, D) pre-RoPE keys, any float dtype/device; token_ids: (T,) int64 strictly
         increasing and above every id given before; modality: optional (T,) uint8 per-token tag
-        (kept for ``modality_counts``; it does not constrain clustering). Clusters that become too
-        loose or too large are queued for ``maintain``, never split here.
+        (0 when omitted). Tokens of any modality may share a cluster; the tag only keeps the
+        local-scale measurement within a modality and feeds ``modality_counts``. Clusters that
+        become too loose or too large are queued for ``maintain``, never split here.
         """
         count = self._check_chunk(keys, token_ids, modality)
         ids = token_ids.to("cpu", torch.int64)
         if count == 0:
             return ids.clone()
         unit, raw = self._embed(keys)
-        had_reference = self._ref.shape[0] > 0
-        sample = self._scale_sample(unit)
+        tags = torch.zeros(count, dtype=torch.uint8) if modality is None else modality.to("cpu", torch.uint8)
+        tags = tags.to(self.device)
+        sample, from_reference = self._scale_sample(unit, tags)
         scale = self.local_scale if self._log_scale is not None else sample
         cid = torch.full((count,), -1, dtype=torch.int64, device=self.device)
         if scale is not None and self.num_clusters > 0:
@@ -301,10 +307,12 @@ class ClusterIndex:
         self._add_stats(cid, unit, raw, sign=1.0)
         cid = cid.cpu()
         self._record(ids, cid, modality)
-        if had_reference and sample is not None:
+        if from_reference:
             self._update_scale(sample, count)
         self._chunk_max = max(self._chunk_max, count)
-        self._ref = torch.cat((self._ref, unit))[-_REF_CHUNKS * self._chunk_max :]
+        keep = _REF_CHUNKS * self._chunk_max
+        self._ref = torch.cat((self._ref, unit))[-keep:]
+        self._ref_modality = torch.cat((self._ref_modality, tags))[-keep:]
         self._queue_violators()
         return cid
 
@@ -331,18 +339,33 @@ class ClusterIndex:
         unit = raw / raw.norm(dim=-1, keepdim=True).clamp_min(1e-30) / math.sqrt(self.num_kv_heads)
         return unit.reshape(raw.shape[0], -1), raw.reshape(raw.shape[0], -1)
 
-    def _scale_sample(self, unit: Tensor) -> float | None:
-        """Median over the chunk of half the squared distance to the nearest reference row.
+    def _scale_sample(self, unit: Tensor, tags: Tensor) -> tuple[float | None, bool]:
+        """(lower quartile of half the squared nearest-neighbour distance, whether from the reference).
 
-        The reference is the previous chunk(s); without one, the chunk's own other tokens.
+        Tokens are only compared with tokens of the same modality tag (a frame after the system
+        prompt is not measured against text). The reference is the previous chunk(s), probed by
+        at most ``_SCALE_PROBES`` evenly spaced tokens of the chunk (a quantile needs no more).
+        When no probe has a same-modality reference row, every token of the chunk is compared
+        with the chunk's other tokens instead; that sample decides this chunk only.
         """
         if self._ref.shape[0]:
-            sims = unit @ self._ref.T
-        elif unit.shape[0] > 1:
-            sims = (unit @ unit.T).fill_diagonal_(-2.0)
-        else:
+            stride = -(-unit.shape[0] // _SCALE_PROBES)
+            sims = unit[::stride] @ self._ref.T
+            sims.masked_fill_(tags[::stride, None] != self._ref_modality[None, :], -math.inf)
+            sample = self._quartile(sims)
+            if sample is not None:
+                return sample, True
+        sims = (unit @ unit.T).fill_diagonal_(-math.inf)
+        return self._quartile(sims.masked_fill_(tags[:, None] != tags[None, :], -math.inf)), False
+
+    @staticmethod
+    def _quartile(sims: Tensor) -> float | None:
+        """Lower quartile over rows of ``1 - max_j sims[i, j]`` (rows with a finite max), floored."""
+        best = sims.max(dim=1).values if sims.shape[1] else sims.new_zeros(0)
+        best = best[best > -math.inf]
+        if best.numel() == 0:
             return None
-        nearest = (2.0 - 2.0 * sims.max(dim=1).values).clamp_min(0.0)
+        nearest = (2.0 - 2.0 * best).clamp_min(0.0)
         return max(float(nearest.quantile(_SCALE_QUANTILE)) / 2.0, _MIN_SCALE)
 
     def _update_scale(self, sample: float, count: int) -> None:
