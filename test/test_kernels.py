@@ -116,6 +116,10 @@ def test_centroid_scores_count_empty_slots_out_and_weigh_size():
     # same centroid logit: the cluster with 9x the tokens gets 9x the estimated attention mass
     assert (scores[1] - scores[0]).item() == pytest.approx(math.log(9.0), abs=1e-5)
     assert bool(torch.isneginf(centroid_scores(q, cen, torch.zeros(3, dtype=torch.int64))).all())
+    # a share far below float32 range is floored, not lost: the cluster stays selectable
+    far = centroid_scores(q, torch.tensor([[[100.0, 0.0]], [[-100.0, 0.0]]]), torch.tensor([1, 1]))
+    assert far[0].item() == pytest.approx(0.0, abs=1e-6)
+    assert far[1].item() == pytest.approx(math.log(torch.finfo(torch.float32).tiny))
 
 
 def test_backend_choice(monkeypatch):

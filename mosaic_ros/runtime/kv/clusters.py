@@ -40,7 +40,9 @@ Assignment of a chunk (vectorized; one matrix product against all centroids)
     barely moves its variance; and (c) the cluster is below the hard cap
     ``2 * max_cluster_tokens``. The other tokens are grouped among themselves (densest first: a
     leader takes every remaining token within ``2 * join_radius * s``, the same rule as joining a
-    one-token cluster) and each group opens a new cluster.
+    one-token cluster) and each group opens a new cluster. Every token is tested against the
+    clusters as they were before the chunk, so several tokens joining one cluster together may
+    leave it somewhat above ``tau``; the looseness check below catches that.
 
 Deferred splitting
     After each assignment, clusters whose variance exceeds ``loose_factor * tau`` or whose size
@@ -207,7 +209,7 @@ class ClusterIndex:
 
     @property
     def centroids(self) -> Tensor:
-        """(C, H_kv, D) float32 mean RAW pre-RoPE key per cluster (zeros for unused ids), as scored."""
+        """(C, H_kv, D) float32 mean RAW pre-RoPE key per cluster (zeros for unused ids). Read-only."""
         if self._centroid_cache is None:
             n = self._count[: self._slots].clamp_min(1).to(torch.float32)
             mean = self._sum_raw[: self._slots] / n[:, None]
@@ -236,7 +238,7 @@ class ClusterIndex:
         return list(self._queue)
 
     def members(self, cluster_id: int) -> Tensor:
-        """(n,) int64 ascending token ids of a cluster (empty for an unused id)."""
+        """(n,) int64 ascending token ids of a cluster (empty for an unused id). Read-only."""
         if not 0 <= cluster_id < self._slots:
             raise IndexError(f"cluster id {cluster_id} out of range [0, {self._slots})")
         parts = self._members[cluster_id]
@@ -636,7 +638,7 @@ class ClusterIndex:
 
         ``query`` must be position-free (pre-RoPE) like the centroids. All clusters and KV heads
         go through one batched product (``kernels.centroid_scores``, which documents the
-        aggregation); unused ids score ``-inf``.
+        aggregation) on the index's device; unused ids score ``-inf``.
         """
         counts = self._count[: self._slots]
         return centroid_scores(query, self.centroids, counts, scale=scale, backend=backend)

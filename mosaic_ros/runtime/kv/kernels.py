@@ -31,6 +31,7 @@ from torch import Tensor
 
 BACKEND_ENV = "MOSAIC_KV_BACKEND"
 BACKENDS = ("auto", "torch", "triton")
+_LOG_TINY = math.log(torch.finfo(torch.float32).tiny)  # floor of centroid scores (log of a share)
 
 
 def triton_available() -> bool:
@@ -85,8 +86,9 @@ def centroid_scores(
     attention mass the cluster holds, which is what retrieval fidelity is measured by. Each
     (head, token) weighs equally, so one head with large logits cannot drown the others.
 
-    Returns (C,) float32 on the centroids' device, ``-inf`` for empty slots. ``scale`` defaults
-    to ``1 / sqrt(D)``.
+    Returns (C,) float32 on the centroids' device, ``-inf`` for empty slots; shares below the
+    smallest normal float32 (~1e-38, i.e. scores below ~-87) are floored there, so every
+    non-empty cluster stays selectable. ``scale`` defaults to ``1 / sqrt(D)``.
     """
     if query.dim() != 3 or centroids.dim() != 3:
         raise ValueError(
@@ -107,21 +109,27 @@ def centroid_scores(
     if resolve_backend(backend, centroids.device) == "triton":
         from mosaic_ros.runtime.kv import triton_kernels
 
-        return triton_kernels.centroid_scores(query, centroids, counts, scale)
-    return centroid_scores_torch(query, centroids, counts, scale)
+        scores = triton_kernels.centroid_scores(query, centroids, counts, scale)
+    else:
+        scores = centroid_scores_torch(query, centroids, counts, scale)
+    return scores.clamp_min(_LOG_TINY).masked_fill(counts <= 0, -math.inf)
 
 
 def centroid_scores_torch(query: Tensor, centroids: Tensor, counts: Tensor, scale: float) -> Tensor:
-    """Torch reference of ``centroid_scores`` (inputs already validated; at least one live cluster)."""
+    """Torch reference of ``centroid_scores`` (validated inputs, at least one live cluster), unfloored.
+
+    Works in the probability domain with in-place passes over the one (H_kv, rows, C) buffer;
+    shares that underflow come out as ``-inf`` (the dispatcher floors them).
+    """
     num_q, num_tokens, dim = query.shape
     num_clusters, num_kv, _ = centroids.shape
     rows = num_q // num_kv * num_tokens
-    q = query.float().reshape(num_kv, rows, dim)
-    c = centroids.float().permute(1, 2, 0)  # (H_kv, D, C)
-    log_counts = counts.float().log()  # log(0) = -inf removes empty slots
-    z = torch.bmm(q, c) * scale + log_counts  # (H_kv, rows, C)
-    share = z - torch.logsumexp(z, dim=-1, keepdim=True)
-    return torch.logsumexp(share.reshape(num_kv * rows, num_clusters), dim=0) - math.log(num_q * num_tokens)
+    q = query.float().reshape(num_kv, rows, dim) * scale
+    z = torch.bmm(q, centroids.float().permute(1, 2, 0))  # (H_kv, rows, C)
+    z.add_(counts.float().log())  # log(0) = -inf removes empty slots
+    z.sub_(z.amax(dim=-1, keepdim=True)).exp_()
+    z.div_(z.sum(dim=-1, keepdim=True))  # each (head, token) row: shares of its attention
+    return (z.reshape(num_kv * rows, num_clusters).sum(dim=0) / (num_q * num_tokens)).log()
 
 
 # ---------------------------------------------------------------------------------------------
