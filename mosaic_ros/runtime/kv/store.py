@@ -27,6 +27,7 @@ rows that hold a live token.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -173,6 +174,7 @@ class HostKVStore:
         self.high = [0] * n_layers
         self.live_rows = [0] * n_layers
         self.layout_version = [0] * n_layers
+        self.appended_upto = [0] * n_layers
         self.num_tokens = 0
         p = geometry.position_dims
         self._positions = torch.zeros(p, 0, dtype=torch.int64)
@@ -254,7 +256,7 @@ class HostKVStore:
 
     def _new_page(self, rows: int) -> torch.Tensor:
         g = self.geometry
-        return torch.zeros(
+        return torch.empty(
             rows, 2, g.num_kv_heads, g.head_dim, dtype=g.dtype, device=self.device, pin_memory=self.pin
         )
 
@@ -310,6 +312,11 @@ class HostKVStore:
 
     def _write_rows(self, layer: int, rows: torch.Tensor, data: torch.Tensor) -> None:
         """data (n, 2, H_kv, D) into ``rows`` (n,) (one copy per run)."""
+        pr = self._page_rows_of(layer)
+        first, last, n = int(rows[0]), int(rows[-1]), rows.numel()
+        if last - first == n - 1 and first // pr == last // pr and bool((rows[1:] > rows[:-1]).all()):
+            self.pages[layer][first // pr][first % pr : first % pr + n].copy_(data)
+            return
         order = torch.argsort(rows)
         rows, data = rows[order], data[order]
         starts, lengths = contiguous_runs(rows, self._page_rows_of(layer))
@@ -354,6 +361,7 @@ class HostKVStore:
         self.token_row[layer][token_ids] = rows
         self._layers_holding[token_ids] += 1
         self.live_rows[layer] += token_ids.numel()
+        self.appended_upto[layer] = max(self.appended_upto[layer], int(token_ids.max()) + 1)
 
     def append(
         self, layer: int, token_ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
@@ -522,10 +530,7 @@ class HostKVStore:
         dst = free_slots
         moved = hit[need]
         stats.tokens_reused = int(hit.sum())
-        stream_ctx, events = self._copy_context(into)
-        with stream_ctx:
-            if events is not None:
-                events[0].record()
+        with self._copy_session(into, stats):
             if bool(moved.any()):
                 src_m, dst_m = hit_slot[need[moved]], dst[moved]
                 self._device_move(into, src_m, dst_m)
@@ -533,29 +538,55 @@ class HostKVStore:
                 stats.device_moves = int(src_m.numel())
             miss = ~moved
             if bool(miss.any()):
-                miss_rows = rows.flatten()[need[miss]]
-                miss_dst = dst[miss]
-                self._copy_in(layer, into, miss_rows, miss_dst, stats)
-                into.slot_rows.view(-1)[miss_dst] = miss_rows
-                self._write_slot_meta(layer, into, miss_rows, miss_dst)
-            if events is not None:
-                events[1].record()
-        if events is not None:
-            into.ready = events[1]
-            torch.cuda.current_stream(into.device).wait_event(events[1])
-            stats.cuda_events = events
+                self._copy_and_track(layer, into, rows.flatten()[need[miss]], dst[miss], stats)
         into.count = n
         stats.tokens_copied = int(miss.sum())
         return stats
 
-    def _copy_context(self, into: DeviceBuffer):
+    def copy_to_slots(
+        self, layer: int, rows: torch.Tensor, into: DeviceBuffer, slots: torch.Tensor
+    ) -> FetchStats:
+        """Copy ``rows`` (k,) of ``layer`` into flat buffer slots ``slots`` (k,) (group * capacity + slot),
+        with no residency planning: for callers that track what sits where (e.g. a sliding window).
+
+        The buffer's ``count`` is left to the caller. Raises if the store's layout changed since
+        the buffer was last filled by ``fetch`` (its resident rows would be stale).
+        """
+        if into.layout_version != self.layout_version[layer]:
+            raise RuntimeError("copy_to_slots: the store layout changed; refill the buffer with fetch()")
+        rows = rows.to("cpu", torch.int64)
+        slots = slots.to("cpu", torch.int64)
+        stats = FetchStats()
+        if rows.numel():
+            with self._copy_session(into, stats):
+                self._copy_and_track(layer, into, rows, slots, stats)
+        stats.tokens_copied = rows.numel()
+        return stats
+
+    def _copy_and_track(
+        self, layer: int, into: DeviceBuffer, rows: torch.Tensor, slots: torch.Tensor, stats: FetchStats
+    ) -> None:
+        self._copy_in(layer, into, rows, slots, stats)
+        into.slot_rows.view(-1)[slots] = rows
+        self._write_slot_meta(layer, into, rows, slots)
+
+    @contextmanager
+    def _copy_session(self, into: DeviceBuffer, stats: FetchStats):
+        """Run the enclosed copies on the side stream (CUDA from host) and make compute wait for them."""
         if into.device.type != "cuda" or self.device.type == "cuda":
-            return _NullContext(), None
+            yield
+            return
         side = self._side_stream or torch.cuda.Stream(into.device)
         self._side_stream = side
         side.wait_stream(torch.cuda.current_stream(into.device))
         events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-        return torch.cuda.stream(side), events
+        with torch.cuda.stream(side):
+            events[0].record()
+            yield
+            events[1].record()
+        into.ready = events[1]
+        torch.cuda.current_stream(into.device).wait_event(events[1])
+        stats.cuda_events = events
 
     def _unit_views(self, into: DeviceBuffer, tensor: torch.Tensor) -> torch.Tensor:
         """(rows, 2, H, D) -> (G, rows, ...) so that a flat (group, slot) index addresses one unit."""
@@ -666,11 +697,3 @@ class HostKVStore:
         if into.staging is None or into.staging.numel() < numel:
             into.staging = torch.empty(max(numel, into.data.numel()), dtype=into.data.dtype, pin_memory=True)
         return into.staging[:numel].view(shape)
-
-
-class _NullContext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

@@ -105,6 +105,7 @@ class StoreBackedPolicy(KVPolicy):
         self.store = self._new_store()
         self._buffers: dict[int, DeviceBuffer] = {}
         self._ingest_buffers: dict[int, DeviceBuffer] = {}
+        self._ingest_upto: dict[int, int] = {}
         self._stats = RetrievalStats()
         self._events: list[tuple] = []
         self._window: tuple[float, float] | None = None
@@ -223,17 +224,44 @@ class StoreBackedPolicy(KVPolicy):
 
     # ------------------------------------------------------------------ ingest
     def ingest_context(self, layer: int) -> KVContext | None:
+        """Sinks + last ``window_tokens`` live tokens, kept in a per-layer device buffer that slides:
+        each call copies only the tokens appended since the last one into the slots of the
+        tokens that left the window (a full refill after the store's layout changed)."""
         self._check_layer(layer)
-        ids = self.ingest_ids(layer)
-        if ids.numel() == 0:
+        store = self.store
+        n_tok = store.appended_upto[layer]
+        if store.live_rows[layer] == 0:
             return None
         buf = self._ingest_buffers.get(layer)
         if buf is None:
             cap = max(self.config.sink_tokens + self.config.window_tokens, 1)
             buf = DeviceBuffer(self.geometry, cap, self.device)
             self._ingest_buffers[layer] = buf
+            self._ingest_upto[layer] = 0
             self._track_device()
-        self.store.fetch(layer, self.store.rows_of(layer, ids), buf)
+        if buf.layout_version != store.layout_version[layer]:
+            store.fetch(layer, store.rows_of(layer, self.ingest_ids(layer)), buf)
+            self._ingest_upto[layer] = n_tok
+            return buf.context()
+        sinks = self.config.sink_tokens
+        lo = max(n_tok - self.config.window_tokens, sinks)
+        upto = self._ingest_upto[layer]
+        new_sinks = torch.arange(upto, max(upto, min(sinks, n_tok)))
+        new = torch.cat((new_sinks, torch.arange(max(upto, lo), n_tok)))
+        new_rows = store.rows_of(layer, new)
+        new_rows = new_rows[new_rows >= 0]
+        held = buf.slot_rows[0]
+        held_ids = torch.where(held >= 0, store.row_token[layer][held.clamp_min(0)], -1)
+        stale = (held_ids >= sinks) & (held_ids < lo)
+        free = torch.nonzero((held < 0) | stale).flatten()[: new_rows.numel()]
+        held[stale] = -1
+        store.copy_to_slots(layer, new_rows, buf, free)
+        self._ingest_upto[layer] = n_tok
+        valid = buf.slot_rows[0] >= 0
+        count = int(valid.sum())
+        if not bool(valid[:count].all()):
+            store.fetch(layer, store.rows_of(layer, self.ingest_ids(layer)), buf)
+        buf.count = count
         return buf.context()
 
     # ------------------------------------------------------------------ questions
