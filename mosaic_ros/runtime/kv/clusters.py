@@ -31,18 +31,22 @@ Local scale ``s`` and cohesion threshold ``tau`` (adapt per layer; no per-model 
     (the first one) uses its own tokens' nearest neighbours; that sample does not enter the
     average.
 
-Assignment of a chunk (vectorized; one matrix product against all centroids)
-    A token joins its nearest cluster if (a) the cluster's variance after the join stays
-    ``<= tau`` (cohesion), (b) the token's squared distance to the centroid is at most
-    ``join_radius * max(v, s) * (1 + 1/n)`` for a cluster of ``n`` tokens and variance ``v``
-    (a new member of a group of spread ``v`` lands at ``v * (1 + 1/n)`` on average): the token
-    looks like a member of THIS cluster, so a big or diffuse cluster cannot swallow a token that
-    barely moves its variance; and (c) the cluster is below the hard cap
-    ``2 * max_cluster_tokens``. The other tokens are grouped among themselves (densest first: a
-    leader takes every remaining token within ``2 * join_radius * s``, the same rule as joining a
-    one-token cluster) and each group opens a new cluster. Every token is tested against the
-    clusters as they were before the chunk, so several tokens joining one cluster together may
-    leave it somewhat above ``tau``; the looseness check below catches that.
+Assignment of a chunk (vectorized; one small matrix product against all centroids)
+    The nearest cluster of every token is found in two stages: a coarse ranking of all clusters
+    in a centred 64-dimensional random projection (one (T, 64) x (64, C) product), then exact
+    distances to the 4 best-ranked. A token joins its nearest cluster if
+    (a) the cluster's variance after the join stays ``<= tau`` (cohesion);
+    (b) the token's squared distance to the centroid is at most
+        ``join_radius * max(v, s) * (1 + 1/n)`` for a cluster of ``n`` tokens and variance ``v``
+        (a new member of a group of spread ``v`` lands at ``v * (1 + 1/n)`` on average): the
+        token looks like a member of THIS cluster, so a big or diffuse cluster cannot swallow a
+        token that barely moves its variance;
+    (c) the cluster is below the hard cap ``2 * max_cluster_tokens``.
+    The other tokens are grouped among themselves (densest first: a leader takes every remaining
+    token within ``2 * join_radius * s``, the same rule as joining a one-token cluster) and each
+    group opens a new cluster. Every token is tested against the clusters as they were before
+    the chunk, so several tokens joining one cluster together may leave it somewhat above
+    ``tau``; the looseness check below catches that.
 
 Deferred splitting
     After each assignment, clusters whose variance exceeds ``loose_factor * tau`` or whose size
@@ -76,6 +80,8 @@ _MIN_SCALE = 1e-6  # floor of the local scale (unit-sphere variance units)
 _SCALE_QUANTILE = 0.25  # share of a chunk's tokens that need a same-content match in the reference
 _REF_CHUNKS = 2  # the reference holds this many largest-chunk sizes of the most recent rows
 _SCALE_PROBES = 64  # tokens per chunk whose nearest reference distance is measured
+_PROJ_DIM = 64  # dimensions of the coarse nearest-cluster search
+_CANDIDATES = 4  # clusters per token whose exact distance the fine search evaluates
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,13 @@ class ClusterIndex:
         self._sum_unit = torch.zeros(0, width, dtype=torch.float32, device=self.device)
         self._sum_raw = torch.zeros(0, width, dtype=torch.float32, device=self.device)
         self._sum_norm2 = torch.zeros(0, dtype=torch.float32, device=self.device)  # |sum_unit|^2
+        proj_dim = min(width, _PROJ_DIM)
+        if proj_dim == width:
+            self._proj = torch.eye(width, device=self.device)
+        else:
+            gen = torch.Generator().manual_seed(0)
+            self._proj = (torch.randn(width, proj_dim, generator=gen) / math.sqrt(proj_dim)).to(self.device)
+        self._sum_proj = torch.zeros(0, proj_dim, dtype=torch.float32, device=self.device)  # sum_unit @ proj
         self._free: list[int] = []  # heap of reusable ids
         self._members: list[list[Tensor]] = []
         self._queue: deque[int] = deque()
@@ -268,7 +281,8 @@ class ClusterIndex:
 
     def state_bytes(self) -> int:
         """Bytes of tensor payload the index holds (statistics, bookkeeping, scale reference)."""
-        tensors = [self._count, self._sum_unit, self._sum_raw, self._sum_norm2, self._ref, self._ref_modality]
+        tensors = [self._count, self._sum_unit, self._sum_raw, self._sum_norm2, self._sum_proj, self._proj]
+        tensors += [self._ref, self._ref_modality]
         tensors += [self._tok_cluster, self._tok_modality]
         if self._centroid_cache is not None:
             tensors.append(self._centroid_cache)
@@ -387,19 +401,30 @@ class ClusterIndex:
     def _join_existing(self, unit: Tensor, scale: float) -> Tensor:
         """Nearest-cluster join test for every token at once: cluster id, or -1 where rejected.
 
-        Ranks clusters by ``x . mean - |mean|^2 / 2`` (= ``(1 - dist) / 2``, computed from the sums
-        without forming the means), then evaluates the exact distance to the chosen one.
+        Search in two stages. Coarse: rows and centroids, centred on the mean of the recent
+        reference rows (keys share a large common direction; centring keeps the projection error
+        proportional to the small differences that matter) and projected to ``P = min(F, 64)``
+        dimensions with a fixed random matrix, rank all clusters in one (T, P) x (P, C) product.
+        Fine: the exact distances to the ``_CANDIDATES`` best-ranked clusters pick the nearest.
+        The projection is linear, so per-cluster projected sums are kept alongside the sums.
         """
         slots = self._slots
         count = self._count[:slots]
         dead = count == 0
         inv_n = (1.0 / count.clamp_min(1).to(torch.float32)).masked_fill(dead, 0.0)
-        half_mean_sq = (0.5 * self._sum_norm2[:slots] * inv_n * inv_n).masked_fill(dead, math.inf)
-        rank = (unit @ self._sum_unit[:slots].T).mul_(inv_n).sub_(half_mean_sq)  # (T, C)
-        nearest = rank.argmax(dim=1)
+        center = self._ref.mean(dim=0) @ self._proj  # (P,)
+        mean_proj = self._sum_proj[:slots] * inv_n[:, None] - center  # (C, P) centred projected means
+        rank = (unit @ self._proj - center) @ mean_proj.T  # (T, C)
+        rank.sub_((0.5 * (mean_proj * mean_proj).sum(dim=1)).masked_fill(dead, math.inf))
+        cand = rank.topk(min(_CANDIDATES, slots), dim=1).indices  # (T, k)
+        cand_inv_n = inv_n[cand]
+        dots = torch.bmm(self._sum_unit[cand], unit[:, :, None])[:, :, 0]  # (T, k) x . sums
+        dist = 1.0 - 2.0 * dots * cand_inv_n + self._sum_norm2[cand] * cand_inv_n * cand_inv_n
+        dist.masked_fill_(count[cand] == 0, math.inf)
+        nearest_dist, pick = dist.min(dim=1)
+        nearest = cand.gather(1, pick[:, None])[:, 0]
+        nearest_dist = nearest_dist.clamp_min(0.0)
         size = count[nearest].to(torch.float32)
-        mean = self._sum_unit[nearest] / size[:, None]
-        nearest_dist = ((unit - mean) ** 2).sum(dim=1)
         var = self._variance(count[nearest], self._sum_norm2[nearest])
         var_after = (size * var + size / (size + 1.0) * nearest_dist) / (size + 1.0)
         ok = (
@@ -447,17 +472,18 @@ class ClusterIndex:
         if slots <= capacity:
             return
         capacity = max(slots, 2 * capacity, 16)
-        old = (self._count, self._sum_unit, self._sum_raw, self._sum_norm2)
+        old = (self._count, self._sum_unit, self._sum_raw, self._sum_norm2, self._sum_proj)
         grown = [torch.zeros((capacity, *t.shape[1:]), dtype=t.dtype, device=self.device) for t in old]
         for new, t in zip(grown, old, strict=True):
             new[: t.shape[0]] = t
-        self._count, self._sum_unit, self._sum_raw, self._sum_norm2 = grown
+        self._count, self._sum_unit, self._sum_raw, self._sum_norm2, self._sum_proj = grown
 
     def _add_stats(self, cid: Tensor, unit: Tensor, raw: Tensor, sign: float) -> None:
         cid = cid.to(self.device)
         self._count.index_add_(0, cid, torch.full_like(cid, int(sign)))
         self._sum_unit.index_add_(0, cid, unit, alpha=sign)
         self._sum_raw.index_add_(0, cid, raw, alpha=sign)
+        self._sum_proj.index_add_(0, cid, unit @ self._proj, alpha=sign)
         touched = cid.unique()
         self._sum_norm2[touched] = (self._sum_unit[touched] ** 2).sum(dim=1)
         self._centroid_cache = None
@@ -538,6 +564,7 @@ class ClusterIndex:
             self._sum_unit[c] = 0.0
             self._sum_raw[c] = 0.0
             self._sum_norm2[c] = 0.0
+            self._sum_proj[c] = 0.0
             heapq.heappush(self._free, c)
         if self._queued.intersection(emptied):
             self._queued.difference_update(emptied)
@@ -589,6 +616,7 @@ class ClusterIndex:
         self._sum_unit[pair] = sums_unit
         self._sum_raw[pair] = sums_raw
         self._sum_norm2[pair] = (sums_unit * sums_unit).sum(dim=1)
+        self._sum_proj[pair] = sums_unit @ self._proj
         side = side.cpu()
         halves = (members[~side], members[side])
         self._members[parent] = [halves[0]]
@@ -678,10 +706,11 @@ class ClusterIndex:
         """Raise AssertionError, saying what broke, unless the index is consistent.
 
         Every token assigned and not removed is in exactly one cluster (token map and member
-        lists agree, nothing is lost by splits); counts, centroids (assignment space and raw) and
-        variances match a recomputation from the member keys within ``atol`` (float32 running
-        sums drift by about one rounding per update; raw centroids are compared relative to the
-        largest key magnitude); unused ids are empty and reusable; the split queue is valid.
+        lists agree, nothing is lost by splits); counts, centroids (assignment space, its
+        projection for the coarse search, and raw) and variances match a recomputation from the
+        member keys within ``atol`` (float32 running sums drift by about one rounding per
+        update; raw centroids are compared relative to the largest key magnitude); unused ids
+        are empty and reusable; the split queue is valid.
         """
         slots = self._slots
         count = self._count[:slots].cpu()
@@ -739,6 +768,8 @@ class ClusterIndex:
         true_var = true_var / n[:, 0]
         err = float((true_var - self.variances).abs().max())
         _require(err <= atol, f"cluster variances off by {err:.3g} (> {atol})")
+        err = float(((sum_unit @ self._proj) / n - self._sum_proj[:slots] / n).abs().max())
+        _require(err <= atol, f"projected centroids of the coarse search drifted by {err:.3g} (> {atol})")
 
 
 def bench_assign(
