@@ -129,6 +129,30 @@ def test_far_token_opens_a_cluster_even_next_to_a_big_one():
     assert index.num_clusters == 2 and index.counts[cid] == 1
 
 
+def test_tokens_join_their_exactly_nearest_cluster():
+    # the coarse projected search must hand the exact re-rank the nearest cluster; keys share a
+    # dominant common direction, as real pre-RoPE keys do
+    gen = torch.Generator().manual_seed(13)
+    offset = 4.0 * torch.randn(H, D, generator=gen)
+    centers = offset + torch.randn(40, H, D, generator=gen)
+    index, bank = ClusterIndex(H, D), KeyBank()
+    for step in range(13):
+        label = torch.randint(40, (100,), generator=gen)
+        keys = centers[label] + 0.2 * torch.randn(100, H, D, generator=gen)
+        placed = index.cluster_of(torch.arange(bank.next_id))
+        live = (index.counts > 0).nonzero().flatten()
+        unit = torch.nn.functional.normalize(bank.keys[: bank.next_id], dim=-1).flatten(1) / H**0.5
+        means = torch.stack([unit[placed == c].mean(0) for c in live.tolist()]) if live.numel() else None
+        new_unit = torch.nn.functional.normalize(keys, dim=-1).flatten(1) / H**0.5
+        cid = index.assign(keys, bank.add(keys))
+        if means is None:
+            continue
+        joined = torch.isin(cid, live)
+        assert step < 8 or joined.float().mean() > 0.9  # once every blob has been seen
+        nearest = live[torch.cdist(new_unit, means).argmin(dim=1)]
+        assert torch.equal(cid[joined], nearest[joined])
+
+
 def test_cross_modal_tokens_share_clusters():
     gen = torch.Generator().manual_seed(4)
     centers = torch.randn(2, H, D, generator=gen)
