@@ -243,3 +243,50 @@ def test_livevlm_continuous_vsb_keeps_the_configured_share():
     assert live == pytest.approx(4 + 20 + old * 0.5, abs=30)
     assert policy.memory().tokens_evicted > 0
     assert bool(policy.store.alive[:4].all()) and bool(policy.store.alive[total - 20 :].all())
+
+
+def test_token_topk_keeps_the_most_dense_attention_mass_at_equal_budget():
+    """Where this must hold: every token sits at rotary position 0, so rotation is the identity
+    and the position-free logits token_topk scores ARE the dense logits. Its ``sum`` score of a
+    token for a KV head is then exactly that token's contribution to the head's recall (the same
+    softmax over all stored tokens), every policy keeps the same sinks + window and stays within
+    the same budget, so per-head top scores maximise recall over every selection the others
+    can make."""
+    config = PolicyConfig(budget_tokens=60, sink_tokens=4, window_tokens=8)
+    names = ["window", "token_topk", "rekv", "livevlm"]
+    policies = [make_policy(n, GEOM, config) for n in names]
+    gen = torch.Generator().manual_seed(5)
+    start = 0
+    stored = {layer: [] for layer in range(GEOM.num_layers)}
+    for f in range(16):
+        meta = frame_meta(f, start, 12)
+        meta.positions.zero_()
+        kv = [(torch.randn(12, 2, 16, generator=gen).half(), torch.randn(12, 2, 16, generator=gen).half())]
+        kv = kv * GEOM.num_layers
+        for p in policies:
+            ids = p.add_tokens(meta)
+            for layer, (k, v) in enumerate(kv):
+                p.ingest_context(layer)
+                p.append(layer, k, v, ids)
+        for layer, (k, _) in enumerate(kv):
+            stored[layer].append(k)
+        start += 12
+    group = GEOM.group_size
+    recall = {}
+    for name, p in zip(names, policies, strict=True):
+        p.begin_question()
+        per_layer = []
+        for layer in range(GEOM.num_layers):
+            query = 3 * torch.randn(GEOM.num_q_heads, 2, 16, generator=torch.Generator().manual_seed(layer))
+            keys_all = torch.cat(stored[layer]).float().transpose(0, 1)  # (H_kv, N, D)
+            kv_head = torch.arange(GEOM.num_q_heads) // group
+            dense_logits = torch.einsum("hld,hnd->hln", query, keys_all[kv_head]) / 4.0
+            lse = torch.logsumexp(dense_logits, dim=-1)
+            ctx = p.retrieve(layer, query)
+            logits = torch.einsum("hld,htd->hlt", query, ctx.keys.float()[kv_head]) / 4.0
+            per_layer.append(float(torch.exp(logits - lse[..., None]).sum(-1).mean()))
+        p.end_question()
+        recall[name] = sum(per_layer) / len(per_layer)
+    assert recall["token_topk"] < 1.0
+    for name in ("window", "rekv", "livevlm"):
+        assert recall["token_topk"] >= recall[name] - 1e-6, recall

@@ -8,6 +8,7 @@ restricts the context (sinks always kept), by a gather on the device.
 from __future__ import annotations
 
 import time
+from typing import Any, ClassVar
 
 import torch
 
@@ -18,14 +19,21 @@ from mosaic_ros.runtime.kv.store import FetchStats, HostKVStore
 
 @register_policy
 class DensePolicy(StoreBackedPolicy):
-    """All tokens, device-resident. ``host_kv_bytes`` is 0: the arena is counted as device KV."""
+    """All tokens, device-resident. ``host_kv_bytes`` is 0: the arena is counted as device KV.
+
+    ``options['reserve_tokens']``: initial arena size in tokens per layer (it doubles when full,
+    copying; a caller that knows the stream's length avoids those copies)."""
 
     name = "dense"
+    option_defaults: ClassVar[dict[str, Any]] = {"reserve_tokens": 0}
 
     def _new_store(self) -> HostKVStore:
+        reserve = int(self.options["reserve_tokens"])
+        if reserve < 0:
+            raise ValueError(f"reserve_tokens must be >= 0, got {reserve}")
         return HostKVStore(
             self.geometry,
-            page_rows=self.page_rows,
+            page_rows=max(self.page_rows, min(reserve, self.max_rows or reserve)),
             max_rows=self.max_rows,
             device=self.device,
             contiguous=True,

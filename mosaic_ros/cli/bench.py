@@ -1,0 +1,217 @@
+"""``mosaic-ros-bench``: every KV policy on the same stream and questions, in one process.
+
+    mosaic-ros-bench --shape qwen2.5-vl-7b --workload synthetic --frames 600 --budget 8192 \
+        --questions 8 --policies dense,token_topk,rekv,livevlm --json out.json --plot out.png
+
+Prints a table (per question, all layers, medians: select / transfer / attention ms,
+copies, bytes, effective GB/s, recall and output error against dense, memory) and writes
+the same as JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import shlex
+import sys
+import time
+
+import torch
+
+from mosaic_ros.runtime.bench.report import machine, now, plot, table, write_json
+from mosaic_ros.runtime.bench.runner import BenchConfig, run_policies
+from mosaic_ros.runtime.bench.shapes import SHAPES
+from mosaic_ros.runtime.bench.workloads import SyntheticSpec, SyntheticWorkload
+from mosaic_ros.runtime.kv.policy import POLICIES
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mosaic-ros-bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="tiny", help="model KV shape")
+    p.add_argument("--workload", default="synthetic", help="synthetic | video:PATH")
+    p.add_argument("--frames", type=int, default=60, help="frames streamed before the questions")
+    p.add_argument("--budget", type=int, default=8192, help="device KV budget per layer per question, tokens")
+    p.add_argument("--questions", type=int, default=8)
+    p.add_argument("--policies", default="dense,window,token_topk,rekv,livevlm", help="comma-separated")
+    p.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="KV storage dtype")
+    p.add_argument("--sinks", type=int, default=32, help="attention-sink tokens kept by every policy")
+    p.add_argument("--window", type=int, default=1024, help="local window tokens (ingest context)")
+    p.add_argument("--host-cap-mb", type=float, default=0.0, help="host KV cap per policy, MiB (0 = none)")
+    p.add_argument("--compression", default="vsb", help="vsb | drop_oldest (used at the host cap)")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="POLICY.KEY=VALUE",
+        help="a policy option, e.g. livevlm.page_tokens=32 (repeatable)",
+    )
+    p.add_argument(
+        "--dense-questions",
+        type=int,
+        default=1,
+        help="questions dense is timed on (its cost does not depend on the question; fidelity uses all)",
+    )
+    p.add_argument("--json", dest="json_path", help="write the results as JSON here")
+    p.add_argument("--plot", dest="plot_path", help="write a PNG plot here")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for torch; 0 = all cores, or 1 when other processes already keep the cores busy",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+def _parse_options(items: list[str]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        policy, dot, name = key.partition(".")
+        if not sep or not dot or not policy or not name:
+            raise ValueError(f"--option must look like POLICY.KEY=VALUE, got {item!r}")
+        value: object = raw
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                continue
+        out.setdefault(policy, {})[name] = value
+    return out
+
+
+def _workload(args: argparse.Namespace):
+    shape = SHAPES[args.shape]
+    dtype = DTYPES[args.dtype]
+    if args.workload == "synthetic":
+        spec = SyntheticSpec(
+            frames=args.frames, questions=args.questions, seed=args.seed, sink_tokens=args.sinks
+        )
+        return SyntheticWorkload(shape, spec, dtype)
+    if args.workload.startswith("video:"):
+        from mosaic_ros.runtime.bench.video import VideoWorkload
+
+        return VideoWorkload(
+            args.workload.removeprefix("video:"),
+            frames=args.frames,
+            questions=args.questions,
+            seed=args.seed,
+            dtype=dtype,
+            device=args.device,
+        )
+    raise ValueError(f"--workload must be 'synthetic' or 'video:PATH', got {args.workload!r}")
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory in the heap (no mmap for large blocks, no trimming).
+
+    Every question allocates hundred-megabyte temporaries (rotated keys, logits); served by
+    fresh mmaps they page-fault on first touch, and those faults, not the work, dominate CPU
+    timings. Kept in the heap they are reused warm, for every policy alike. Returns whether
+    the allocator accepted (False off glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def choose_threads(requested: int) -> int:
+    """Threads for torch. Auto (0): torch's default, except 1 when the 1-minute load average
+    already covers the cores: an oversubscribed multi-threaded op waits on descheduled
+    threads and runs many times slower than on one thread."""
+    if requested > 0:
+        return requested
+    cores = os.cpu_count() or 1
+    busy = os.getloadavg()[0] >= cores - 0.5 if hasattr(os, "getloadavg") else False
+    return 1 if busy and cores > 1 else torch.get_num_threads()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from mosaic_ros.runtime.kv import policies  # noqa: F401  (registers the built-in policies)
+
+    names = [n.strip() for n in args.policies.split(",") if n.strip()]
+    unknown = [n for n in names if n not in POLICIES]
+    if not names or unknown:
+        parser.error(
+            f"unknown or missing policies {unknown or names}; registered: {', '.join(sorted(POLICIES))}"
+        )
+    if args.frames <= 0:
+        parser.error(f"--frames must be positive, got {args.frames}")
+    if args.questions <= 0:
+        parser.error(f"--questions must be positive, got {args.questions}")
+    if args.budget <= 0:
+        parser.error(f"--budget must be positive, got {args.budget}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda asked for, but no CUDA device is available")
+    if args.dense_questions <= 0:
+        parser.error(f"--dense-questions must be positive, got {args.dense_questions}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    torch.set_num_threads(choose_threads(args.threads))
+    warm_heap = keep_freed_memory()
+    try:
+        options = _parse_options(args.option)
+        cfg = BenchConfig(
+            policies=names,
+            budget_tokens=args.budget,
+            sink_tokens=args.sinks,
+            window_tokens=args.window,
+            host_cap_bytes=int(args.host_cap_mb * 2**20),
+            compression=args.compression,
+            device=args.device,
+            options=options,
+            dense_questions=args.dense_questions,
+            progress=not args.no_progress,
+        )
+        t0 = time.perf_counter()
+        workload = _workload(args)
+        result = run_policies(workload, cfg)
+        wall = time.perf_counter() - t0
+    except ValueError as exc:
+        print(f"mosaic-ros-bench: error: {exc}", file=sys.stderr)
+        return 2
+    doc = {
+        "command": shlex.join(["mosaic-ros-bench", *(sys.argv[1:] if argv is None else argv)]),
+        "date": now(),
+        "wall_s": wall,
+        "machine": {**machine(args.device), "load_average_at_start": load, "warm_heap": warm_heap},
+        "run": {
+            "shape": args.shape,
+            "workload": args.workload,
+            "frames": args.frames,
+            "budget": args.budget,
+            "questions": args.questions,
+            "dense_questions": min(args.dense_questions, args.questions),
+            "sinks": args.sinks,
+            "window": args.window,
+            "host_cap_bytes": cfg.host_cap_bytes,
+            "dtype": args.dtype,
+            "seed": args.seed,
+            "stream": workload.describe(),
+        },
+        "memcpy_gbps": result["memcpy"]["gbps"],
+        "memcpy": result["memcpy"],
+        "policies": result["policies"],
+    }
+    print(table(doc))
+    print(f"wall time {wall:.1f} s")
+    if args.json_path:
+        write_json(doc, args.json_path)
+    if args.plot_path:
+        plot(doc, args.plot_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""Run several policies over the same stream and questions, one policy at a time, in one process.
+
+For each policy: ingest the whole stream into its own store (timing ingest and maintenance
+per frame), then per question and layer time ``retrieve`` (select and transfer, from the
+policy's ``RetrievalStats``) and attention (``rotate_context`` + ``attend``), then free the
+policy. ``dense`` always runs first (reported only when asked for). Once it holds the stream,
+the reference is computed layer by layer (each layer's keys rotated once for all
+questions), outside any timed region: per question and layer, the dense attention output
+and the log-sum-exp of the dense logits over every stored token, by the same math as
+``attend`` (checked equal in the tests). ``dense`` itself is then timed on its first
+``dense_questions`` questions only: its work does not depend on the question, and rotating
+and attending over the whole stream per question and layer is what makes it the slowest.
+A policy's fidelity is computed from the reference, outside the timed region:
+
+- ``recall``: the share of dense attention probability mass on the tokens the policy handed
+  attention, i.e. sum over its tokens of exp(logit - LSE_dense), with logits taken at the
+  tokens' ORIGINAL positions (each query head uses its KV head's own set), averaged over
+  layers, heads, question tokens and questions;
+- ``out_rel_err``: ||out - out_dense|| / ||out_dense|| of the attention output, where the
+  policy's output uses the positions it chose (LiveVLM re-positions).
+
+No real weights exist here, so answer accuracy is approximated by this fidelity to dense.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from mosaic_ros.runtime.bench.workloads import Question, Workload
+from mosaic_ros.runtime.kv.attention import attend, rotate_context
+from mosaic_ros.runtime.kv.policy import KVContext, KVPolicy, PolicyConfig, make_policy
+from mosaic_ros.runtime.kv.rope import apply_rotary
+
+
+@dataclass
+class BenchConfig:
+    """What to run. ``policies`` in report order; ``options`` maps a policy name to its options."""
+
+    policies: list[str]
+    budget_tokens: int = 8192
+    sink_tokens: int = 32
+    window_tokens: int = 1024
+    host_cap_bytes: int = 0
+    compression: str = "vsb"
+    device: str = "cpu"
+    options: dict[str, dict] = field(default_factory=dict)
+    dense_questions: int = 1
+    progress: bool = True
+
+
+@dataclass
+class _Reference:
+    """Dense results per question and layer: out (H_q, L_q, D) float32, lse (H_q, L_q) float32."""
+
+    out: list[list[torch.Tensor]] = field(default_factory=list)
+    lse: list[list[torch.Tensor]] = field(default_factory=list)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _PreparedQuestion:
+    """A question's rotated queries and local tokens per layer, on the compute device."""
+
+    def __init__(self, q: Question, workload: Workload, device: torch.device, dtype: torch.dtype):
+        cos, sin = workload.rotary(q.positions)
+        cos, sin = cos.to(device), sin.to(device)
+        self.window = q.window
+        self.pre = [x.to(device) for x in q.queries]
+        self.rot = [apply_rotary(x.to(device).float(), cos, sin).to(dtype) for x in q.queries]
+        self.local_k = [apply_rotary(x.to(device).float(), cos, sin).to(dtype) for x in q.local_keys]
+        self.local_v = [x.to(device).to(dtype) for x in q.local_values]
+
+
+def _grouped_logits(q_rot: torch.Tensor, keys_rot: torch.Tensor) -> torch.Tensor:
+    """q (H_q, L, D), keys (H_kv, T, D) (one set per KV head) -> logits (H_q, L, T) float32, scaled."""
+    hq, lq, d = q_rot.shape
+    hkv = keys_rot.shape[0]
+    q = q_rot.float().reshape(hkv, (hq // hkv) * lq, d)
+    logits = torch.bmm(q, keys_rot.float().transpose(1, 2)) * d**-0.5
+    return logits.reshape(hq, lq, -1)
+
+
+def reference_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    local_keys: torch.Tensor,
+    local_values: torch.Tensor,
+    blocks: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``attend`` computes, grouped per KV head, plus the context's log-sum-exp.
+
+    query (H_q, B * L, D): ``blocks`` = B independent questions of L tokens side by side, each
+    with its own local tokens (H_kv, B * L_s, D) (its block of ``local_keys``/``local_values``);
+    keys/values (H_kv, T, D) the shared context. All post-RoPE, float32. Returns the lse over
+    the context only (H_q, B * L) and the output (H_q, B * L, D).
+    """
+    hq, bl, d = query.shape
+    hkv = keys.shape[0]
+    lq, ls = bl // blocks, local_keys.shape[1] // blocks
+    q = query.reshape(hkv, (hq // hkv) * bl, d)
+    scale = d**-0.5
+    ctx = torch.bmm(q, keys.transpose(1, 2)) * scale
+    local = torch.bmm(q, local_keys.transpose(1, 2)) * scale
+    col = torch.arange(blocks * ls)
+    row = torch.arange(q.shape[1]) % bl
+    same_block = (col // ls)[None, :] == (row // lq)[:, None]
+    causal = (col % ls)[None, :] <= (ls - lq + row % lq)[:, None]
+    local = local.masked_fill(~(same_block & causal).to(local.device), float("-inf"))
+    lse_ctx = torch.logsumexp(ctx, dim=-1)
+    lse = torch.logaddexp(lse_ctx, torch.logsumexp(local, dim=-1))[..., None]
+    out = torch.bmm(torch.exp(ctx - lse), values) + torch.bmm(torch.exp(local - lse), local_values)
+    return lse_ctx.reshape(hq, bl), out.reshape(hq, bl, d)
+
+
+def dense_reference(
+    policy: KVPolicy, questions: list[_PreparedQuestion], rotary, bar, batch: int = 8
+) -> _Reference:
+    """Reference outputs and context LSEs from a ``dense`` policy holding the whole stream.
+
+    Layer by layer (keys rotated once per layer), ``batch`` questions per product."""
+    n_layers = policy.geometry.num_layers
+    ref = _Reference(out=[[None] * n_layers for _ in questions], lse=[[None] * n_layers for _ in questions])
+    for layer in range(n_layers):
+        ctx = policy.ingest_context(layer)
+        keys = rotate_context(ctx, rotary).float()
+        values = ctx.values.float()
+        for first in range(0, len(questions), batch):
+            group = questions[first : first + batch]
+            lse, out = reference_attention(
+                torch.cat([q.rot[layer].float() for q in group], dim=1),
+                keys,
+                values,
+                torch.cat([q.local_k[layer].float() for q in group], dim=1),
+                torch.cat([q.local_v[layer].float() for q in group], dim=1),
+                blocks=len(group),
+            )
+            lq = lse.shape[1] // len(group)
+            for i in range(len(group)):
+                ref.lse[first + i][layer] = lse[:, i * lq : (i + 1) * lq].cpu()
+                ref.out[first + i][layer] = out[:, i * lq : (i + 1) * lq].cpu()
+        del keys, values
+        bar.update(1)
+    return ref
+
+
+def _ingest(policy: KVPolicy, workload: Workload, positions: list[torch.Tensor] | None, bar) -> dict:
+    """Stream every chunk into ``policy``; returns per-frame ingest/maintenance means (ms)."""
+    ingest_ms, maintain_ms = [], []
+    for i in range(workload.num_chunks):
+        chunk = workload.chunk(i)
+        keys = [k.to(policy.device) for k in chunk.keys]
+        values = [v.to(policy.device) for v in chunk.values]
+        _sync(policy.device)
+        t0 = time.perf_counter()
+        ids = policy.add_tokens(chunk.meta)
+        for layer in range(workload.geometry.num_layers):
+            policy.ingest_context(layer)
+            policy.append(layer, keys[layer], values[layer], ids)
+        _sync(policy.device)
+        t1 = time.perf_counter()
+        m = policy.maintain(5.0)
+        t2 = time.perf_counter()
+        if i:
+            ingest_ms.append((t1 - t0) * 1e3)
+            maintain_ms.append(max(m, (t2 - t1) * 1e3))
+        if positions is not None:
+            positions.append(chunk.meta.positions)
+        bar.update(1)
+    return {
+        "ingest_ms_per_frame": statistics.fmean(ingest_ms) if ingest_ms else 0.0,
+        "maintain_ms_per_frame": statistics.fmean(maintain_ms) if maintain_ms else 0.0,
+    }
+
+
+def _ask(
+    policy: KVPolicy,
+    questions: list[_PreparedQuestion],
+    workload: Workload,
+    positions: torch.Tensor,
+    rotary,
+    reference: _Reference,
+    bar,
+) -> dict:
+    """Time every question through ``policy``; fidelity against ``reference`` (untimed)."""
+    n_layers = workload.geometry.num_layers
+    per_q = []
+    recalls, errs = [], []
+    for qi, q in enumerate(questions):
+        policy.begin_question(q.window)
+        attn_ms = 0.0
+        q_recall, q_err = [], []
+        for layer in range(n_layers):
+            ctx = policy.retrieve(layer, q.pre[layer])
+            _sync(policy.device)
+            t0 = time.perf_counter()
+            keys = rotate_context(ctx, rotary)
+            out = attend(q.rot[layer], keys, ctx.values, q.local_k[layer], q.local_v[layer])
+            _sync(policy.device)
+            attn_ms += (time.perf_counter() - t0) * 1e3
+            orig_pos = positions[:, ctx.token_ids.to(positions.device)]
+            if not torch.equal(orig_pos, ctx.positions.to(orig_pos.device)):
+                keys = rotate_context(KVContext(ctx.keys, ctx.values, orig_pos, ctx.token_ids), rotary)
+            logits = _grouped_logits(q.rot[layer], keys)
+            out = out.float()
+            lse = reference.lse[qi][layer].to(logits.device)
+            q_recall.append(float(torch.exp(logits - lse[..., None]).sum(-1).mean()))
+            ref = reference.out[qi][layer].to(out.device)
+            q_err.append(float((out - ref).norm() / ref.norm().clamp_min(1e-30)))
+        stats = policy.end_question()
+        recalls.append(statistics.fmean(q_recall))
+        errs.append(statistics.fmean(q_err))
+        per_q.append(
+            {
+                "select_ms": stats.select_ms,
+                "transfer_ms": stats.transfer_ms,
+                "attn_ms": attn_ms,
+                "total_ms": stats.select_ms + stats.transfer_ms + attn_ms,
+                "copies": stats.copies,
+                "bytes_moved": stats.bytes_moved,
+                "tokens_retrieved": stats.tokens_retrieved / n_layers,
+            }
+        )
+        bar.update(1)
+    med = {k: statistics.median(p[k] for p in per_q) for k in per_q[0]}
+    moved = sum(p["bytes_moved"] for p in per_q)
+    transfer_s = sum(p["transfer_ms"] for p in per_q) / 1e3
+    med["transfer_gbps"] = moved / transfer_s / 1e9 if transfer_s > 0 and moved else 0.0
+    med["recall"] = statistics.fmean(recalls)
+    med["out_rel_err"] = statistics.fmean(errs)
+    med["per_question"] = per_q
+    return med
+
+
+def measure_memcpy_gbps(nbytes: int, repeats: int, device: torch.device) -> float:
+    """Best-of-3 GB/s of ``repeats`` contiguous host->device copies of ``nbytes`` each."""
+    nbytes = max(int(nbytes), 1)
+    pin = device.type == "cuda"
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin).fill_(1)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(3):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            dst.copy_(src, non_blocking=pin)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes * repeats / best / 1e9
+
+
+def run_policies(workload: Workload, cfg: BenchConfig) -> dict:
+    """Run ``cfg.policies`` over ``workload``; returns {"policies": {name: results}, "memcpy": {...}}."""
+    device = torch.device(cfg.device)
+    geom = workload.geometry
+    attn_dtype = geom.dtype if device.type == "cuda" else torch.float32
+    questions = [_PreparedQuestion(q, workload, device, attn_dtype) for q in workload.questions()]
+    rotary = _device_rotary(workload, device)
+    reference: _Reference | None = None
+    order = ["dense"] + [p for p in cfg.policies if p != "dense"]
+    results: dict[str, dict] = {}
+    positions: torch.Tensor | None = None
+    for name in order:
+        policy_config = PolicyConfig(
+            budget_tokens=cfg.budget_tokens,
+            sink_tokens=cfg.sink_tokens,
+            window_tokens=cfg.window_tokens,
+            host_cap_bytes=cfg.host_cap_bytes,
+            compression=cfg.compression,
+            options=_options(name, cfg, workload),
+        )
+        t_policy = time.perf_counter()
+        policy = make_policy(name, geom, policy_config, device)
+        asked = questions
+        total = workload.num_chunks + len(questions)
+        if reference is None:
+            asked = questions[: cfg.dense_questions] if name in cfg.policies else []
+            total = workload.num_chunks + geom.num_layers + len(asked)
+        with tqdm(total=total, desc=name, disable=not cfg.progress, leave=False) as bar:
+            collected: list[torch.Tensor] | None = [] if positions is None else None
+            timing = _ingest(policy, workload, collected, bar)
+            if collected is not None:
+                positions = torch.cat(collected, dim=1).to(device)
+            if reference is None:
+                reference = dense_reference(policy, questions, rotary, bar)
+            if not asked:
+                del policy
+                gc.collect()
+                continue
+            res = _ask(policy, asked, workload, positions, rotary, reference, bar)
+        mem = policy.memory()
+        res.update(timing)
+        res["questions_timed"] = len(asked)
+        res.update(
+            {
+                "device_kv_bytes_peak": mem.device_kv_bytes_peak,
+                "host_kv_bytes": mem.host_kv_bytes,
+                "tokens_in_memory": mem.tokens,
+                "tokens_evicted": mem.tokens_evicted,
+                "units": mem.units,
+                "wall_s": time.perf_counter() - t_policy,
+            }
+        )
+        results[name] = res
+        del policy
+        gc.collect()
+    moved = [r["bytes_moved"] for n, r in results.items() if n != "dense" and r["bytes_moved"] > 0]
+    per_layer = (
+        statistics.median(moved) / geom.num_layers if moved else cfg.budget_tokens * 2 * geom.token_row_bytes
+    )
+    memcpy = {
+        "bytes_per_copy": int(per_layer),
+        "copies": geom.num_layers,
+        "gbps": measure_memcpy_gbps(int(per_layer), geom.num_layers, device),
+    }
+    results = {name: results[name] for name in cfg.policies}
+    _add_ratios(results)
+    return {"policies": results, "memcpy": memcpy}
+
+
+def _options(name: str, cfg: BenchConfig, workload: Workload) -> dict:
+    """The policy's options; ``dense`` reserves its device arena for the whole stream up front."""
+    options = dict(cfg.options.get(name, {}))
+    if name == "dense":
+        tokens = sum(workload.chunk_tokens(i) for i in range(workload.num_chunks))
+        options.setdefault("reserve_tokens", tokens)
+    return options
+
+
+def _device_rotary(workload: Workload, device: torch.device):
+    """The workload's rotary function with its tables on ``device``."""
+    rot = workload.rotary
+    if hasattr(rot, "inv_freq"):
+        rot.inv_freq = rot.inv_freq.to(device)
+    return rot
+
+
+def _add_ratios(results: dict[str, dict]) -> None:
+    """Speed relative to the token-level baselines: baseline total_ms / policy total_ms."""
+    for base in ("token_topk", "rekv"):
+        if base not in results:
+            continue
+        ref = results[base]["total_ms"]
+        for r in results.values():
+            r[f"speedup_vs_{base}"] = ref / r["total_ms"] if r["total_ms"] > 0 else 0.0

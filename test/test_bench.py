@@ -1,0 +1,100 @@
+"""mosaic-ros-bench end to end on a tiny synthetic stream, and its argument checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mosaic_ros.cli.bench import main
+from mosaic_ros.runtime.bench.report import FIELDS
+from mosaic_ros.runtime.bench.shapes import SHAPES
+from mosaic_ros.runtime.bench.workloads import SyntheticSpec, SyntheticWorkload
+
+TINY = ["--shape", "tiny", "--frames", "12", "--budget", "96", "--sinks", "4", "--window", "16"]
+
+
+def test_bench_writes_every_field_as_json_and_a_png(tmp_path, capsys):
+    out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
+    policies = "dense,window,token_topk,rekv,livevlm"
+    rc = main(
+        [*TINY, "--questions", "2", "--policies", policies, "--json", str(out_json), "--plot", str(out_png)]
+    )
+    assert rc == 0
+    doc = json.loads(out_json.read_text())
+    assert list(doc["policies"]) == policies.split(",")
+    for name, res in doc["policies"].items():
+        for key in FIELDS:
+            assert key in res, (name, key)
+        assert res["total_ms"] == pytest.approx(res["select_ms"] + res["transfer_ms"] + res["attn_ms"])
+        assert res["device_kv_bytes_peak"] > 0
+        assert 0.0 <= res["recall"] <= 1.0 + 1e-5
+        assert len(res["per_question"]) == (1 if name == "dense" else 2)
+    dense = doc["policies"]["dense"]
+    assert dense["recall"] == pytest.approx(1.0, abs=1e-5)
+    assert dense["out_rel_err"] == pytest.approx(0.0, abs=1e-6)
+    assert dense["host_kv_bytes"] == 0
+    # 12 frames x 25 tokens + 4 sinks = 304 tokens, more than the 96-token budget.
+    assert doc["policies"]["window"]["recall"] < 1.0
+    assert doc["policies"]["token_topk"]["bytes_moved"] > 0
+    assert doc["memcpy_gbps"] > 0
+    for key in ("cpu", "cores", "ram_bytes", "torch"):
+        assert key in doc["machine"]
+    assert doc["command"].startswith("mosaic-ros-bench --shape tiny")
+    assert doc["date"]
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "token_topk" in capsys.readouterr().out
+
+
+def test_bench_with_a_budget_covering_the_stream_matches_dense(tmp_path):
+    out_json = tmp_path / "b.json"
+    args = ["--shape", "tiny", "--frames", "6", "--budget", "400", "--sinks", "4", "--window", "16"]
+    rest = ["--questions", "2", "--dense-questions", "2", "--policies", "dense,token_topk,rekv"]
+    assert main([*args, *rest, "--json", str(out_json)]) == 0
+    for res in json.loads(out_json.read_text())["policies"].values():
+        assert res["recall"] == pytest.approx(1.0, abs=1e-4)
+        assert res["out_rel_err"] == pytest.approx(0.0, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--frames", "-3"], "--frames must be positive"),
+        (["--policies", "dense,nope"], "registered:"),
+        (["--budget", "0"], "--budget must be positive"),
+        (["--questions", "0"], "--questions must be positive"),
+    ],
+)
+def test_bench_rejects_bad_arguments_clearly(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--shape", "tiny", *args])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_reports_policy_errors_without_a_traceback(capsys):
+    rc = main([*TINY, "--questions", "1", "--policies", "window", "--option", "window.bogus=1"])
+    assert rc == 2
+    assert "unknown option" in capsys.readouterr().err
+
+
+def test_synthetic_chunks_are_deterministic_per_index_and_questions_hit_revisits():
+    shape = SHAPES["tiny"]
+    spec = SyntheticSpec(frames=80, questions=3, seed=3, sink_tokens=4)
+    a, b = SyntheticWorkload(shape, spec), SyntheticWorkload(shape, spec)
+    c7 = a.chunk(7)
+    assert a.chunk(3).meta.positions[0, 0] == 4 + 2 * shape.tokens_per_frame
+    assert torch.equal(c7.keys[1], b.chunk(7).keys[1])
+    assert not torch.equal(c7.keys[0], c7.keys[1])
+    assert int(c7.meta.modality.sum()) == shape.vision_tokens_per_frame
+    topics = a.question_objects()
+    assert topics.numel() > 0
+    for obj in topics.tolist():
+        scenes = (a.scene_objects == obj).any(dim=1)
+        segments = torch.unique(a.segment_of_frame[scenes[a.scene_of_frame]])
+        assert segments.numel() >= 2
+    q = a.questions()[0]
+    assert q.queries[0].shape == (shape.num_q_heads, spec.question_tokens, shape.head_dim)
+    assert q.local_keys[1].shape == (shape.num_kv_heads, spec.question_tokens, shape.head_dim)
+    assert int(q.positions[0, 0]) == a.total_tokens
