@@ -1,0 +1,272 @@
+"""One camera's path from a ROS callback into a ``StreamSession``, without rclpy.
+
+The ROS callback calls ``CameraStream.offer`` and never waits: a frame due by the
+sampler is decoded and left in a latest-frame slot, overwriting (and counting) a frame the
+model has not taken yet. A worker thread per camera takes frames from the slot and ingests
+them. ``ModelGate`` lets one caller at a time use the model, questions before frames.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from mosaic_ros.nodes.image_codec import ImageDecodeError, fit_longest_side
+from mosaic_ros.nodes.sampling import FrameSampler
+from mosaic_ros.runtime.models import FrameError
+from mosaic_ros.runtime.session import SessionError, SessionStatus, StreamSession
+
+
+@dataclass
+class Frame:
+    """A decoded frame waiting for the model. ``received`` is ``time.monotonic()`` at arrival."""
+
+    pixels: np.ndarray
+    stamp: float
+    received: float
+    reset_before: bool = False
+
+
+class LatestFrameSlot:
+    """Holds at most one frame; a new frame replaces one nobody took."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._frame: Frame | None = None
+
+    def put(self, frame: Frame) -> bool:
+        """Store ``frame``; True when it replaced an untaken one (whose reset request it keeps)."""
+        with self._cond:
+            replaced = self._frame
+            if replaced is not None:
+                frame.reset_before = frame.reset_before or replaced.reset_before
+            self._frame = frame
+            self._cond.notify()
+            return replaced is not None
+
+    def take(self, timeout: float) -> Frame | None:
+        """The waiting frame, or None after ``timeout`` seconds."""
+        with self._cond:
+            if self._frame is None:
+                self._cond.wait(timeout)
+            frame, self._frame = self._frame, None
+            return frame
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
+class ModelGate:
+    """One user of the model at a time. Questions go first, in arrival order; frames wait
+    until no question is waiting."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._busy = False
+        self._questions: deque[object] = deque()
+
+    @contextmanager
+    def question(self, give_up: Callable[[], bool]) -> Iterator[bool]:
+        """Yields True once the model is ours, False if ``give_up()`` turned true first."""
+        ticket = object()
+        with self._cond:
+            self._questions.append(ticket)
+            try:
+                while (self._busy or self._questions[0] is not ticket) and not give_up():
+                    self._cond.wait(0.05)
+                acquired = not self._busy and self._questions[0] is ticket
+                self._busy = self._busy or acquired
+            finally:
+                self._questions.remove(ticket)
+                self._cond.notify_all()
+        try:
+            yield acquired
+        finally:
+            if acquired:
+                self._release()
+
+    @contextmanager
+    def frame(self, give_up: Callable[[], bool]) -> Iterator[bool]:
+        """Like ``question``, for a frame: waits while any question is waiting."""
+        with self._cond:
+            while (self._busy or self._questions) and not give_up():
+                self._cond.wait(0.05)
+            acquired = not (self._busy or self._questions)
+            self._busy = self._busy or acquired
+        try:
+            yield acquired
+        finally:
+            if acquired:
+                self._release()
+
+    def _release(self) -> None:
+        with self._cond:
+            self._busy = False
+            self._cond.notify_all()
+
+
+@dataclass
+class StreamCounters:
+    """Frame counts since the node started (they survive resets of the memory)."""
+
+    received: int = 0
+    sampled: int = 0
+    ingested: int = 0
+    dropped_busy: int = 0
+    dropped_invalid: int = 0
+    ingest_lag_ms: float = 0.0
+
+
+@dataclass
+class StreamSnapshot:
+    """Counters and memory of one stream at one moment."""
+
+    counters: StreamCounters
+    memory: SessionStatus
+
+
+class CameraStream:
+    """A camera's sampler, slot, ingest worker and session.
+
+    ``now`` returns the node's clock in seconds (ROS time, simulated when ``use_sim_time``);
+    a frame's ingest lag is ``now()`` after ingestion minus its stamp. ``log`` has the
+    rclpy logger's ``info``/``warning`` methods.
+    """
+
+    def __init__(
+        self,
+        camera_id: str,
+        topic: str,
+        session: StreamSession,
+        gate: ModelGate,
+        sample_fps: float,
+        max_frame_side: int,
+        now: Callable[[], float],
+        log,
+    ):
+        self.camera_id = camera_id
+        self.topic = topic
+        self.session = session
+        self.max_frame_side = max_frame_side
+        self._gate = gate
+        self._now = now
+        self._log = log
+        self._sampler = FrameSampler(sample_fps)
+        self._slot = LatestFrameSlot()
+        self._lock = threading.Lock()
+        self._counters = StreamCounters()
+        self._last_stamp: float | None = None
+        self._warned_invalid = False
+        self._memory = session.status()
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._run, name=f"ingest-{camera_id}", daemon=True)
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._worker.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._slot.wake()
+        if self._worker.is_alive():
+            self._worker.join(timeout)
+
+    @property
+    def sample_fps(self) -> float:
+        return self._sampler.fps
+
+    @sample_fps.setter
+    def sample_fps(self, fps: float) -> None:
+        with self._lock:
+            self._sampler.fps = fps
+
+    # ---- frames (ROS callback side: never blocks on the model) ---------------------------
+
+    def offer(self, stamp: float, decode: Callable[[], np.ndarray]) -> None:
+        """A message arrived with header ``stamp`` (s); ``decode()`` gives its RGB pixels."""
+        received = time.monotonic()
+        with self._lock:
+            self._counters.received += 1
+            jumped_back = self._last_stamp is not None and stamp < self._last_stamp
+            self._last_stamp = stamp
+            if jumped_back:
+                self._sampler.reset()
+            if not self._sampler.is_due(stamp):
+                return
+        if jumped_back:
+            self._log.info(
+                f"camera '{self.camera_id}': time jumped back to {stamp:.3f} s (bag loop?); "
+                "forgetting this stream's memory"
+            )
+        try:
+            pixels = fit_longest_side(decode(), self.max_frame_side)
+        except ImageDecodeError as error:
+            self._count_invalid(str(error))
+            return
+        frame = Frame(pixels, stamp, received, reset_before=jumped_back)
+        with self._lock:
+            self._sampler.commit(stamp)
+            self._counters.sampled += 1
+            if self._slot.put(frame):
+                self._counters.dropped_busy += 1
+
+    def _count_invalid(self, reason: str) -> None:
+        with self._lock:
+            self._counters.dropped_invalid += 1
+            first = not self._warned_invalid
+            self._warned_invalid = True
+        if first:
+            self._log.warning(
+                f"dropping invalid frame on {self.topic}: {reason} (warned once per topic; "
+                "further invalid frames only count in frames_dropped_invalid)"
+            )
+
+    # ---- worker ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            frame = self._slot.take(timeout=0.2)
+            if frame is None:
+                continue
+            with self._gate.frame(self._stop.is_set) as acquired:
+                if acquired:
+                    self._ingest(frame)
+
+    def _ingest(self, frame: Frame) -> None:
+        """Called holding the model gate."""
+        if frame.reset_before:
+            self.session.reset()
+        try:
+            self.session.ingest(frame.pixels, frame.stamp, channel_order="rgb")
+        except (FrameError, SessionError) as error:
+            self._count_invalid(str(error))
+        else:
+            with self._lock:
+                self._counters.ingested += 1
+                self._counters.ingest_lag_ms = (self._now() - frame.stamp) * 1e3
+        self.refresh_memory()
+
+    def refresh_memory(self) -> None:
+        """Re-read the session's memory figures (call holding the model gate)."""
+        memory = self.session.status()
+        with self._lock:
+            self._memory = memory
+
+    def reset(self) -> None:
+        """Forget everything seen so far (call holding the model gate)."""
+        self.session.reset()
+        self.refresh_memory()
+
+    def snapshot(self) -> StreamSnapshot:
+        """Counters and the latest memory figures; never waits for the model."""
+        with self._lock:
+            counters = StreamCounters(**vars(self._counters))
+            return StreamSnapshot(counters=counters, memory=self._memory)
