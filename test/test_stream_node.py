@@ -1,0 +1,372 @@
+"""The stream node over real DDS: a node process, two bag players (from a real video) and
+this test as client.
+
+One node serves the whole module: camera ``front`` (sensor_msgs/Image, 40 frames at 5 fps)
+and camera ``side`` (CompressedImage, 20 frames), both replayed from bags, sampled at
+2.5 fps, on simulated time from the front bag's /clock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+
+import pytest
+import rclpy
+from action_msgs.msg import GoalStatus
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from mosaic_ros.action import AskVideo as AskVideoAction
+from mosaic_ros.srv import AskVideo
+from rclpy.context import Context
+from rclpy.parameter import Parameter
+from rclpy.parameter_client import AsyncParameterClient
+
+from mosaic_ros.nodes.ask_client import AskClient, make_request
+from mosaic_ros.nodes.bag_tool import BagSummary, video_to_bag
+from mosaic_ros.nodes.demo import default_video
+from mosaic_ros.nodes.processes import READY_MARK, ModuleProcess, start_stream_node
+from mosaic_ros.nodes.stream_node import camera_ids_for, ros_arguments
+from mosaic_ros.nodes.stream_params import PARAMETERS, STANDARD_PARAMETERS
+from mosaic_ros.runtime.stats import LatencyStats
+
+FRONT_TOPIC = "/front/image_raw"
+SIDE_TOPIC = "/side/image_raw/compressed"
+BAG_START_S = 1_000_000.0  # header stamps far from the wall clock: lag is small only on sim time
+SAMPLE_FPS = 2.5  # half the bags' 5 fps: every second frame
+MAX_NEW_TOKENS = 8
+TIMEOUT_S = 120.0
+
+
+@dataclass
+class Stream:
+    node: ModuleProcess
+    client: AskClient
+    front: BagSummary
+    side: BagSummary
+    published: dict[str, int]
+    preamble_tokens: dict[str, int]
+
+
+def published_counts(output: str) -> dict[str, int]:
+    """``published N messages on TOPIC`` lines of a player."""
+    counts = {}
+    for line in output.splitlines():
+        if line.startswith("published "):
+            words = line.split()
+            counts[words[-1]] = int(words[1])
+    return counts
+
+
+@pytest.fixture(scope="module")
+def ros_module_context():
+    context = Context()
+    rclpy.init(context=context)
+    yield context
+    context.try_shutdown()
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory, ros_module_context) -> Stream:
+    work = tmp_path_factory.mktemp("stream_node")
+    video = default_video(work)
+    common = dict(fps=5.0, max_side=160, start_time=BAG_START_S)
+    front = video_to_bag(video, work / "front", topic=FRONT_TOPIC, max_frames=40, frame_id="front", **common)
+    side = video_to_bag(
+        video, work / "side", topic=SIDE_TOPIC, max_frames=20, compressed=True, frame_id="side", **common
+    )
+    params = {
+        "camera_topics": [FRONT_TOPIC, SIDE_TOPIC],
+        "sample_fps": SAMPLE_FPS,
+        "max_frame_side": 160,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "status_period_s": 0.3,
+        "use_sim_time": True,
+    }
+    node = start_stream_node(params, work)
+    client = AskClient(
+        "/mosaic_stream", name=f"test_client_{uuid.uuid4().hex[:8]}", context=ros_module_context
+    )
+    players: list[ModuleProcess] = []
+    try:
+        node.wait_for_output(READY_MARK, TIMEOUT_S)
+        assert client.spin_until(lambda: {"front", "side"} <= set(client.status), TIMEOUT_S), "no status"
+        preamble = {name: msg.tokens_in_memory for name, msg in client.status.items()}
+        for summary, extra in ((front, ["--clock"]), (side, [])):
+            args = ["play", str(summary.path), "--rate", "2", "--wait-subscribers", "1", *extra]
+            players.append(ModuleProcess("bag_tool", args, work, name=f"player_{summary.path.name}"))
+        published: dict[str, int] = {}
+        for player in players:
+            assert player.wait(TIMEOUT_S) == 0, player.stderr()
+            published.update(published_counts(player.stdout()))
+        client.status.clear()
+
+        def settled() -> bool:
+            statuses = [client.status.get(name) for name in ("front", "side")]
+            return all(
+                s is not None
+                and s.frames_received == published[s.topic]
+                and s.frames_ingested + s.frames_dropped_busy + s.frames_dropped_invalid == s.frames_sampled
+                for s in statuses
+            )
+
+        assert client.spin_until(settled, TIMEOUT_S), f"streams did not settle: {client.status}"
+        yield Stream(node, client, front, side, published, preamble)
+    finally:
+        for player in players:
+            player.stop()
+        client.close()
+        assert node.stop() == 0, node.stderr()
+        assert "Traceback" not in node.stderr()
+
+
+def ask(client: AskClient, question: str, **kwargs) -> AskVideo.Response:
+    return client.ask(make_request(question, **kwargs), TIMEOUT_S)
+
+
+def fresh_status(client: AskClient, camera: str):
+    client.status.pop(camera, None)
+    assert client.spin_until(lambda: camera in client.status, TIMEOUT_S)
+    return client.status[camera]
+
+
+# ---- pure helpers of the node ---------------------------------------------------------
+
+
+def test_camera_ids_derive_from_topics_or_come_from_the_parameter():
+    assert camera_ids_for([FRONT_TOPIC, SIDE_TOPIC], None) == ["front", "side"]
+    assert camera_ids_for(["/a/cam/image_raw", "/b/cam/image_raw"], []) == ["a_cam", "b_cam"]
+    assert camera_ids_for(["/image_raw", "/image_raw/compressed"], None) == ["image_raw", "image_raw_2"]
+    assert camera_ids_for(["/x", "/y"], ["left", "right"]) == ["left", "right"]
+    with pytest.raises(ValueError, match="camera_ids has 1 names for 2 camera_topics"):
+        camera_ids_for(["/x", "/y"], ["left"])
+    with pytest.raises(ValueError, match="distinct"):
+        camera_ids_for(["/x", "/y"], ["left", "left"])
+
+
+def test_params_file_option_becomes_ros_arguments_before_the_users():
+    argv = ["prog", "--params", "a.yaml", "--ros-args", "-p", "model:=m"]
+    assert ros_arguments(argv) == [
+        "prog", "--ros-args", "--params-file", "a.yaml", "--", "--ros-args", "-p", "model:=m",
+    ]  # fmt: skip
+    assert ros_arguments(["prog", "--ros-args", "-p", "x:=1"]) == ["prog", "--ros-args", "-p", "x:=1"]
+
+
+# ---- over DDS --------------------------------------------------------------------------
+
+
+@pytest.mark.ros
+def test_stream_status_counts_agree_with_the_bags(stream):
+    front, side = fresh_status(stream.client, "front"), fresh_status(stream.client, "side")
+    for status, bag in ((front, stream.front), (side, stream.side)):
+        assert stream.published[bag.topic] == bag.frames
+        assert status.frames_received == bag.frames
+        # 5 fps stamps sampled at 2.5 fps: frames 0, 2, 4, ...
+        assert status.frames_sampled == len(range(0, bag.frames, 2))
+        assert status.frames_ingested + status.frames_dropped_busy == status.frames_sampled
+        assert status.frames_ingested > 0
+        assert status.frames_dropped_invalid == 0
+        assert status.policy == "dense"
+        assert status.tokens_in_memory > stream.preamble_tokens[status.stream_id]
+        assert 0.0 < status.stream_seconds <= (bag.frames - 1) / 5.0 + 1e-6
+        # Stamps are 1e6 s after the epoch: only on the bag's /clock is the lag this small.
+        assert abs(status.ingest_lag_ms) < 5000.0
+        assert status.ingest_ms_mean > 0.0
+    assert (front.topic, side.topic) == (FRONT_TOPIC, SIDE_TOPIC)
+    assert front.header.frame_id == "front"
+
+
+@pytest.mark.ros
+def test_answer_carries_every_latency_field(stream):
+    front = fresh_status(stream.client, "front")
+    response = ask(stream.client, "What are the people doing?")
+    assert response.success, response.error
+    assert response.error == ""
+    stats = response.stats
+    assert set(stats.get_fields_and_field_types()) == set(LatencyStats.field_names())
+    assert stats.policy == "dense"
+    assert 1 <= stats.tokens_generated <= MAX_NEW_TOKENS
+    assert stats.frames_in_memory == front.frames_ingested
+    assert stats.tokens_in_memory >= front.tokens_in_memory
+    assert stats.tokens_retrieved > 0
+    assert stats.device_kv_bytes > 0
+    assert stats.prefill_ms > 0 and stats.decode_ms >= 0 and stats.ttft_ms > 0 and stats.queue_ms >= 0
+    assert stats.total_ms >= stats.queue_ms + stats.prefill_ms + stats.decode_ms
+    assert stats.total_ms >= stats.ttft_ms >= stats.queue_ms
+
+
+@pytest.mark.ros
+def test_questions_go_to_the_stream_named_by_camera_id(stream):
+    side = fresh_status(stream.client, "side")
+    front = fresh_status(stream.client, "front")
+    assert side.frames_ingested != front.frames_ingested
+    by_side = ask(stream.client, "What is in view?", camera="side")
+    by_default = ask(stream.client, "What is in view?")
+    assert by_side.success and by_default.success
+    assert by_side.stats.frames_in_memory == side.frames_ingested
+    assert by_default.stats.frames_in_memory == front.frames_ingested
+    unknown = ask(stream.client, "What is in view?", camera="rear")
+    assert not unknown.success
+    assert unknown.error == "unknown camera_id 'rear'; known: front, side"
+
+
+@pytest.mark.ros
+def test_time_windows_are_checked_and_applied(stream):
+    recent = ask(stream.client, "What happened just now?", window_seconds=2.0)
+    assert recent.success, recent.error
+    request = make_request("What happened then?")
+    request.window_start.sec, request.window_end.sec = int(BAG_START_S) + 3, int(BAG_START_S) + 1
+    inverted = stream.client.ask(request, TIMEOUT_S)
+    assert not inverted.success
+    assert inverted.error.startswith("invalid time window")
+    request.window_start.sec, request.window_end.sec = int(BAG_START_S), int(BAG_START_S) + 3
+    absolute = stream.client.ask(request, TIMEOUT_S)
+    assert absolute.success, absolute.error
+    request.window_seconds = 2.0
+    both = stream.client.ask(request, TIMEOUT_S)
+    assert both.error == "give either window_seconds or window_start/window_end, not both"
+    negative = ask(stream.client, "What?", window_seconds=-1.0)
+    assert negative.error == "window_seconds must be >= 0, got -1.0"
+
+
+@pytest.mark.ros
+def test_action_streams_tokens_as_feedback_and_finishes(stream):
+    feedback: list[AskVideoAction.Feedback] = []
+    goal = make_request("Describe the scene.", request_type=AskVideoAction.Goal)
+    status, result = stream.client.ask_stream(goal, TIMEOUT_S, on_feedback=feedback.append)
+    assert status == GoalStatus.STATUS_SUCCEEDED
+    assert result.success, result.error
+    # Feedback and result travel on different topics: the last feedback may come after.
+    assert stream.client.spin_until(lambda: feedback and feedback[-1].stage == "done", TIMEOUT_S)
+    stages = [f.stage for f in feedback]
+    assert stages[:2] == ["queued", "retrieving"]
+    assert stages[-1] == "done"
+    generating = [f for f in feedback if f.stage == "generating"]
+    assert [f.tokens_generated for f in generating] == list(range(1, len(generating) + 1))
+    assert len(generating) == result.stats.tokens_generated
+    assert all(b.partial_answer.startswith(a.partial_answer) for a, b in itertools.pairwise(generating))
+    assert feedback[-1].partial_answer == result.answer
+    assert generating[-1].partial_answer.strip() == result.answer
+
+
+@pytest.mark.ros
+def test_action_cancel_returns_the_partial_answer(stream):
+    generated: list[AskVideoAction.Feedback] = []
+
+    def on_feedback(msg) -> None:
+        if msg.stage == "generating":
+            generated.append(msg)
+
+    goal = make_request("Describe everything.", max_new_tokens=4000, request_type=AskVideoAction.Goal)
+    status, result = stream.client.ask_stream(
+        goal, TIMEOUT_S, on_feedback=on_feedback, cancel_when=lambda: len(generated) >= 5
+    )
+    assert status == GoalStatus.STATUS_CANCELED
+    assert not result.success
+    assert result.error == "cancelled"
+    assert 5 <= result.stats.tokens_generated < 4000
+    # Feedback may still be on its way; what arrived is the start of the partial answer.
+    assert result.answer.startswith(generated[-1].partial_answer.strip())
+    assert ask(stream.client, "Still there?").success
+
+
+@pytest.mark.ros
+def test_diagnostics_report_each_camera(stream):
+    arrays: list[DiagnosticArray] = []
+    subscription = stream.client.create_subscription(DiagnosticArray, "/diagnostics", arrays.append, 10)
+    try:
+        assert stream.client.spin_until(lambda: arrays, TIMEOUT_S), "no /diagnostics"
+    finally:
+        stream.client.destroy_subscription(subscription)
+    by_name = {s.name: s for s in arrays[-1].status}
+    assert set(by_name) == {"mosaic_stream: camera front", "mosaic_stream: camera side"}
+    front = by_name["mosaic_stream: camera front"]
+    values = {kv.key: kv.value for kv in front.values}
+    assert front.hardware_id == FRONT_TOPIC
+    assert values["frames_received"] == str(stream.front.frames)
+    assert values["frames_dropped_invalid"] == "0"
+    assert int(values["tokens_in_memory"]) > 0
+    assert front.level == DiagnosticStatus.OK, front.message
+
+
+@pytest.mark.ros
+def test_node_declares_exactly_the_documented_parameters(stream):
+    parameters = AsyncParameterClient(stream.client, "/mosaic_stream")
+    assert parameters.wait_for_services(timeout_sec=TIMEOUT_S)
+    listed = parameters.list_parameters()
+    assert stream.client.spin_until(listed.done, TIMEOUT_S)
+    declared = set(listed.result().result.names)
+    expected = {spec.name for spec in PARAMETERS} | set(STANDARD_PARAMETERS)
+    assert expected <= declared
+    assert declared - expected <= {"start_type_description_service"}
+
+
+@pytest.mark.ros
+def test_parameters_refuse_read_only_changes_and_apply_live_ones(stream):
+    parameters = AsyncParameterClient(stream.client, "/mosaic_stream")
+    assert parameters.wait_for_services(timeout_sec=TIMEOUT_S)
+
+    def set_one(name: str, value) -> object:
+        future = parameters.set_parameters([Parameter(name, value=value)])
+        assert stream.client.spin_until(future.done, TIMEOUT_S)
+        return future.result().results[0]
+
+    for name, value in (("model", "tiny-random:llava-ov"), ("policy", "window"), ("camera_topics", ["/x"])):
+        refused = set_one(name, value)
+        assert not refused.successful
+        assert refused.reason == f"Trying to set a read-only parameter: {name}."
+    out_of_range = set_one("sample_fps", 0.0)
+    assert not out_of_range.successful
+    assert set_one("max_question_chars", 12).successful
+    try:
+        too_long = ask(stream.client, "What is happening?")
+        assert too_long.error == "question has 18 characters; the limit is 12"
+        assert ask(stream.client, "What is it?").success
+    finally:
+        assert set_one("max_question_chars", 2000).successful
+    assert set_one("status_period_s", 0.2).successful
+    assert fresh_status(stream.client, "front").frames_received == stream.front.frames
+
+
+def run_ask_cli(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "mosaic_ros.nodes.ask_client", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+@pytest.mark.ros
+def test_ask_client_cli_prints_the_answer_and_fails_clearly(stream):
+    ok = run_ask_cli("What do you see?", "--json", "--max-new-tokens", "3")
+    assert ok.returncode == 0, ok.stderr
+    answer = json.loads(ok.stdout)
+    assert answer["success"] and answer["error"] == ""
+    assert list(answer["stats"]) == LatencyStats.field_names()
+    assert 1 <= answer["stats"]["tokens_generated"] <= 3
+    table = run_ask_cli("Anyone?", "--camera", "side", "--stream-tokens")
+    assert table.returncode == 0, table.stderr
+    assert "total_ms" in table.stdout and "tokens_generated" in table.stdout
+    failed = run_ask_cli("Where?", "--camera", "rear")
+    assert failed.returncode == 1
+    assert "unknown camera_id 'rear'; known: front, side" in failed.stderr
+
+
+@pytest.mark.ros
+def test_reset_forgets_every_stream(stream):
+    from std_srvs.srv import Trigger
+
+    reset = stream.client.create_client(Trigger, "/mosaic_stream/reset")
+    assert reset.wait_for_service(timeout_sec=TIMEOUT_S)
+    future = reset.call_async(Trigger.Request())
+    assert stream.client.spin_until(future.done, TIMEOUT_S)
+    assert future.result().success, future.result().message
+    for camera in ("front", "side"):
+        status = fresh_status(stream.client, camera)
+        assert status.tokens_in_memory == stream.preamble_tokens[camera]
+        assert status.stream_seconds == 0.0
+        after = ask(stream.client, "What happened?", camera=camera)
+        assert not after.success
+        assert (
+            after.error == f"no frame has been ingested on camera '{camera}' yet; ask again once it streams"
+        )
