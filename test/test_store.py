@@ -112,6 +112,20 @@ def test_alloc_compacts_instead_of_growing_past_max_rows():
         store.alloc(0, 10)
 
 
+def test_alloc_without_reusing_freed_rows_grows_and_keeps_the_layout():
+    store, truth = filled_store(32, page_rows=16)
+    store.release(0, torch.arange(4, 14))
+    version = store.layout_version[0]
+    rows = store.alloc(0, 6, reuse_freed=False)
+    assert rows.tolist() == list(range(32, 38))
+    assert store.layout_version[0] == version  # no compaction: the freed rows stay where they were
+    kept = torch.cat((torch.arange(4), torch.arange(14, 32)))
+    assert store.rows_of(0, kept).tolist() == kept.tolist()
+    assert torch.equal(store.read(0, store.rows_of(0, kept)), truth[0][kept])
+    store.alloc(0, 12)  # the default still compacts before it grows past the last page
+    assert store.rows_of(0, kept).tolist() == list(range(22))
+
+
 @pytest.mark.parametrize("run_min_rows", [1, 10_000])
 def test_fetch_by_runs_or_gather_gives_the_same_context(run_min_rows):
     store, truth = filled_store(60, page_rows=16, run_min_rows=run_min_rows)

@@ -281,12 +281,15 @@ class HostKVStore:
         grown[:cap] = self.row_token[layer]
         self.row_token[layer] = grown
 
-    def alloc(self, layer: int, n: int) -> torch.Tensor:
+    def alloc(self, layer: int, n: int, *, reuse_freed: bool = True) -> torch.Tensor:
         """Reserve ``n`` consecutive free rows at the tail of ``layer``; returns them (n,) int64.
 
         When the tail has no room (a new page would exceed ``max_rows``, or freed rows exist and
         the tail would need a new page) the layer is compacted first, which reuses freed rows.
-        Raises ``StoreFullError`` when even that leaves no room.
+        ``reuse_freed=False`` grows by a page instead while ``max_rows`` allows it: for a policy
+        that keeps free rows on purpose (reserved slots it fills later) and would otherwise see
+        its layout compacted away at every page boundary. Raises ``StoreFullError`` when even
+        compaction leaves no room.
         """
         if n < 0:
             raise ValueError(f"cannot allocate {n} rows")
@@ -298,7 +301,8 @@ class HostKVStore:
             )
         end = self.high[layer] + n
         needs_growth = end > self.capacity_rows(layer)
-        if needs_growth and (self.high[layer] > live or (limit is not None and end > limit)):
+        over_limit = limit is not None and end > limit
+        if needs_growth and ((reuse_freed and self.high[layer] > live) or over_limit):
             self.compact(layer)
             end = self.high[layer] + n
         self._ensure_rows(layer, end)
@@ -485,12 +489,15 @@ class HostKVStore:
         return sum(self.live_rows) * 2 * self.geometry.token_row_bytes
 
     # ------------------------------------------------------------------ fetching
-    def fetch(self, layer: int, rows: torch.Tensor, into: DeviceBuffer) -> FetchStats:
+    def fetch(self, layer: int, rows: torch.Tensor, into: DeviceBuffer, *, wait: bool = True) -> FetchStats:
         """Make ``into`` hold ``rows`` of ``layer`` in slots [0, n) (per group); returns what moved.
 
         rows: (n,) or (G, n) int64 physical rows, unique within a group, G = ``into.groups``.
         Resident rows are kept (shifted inside the buffer if they sit beyond n); missing rows are
         copied host->device by runs or by per-page gathers (see the class docstring).
+        ``wait=False`` (a prefetch) leaves the compute stream free to run ahead of asynchronous
+        copies: the buffer may be read only after a later ``fetch`` into it with ``wait=True``
+        (copies share one side stream, so that fetch's event orders both). No effect off CUDA.
         """
         rows = rows.to("cpu", torch.int64)
         if rows.dim() == 1:
@@ -530,7 +537,7 @@ class HostKVStore:
         dst = free_slots
         moved = hit[need]
         stats.tokens_reused = int(hit.sum())
-        with self._copy_session(into, stats):
+        with self._copy_session(into, stats, wait):
             if bool(moved.any()):
                 src_m, dst_m = hit_slot[need[moved]], dst[moved]
                 self._device_move(into, src_m, dst_m)
@@ -571,8 +578,9 @@ class HostKVStore:
         self._write_slot_meta(layer, into, rows, slots)
 
     @contextmanager
-    def _copy_session(self, into: DeviceBuffer, stats: FetchStats):
-        """Run the enclosed copies on the side stream (CUDA from host) and make compute wait for them."""
+    def _copy_session(self, into: DeviceBuffer, stats: FetchStats, wait: bool = True):
+        """Run the enclosed copies on the side stream (CUDA from host) and, with ``wait``, make
+        compute wait for them."""
         if into.device.type != "cuda" or self.device.type == "cuda":
             yield
             return
@@ -585,7 +593,8 @@ class HostKVStore:
             yield
             events[1].record()
         into.ready = events[1]
-        torch.cuda.current_stream(into.device).wait_event(events[1])
+        if wait:
+            torch.cuda.current_stream(into.device).wait_event(events[1])
         stats.cuda_events = events
 
     def _unit_views(self, into: DeviceBuffer, tensor: torch.Tensor) -> torch.Tensor:
