@@ -15,15 +15,44 @@ from mosaic_ros.runtime.kv.rope import RotaryFn, apply_rotary
 
 
 def rotate_context(ctx: KVContext, rotary: RotaryFn) -> torch.Tensor:
-    """Post-RoPE keys (H_kv, T, D) of ``ctx``: its pre-RoPE keys rotated by ``ctx.positions``."""
+    """Post-RoPE keys (H_kv, T, D) of ``ctx``: its pre-RoPE keys rotated by ``ctx.positions``.
+
+    When all heads share one selection (positions expanded over heads) the rotation table
+    is computed once for T tokens, not for H_kv x T.
+    """
     h, t, d = ctx.keys.shape
     if t == 0:
         return ctx.keys
-    p = ctx.positions.shape[0]
-    cos, sin = rotary(ctx.positions.reshape(p, h * t))
-    cos = cos.view(h, t, d)
-    sin = sin.view(h, t, d)
+    pos = ctx.positions
+    if h == 1 or pos.stride(1) == 0:
+        cos, sin = rotary(pos[:, 0])
+    else:
+        cos, sin = rotary(pos.reshape(pos.shape[0], h * t))
+        cos, sin = cos.view(h, t, d), sin.view(h, t, d)
     return apply_rotary(ctx.keys.float(), cos, sin).to(ctx.keys.dtype)
+
+
+class MemoRotary:
+    """Wraps a rotary function and reuses the last table when the same positions come again.
+
+    Layers of one step usually attend to the same stored tokens (sinks + window, or all of
+    them); their positions are then equal and the table is computed once per step.
+    """
+
+    def __init__(self, rotary: RotaryFn):
+        self.rotary = rotary
+        self._last: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        last = self._last
+        if last is not None and last[0].shape == positions.shape and torch.equal(last[0], positions):
+            return last[1]
+        table = self.rotary(positions)
+        self._last = (positions.clone(), table)
+        return table
+
+    def clear(self) -> None:
+        self._last = None
 
 
 def attend(

@@ -26,7 +26,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from mosaic_ros.runtime.kv.attention import attend, rotate_context
+from mosaic_ros.runtime.kv.attention import MemoRotary, attend, rotate_context
 from mosaic_ros.runtime.kv.policy import KVPolicy, RetrievalStats
 from mosaic_ros.runtime.kv.rope import RotaryFn, unapply_rotary
 
@@ -132,6 +132,7 @@ class KVBridge:
     def __init__(self, policy: KVPolicy, rotary: RotaryFn, num_layers: int):
         self.policy = policy
         self.rotary = rotary
+        self._context_rotary = MemoRotary(rotary)
         self.num_layers = num_layers
         self.cache = StreamCache(self, num_layers)
         self.stored_tokens = 0
@@ -190,6 +191,7 @@ class KVBridge:
             self.end_question()
         self.policy.reset()
         self.cache.clear_local()
+        self._context_rotary.clear()
         self.stored_tokens = 0
 
     @contextmanager
@@ -211,7 +213,7 @@ class KVBridge:
         step = self._step
         if self._mode is Mode.INGEST:
             ctx = self.policy.ingest_context(layer)
-            ctx_keys = rotate_context(ctx, self.rotary) if ctx is not None else None
+            ctx_keys = rotate_context(ctx, self._context_rotary) if ctx is not None else None
             ctx_values = ctx.values if ctx is not None else None
             out = attend(query[0], ctx_keys, ctx_values, local_keys[0], local_values[0], scaling)
             new_keys = unapply_rotary(local_keys[0].float(), step.cos, step.sin).transpose(0, 1)
@@ -223,6 +225,6 @@ class KVBridge:
             if question.capture is not None:
                 question.capture[layer] = query_pre.detach().clone()
             ctx = self.policy.retrieve(layer, query_pre)
-            question.context[layer] = (rotate_context(ctx, self.rotary), ctx.values)
+            question.context[layer] = (rotate_context(ctx, self._context_rotary), ctx.values)
         ctx_keys, ctx_values = question.context[layer]
         return attend(query[0], ctx_keys, ctx_values, local_keys[0], local_values[0], scaling)[None]
