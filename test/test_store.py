@@ -126,7 +126,7 @@ def test_alloc_without_reusing_freed_rows_grows_and_keeps_the_layout():
     assert store.rows_of(0, kept).tolist() == list(range(22))
 
 
-@pytest.mark.parametrize("run_min_rows", [1, 10_000])
+@pytest.mark.parametrize("run_min_rows", [1, 5, 10_000])
 def test_fetch_by_runs_or_gather_gives_the_same_context(run_min_rows):
     store, truth = filled_store(60, page_rows=16, run_min_rows=run_min_rows)
     sel = torch.cat((torch.arange(0, 4), torch.arange(10, 30), torch.tensor([41, 43, 59])))
@@ -140,6 +140,8 @@ def test_fetch_by_runs_or_gather_gives_the_same_context(run_min_rows):
     assert fs.bytes_moved == sel.numel() * 2 * GEOM.token_row_bytes
     if run_min_rows == 1:
         assert fs.copies == 6  # runs [0,4) [10,16) [16,30) split at row 16, then 41, 43, 59
+    elif run_min_rows == 5:
+        assert fs.copies == 5  # runs [10,16) and [16,30) copied; 0-3, 41 + 43, 59 gathered per page
     else:
         assert fs.copies == 4  # one gather per page touched
 

@@ -15,8 +15,8 @@ them per layer (``release``). A token is *alive* while at least one layer holds 
 
 Fetching. ``fetch(layer, rows, into=DeviceBuffer)`` fills a reusable per-layer device
 buffer: rows already resident from the previous question stay (moved inside the buffer at
-most), the others are copied either one copy per run (long runs) or with one gather per
-page (short runs), whichever the cost model says is cheaper. On CUDA the copies are
+most), the others are copied one copy per long run and with one gather per page for the
+rest (short runs and scattered rows). On CUDA the copies are
 non-blocking, issued on a side stream from pinned memory, and the compute stream waits on
 an event before it reads the buffer.
 
@@ -141,8 +141,8 @@ class HostKVStore:
     ``contiguous`` store. ``max_rows``: per-layer cap on rows (0 = none; ``alloc`` raises
     ``StoreFullError`` beyond it). ``pin``: page-lock the pages (for async copies to CUDA).
     ``device``: where the pages live (host ``cpu`` normally; the compute device for a
-    device-resident store). ``run_min_rows``: runs at least this long on average are copied
-    one copy per run, shorter ones gathered.
+    device-resident store). ``run_min_rows``: runs at least this long are copied one copy per
+    run, shorter ones gathered (one gather per page for all of them).
     """
 
     def __init__(
@@ -625,7 +625,11 @@ class HostKVStore:
     def _copy_in(
         self, layer: int, into: DeviceBuffer, rows: torch.Tensor, dst: torch.Tensor, stats: FetchStats
     ) -> None:
-        """Copy host ``rows`` (k,) into flat buffer slots ``dst`` (k,), group-major, rows sorted per group."""
+        """Copy host ``rows`` (k,) into flat buffer slots ``dst`` (k,), group-major, rows sorted per group.
+
+        Whole rows (one group): runs of at least ``run_min_rows`` rows are copied one copy per run,
+        the rest gathered (one gather per page); per-head units are always gathered.
+        """
         pr = self._page_rows_of(layer)
         unit_bytes = (2 * self.geometry.token_row_bytes) // into.groups
         stats.bytes_moved += rows.numel() * unit_bytes
@@ -633,21 +637,26 @@ class HostKVStore:
             brk = (
                 (rows[1:] - rows[:-1] != 1) | (dst[1:] - dst[:-1] != 1) | (rows[1:] // pr != rows[:-1] // pr)
             )
-            pieces = int(brk.sum()) + 1
-            if rows.numel() / pieces >= self.run_min_rows:
-                self._copy_runs(layer, into, rows, dst, brk)
-                stats.copies += pieces
-                return
+            idx = torch.nonzero(torch.cat((torch.ones(1, dtype=torch.bool), brk))).flatten()
+            lengths = torch.diff(idx, append=torch.tensor([rows.numel()]))
+            long = lengths >= self.run_min_rows
+            if bool(long.any()):
+                self._copy_runs(layer, into, rows[idx[long]], dst[idx[long]], lengths[long])
+                stats.copies += int(long.sum())
+                if bool(long.all()):
+                    return
+                short = ~torch.repeat_interleave(long, lengths)
+                rows, dst = rows[short], dst[short]
         self._gather(layer, into, rows, dst, stats)
 
     def _copy_runs(
-        self, layer: int, into: DeviceBuffer, rows: torch.Tensor, dst: torch.Tensor, brk: torch.Tensor
+        self, layer: int, into: DeviceBuffer, starts: torch.Tensor, dst: torch.Tensor, lengths: torch.Tensor
     ) -> None:
+        """One copy per run: host rows [starts[i], starts[i] + lengths[i]) (within one page) into
+        buffer slots from dst[i]."""
         pr = self._page_rows_of(layer)
-        idx = torch.nonzero(torch.cat((torch.ones(1, dtype=torch.bool), brk))).flatten()
-        lengths = torch.diff(idx, append=torch.tensor([rows.numel()]))
         non_blocking = into.device.type == "cuda"
-        for r, s, ln in zip(rows[idx].tolist(), dst[idx].tolist(), lengths.tolist(), strict=True):
+        for r, s, ln in zip(starts.tolist(), dst.tolist(), lengths.tolist(), strict=True):
             page = self.pages[layer][r // pr]
             into.data[s : s + ln].copy_(page[r % pr : r % pr + ln], non_blocking=non_blocking)
 
