@@ -224,3 +224,20 @@ def test_time_window_validation():
     with pytest.raises(ValueError):
         TimeWindow.last(0.0, 10.0)
     assert TimeWindow.last(3.0, 10.0) == TimeWindow(7.0, 10.0)
+
+
+@pytest.mark.parametrize("policy", ["window", "token_topk", "rekv", "livevlm"])
+def test_ingest_context_stays_bounded_as_the_stream_grows(qwen, policy):
+    """Flat per-frame ingest cost: a new frame attends to sinks + the local window, never to all."""
+    window = 48
+    session = StreamSession(
+        qwen, SessionConfig(policy=policy, budget_tokens=256, window_tokens=window, remember_dialogue=False)
+    )
+    sinks = session.policy.config.sink_tokens
+    sizes = []
+    for i, frame in enumerate(_frames(12, seed=5)):
+        session.ingest(frame, float(i))
+        sizes.append(session.policy.ingest_context(0).num_tokens)
+    assert session.status().tokens_in_memory > 3 * (sinks + window)
+    assert max(sizes) <= sinks + window
+    assert sizes[-1] == sizes[-2] == sinks + window

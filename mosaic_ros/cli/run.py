@@ -12,6 +12,7 @@ import statistics
 import sys
 import time
 
+import torch
 from tqdm import tqdm
 
 from mosaic_ros.runtime.models import load_model
@@ -38,19 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-seconds", type=float, default=0.0, help="only consider the last N seconds")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     return p
 
 
 def ingest_milestones(ingest_ms: list[float], milestones=(10, 100, 500, 1000), span: int = 10) -> dict:
     """Median ingest ms over the ``span`` frames ending at each milestone the run reached."""
-    return {
-        str(m): statistics.median(ingest_ms[m - span : m]) for m in milestones if len(ingest_ms) >= m
-    }
+    return {str(m): statistics.median(ingest_ms[m - span : m]) for m in milestones if len(ingest_ms) >= m}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     try:
         info = video_info(args.video)
         adapter = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
@@ -117,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             s = a["stats"]
             print(f"Q: {a['question']}\nA: {a['answer']}")
             print(
-                f"   ttft {s['ttft_ms']:.1f} ms, total {s['total_ms']:.1f} ms, "
-                f"{s['tokens_generated']} tokens"
+                f"   ttft {s['ttft_ms']:.1f} ms, total {s['total_ms']:.1f} ms, {s['tokens_generated']} tokens"
             )
     return 0
 
