@@ -3,7 +3,9 @@ this test as client.
 
 One node serves the whole module: camera ``front`` (sensor_msgs/Image, 40 frames at 5 fps)
 and camera ``side`` (CompressedImage, 20 frames), both replayed from bags, sampled at
-2.5 fps, on simulated time from the front bag's /clock.
+2.5 fps, on simulated time from the front bag's /clock. Its camera subscriptions are made
+reliable through QoS overrides, so that every frame is counted (test_node_faults feeds the
+default best-effort ones).
 """
 
 from __future__ import annotations
@@ -85,6 +87,11 @@ def stream(tmp_path_factory, ros_module_context) -> Stream:
         "max_new_tokens": MAX_NEW_TOKENS,
         "status_period_s": 0.3,
         "use_sim_time": True,
+        # Reliable, so that no frame of the bag is lost before the subscription has matched
+        # the player (which waits for its reliable subscribers to acknowledge every frame).
+        "qos_overrides": {
+            topic: {"subscription": {"reliability": "reliable"}} for topic in (FRONT_TOPIC, SIDE_TOPIC)
+        },
     }
     node = start_stream_node(params, work)
     client = AskClient(
@@ -301,7 +308,21 @@ def test_node_declares_exactly_the_documented_parameters(stream):
     declared = set(listed.result().result.names)
     expected = {spec.name for spec in PARAMETERS} | set(STANDARD_PARAMETERS)
     assert expected <= declared
-    assert declared - expected <= {"start_type_description_service"}
+    others = {name for name in declared - expected if not name.startswith("qos_overrides.")}
+    assert others <= {"start_type_description_service"}
+    assert f"qos_overrides.{FRONT_TOPIC}.subscription.reliability" in declared
+
+
+@pytest.mark.ros
+def test_camera_subscriptions_take_qos_overrides(stream):
+    from rclpy.qos import ReliabilityPolicy
+
+    (front,) = [
+        e
+        for e in stream.client.get_subscriptions_info_by_topic(FRONT_TOPIC)
+        if e.node_name == "mosaic_stream"
+    ]
+    assert front.qos_profile.reliability == ReliabilityPolicy.RELIABLE
 
 
 @pytest.mark.ros

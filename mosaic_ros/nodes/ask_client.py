@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     # Ctrl-C reaches us as KeyboardInterrupt with the context still up, so a streamed
     # answer can be cancelled on the node before exiting.
-    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+    rclpy.init(args=[sys.argv[0]], signal_handler_options=SignalHandlerOptions.NO)
     client = AskClient(args.node)
     try:
         return _run(args, client)

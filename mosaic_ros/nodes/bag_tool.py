@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,8 @@ CLOCK_PERIOD_S = 0.05
 # counts a subscriber, the subscriber may not have matched it yet and would miss the first
 # messages of a best-effort topic. This much more waiting covers that on one machine.
 MATCH_SETTLE_S = 1.0
+# At the end, how long reliable subscribers may take to acknowledge the last messages.
+ACK_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -143,15 +147,16 @@ def play_bag(
     remap: dict[str, str] | None = None,
     wait_subscribers: int = 0,
     wait_timeout: float = 30.0,
+    stop: threading.Event | None = None,
     context=None,
 ) -> dict[str, int]:
     """Publish every message of ``bag`` at the recorded pace; returns messages per topic.
 
     Needs ``rclpy.init()`` first. ``wait_subscribers``: first wait (at most ``wait_timeout``
-    s) until every topic has that many subscribers. With ``loop`` it runs until Ctrl-C, which
-    ends playback (the counts so far are returned).
+    s) until every topic has that many subscribers. Playback ends after the bag (or, with
+    ``loop``, never) or as soon as ``stop`` is set; the counts are of messages published.
     """
-    import rclpy
+    from rclpy.duration import Duration
     from rclpy.node import Node
     from rclpy.qos import QoSProfile
     from rosgraph_msgs.msg import Clock
@@ -159,6 +164,7 @@ def play_bag(
     if not rate > 0:
         raise ValueError(f"rate must be > 0, got {rate}")
     remap = remap or {}
+    stop = stop or threading.Event()
     published: dict[str, int] = {}
     node = Node("mosaic_bag_player", context=context)
     try:
@@ -166,19 +172,21 @@ def play_bag(
             publishers = {}
             for connection in reader.connections:
                 topic = remap.get(connection.topic, connection.topic)
+                msg_class = message_class(connection.msgtype)
                 publishers[connection.id] = (
                     topic,
-                    node.create_publisher(message_class(connection.msgtype), topic, QoSProfile(depth=10)),
+                    node.create_publisher(msg_class, topic, QoSProfile(depth=10)),
                 )
                 published.setdefault(topic, 0)
             clock_pub = node.create_publisher(Clock, "/clock", QoSProfile(depth=10)) if clock else None
-            _wait_for_subscribers(node, [p for _, p in publishers.values()], wait_subscribers, wait_timeout)
-            while rclpy.ok(context=context):
+            _wait_for_subscribers([p for _, p in publishers.values()], wait_subscribers, wait_timeout, stop)
+            while not stop.is_set():
                 start_wall, first_ns = time.monotonic(), None
                 for connection, stamp_ns, raw in reader.messages():
                     first_ns = stamp_ns if first_ns is None else first_ns
                     due = start_wall + (stamp_ns - first_ns) * 1e-9 / rate
-                    _wait_until(due, clock_pub, first_ns, start_wall, rate)
+                    if not _wait_until(due, stop, clock_pub, first_ns, start_wall, rate):
+                        break
                     if clock_pub is not None:
                         _publish_clock(clock_pub, stamp_ns)
                     topic, publisher = publishers[connection.id]
@@ -186,31 +194,38 @@ def play_bag(
                     published[topic] += 1
                 if not loop:
                     break
-    except KeyboardInterrupt:
-        pass
+            # Reliable subscribers may still be fetching the last messages: leaving now would
+            # take them away.
+            for _, publisher in publishers.values():
+                publisher.wait_for_all_acked(Duration(seconds=ACK_TIMEOUT_S))
     finally:
         node.destroy_node()
     return published
 
 
-def _wait_for_subscribers(node, publishers, count: int, timeout: float) -> None:
+def _wait_for_subscribers(publishers, count: int, timeout: float, stop: threading.Event) -> None:
     if count <= 0:
         return
     deadline = time.monotonic() + timeout
-    while any(p.get_subscription_count() < count for p in publishers):
+    while any(p.get_subscription_count() < count for p in publishers) and not stop.is_set():
         if time.monotonic() > deadline:
             missing = [p.topic_name for p in publishers if p.get_subscription_count() < count]
             raise TimeoutError(f"no {count} subscribers on {', '.join(missing)} after {timeout:.0f} s")
-        time.sleep(0.05)
-    time.sleep(MATCH_SETTLE_S)
+        stop.wait(0.05)
+    stop.wait(MATCH_SETTLE_S)
 
 
-def _wait_until(due: float, clock_pub, first_ns: int, start_wall: float, rate: float) -> None:
-    """Sleep until the monotonic time ``due``, publishing /clock meanwhile when asked to."""
+def _wait_until(
+    due: float, stop: threading.Event, clock_pub, first_ns: int, start_wall: float, rate: float
+) -> bool:
+    """Wait until the monotonic time ``due``, publishing /clock meanwhile when asked to;
+    False when ``stop`` was set first."""
     while (remaining := due - time.monotonic()) > 0:
-        time.sleep(min(remaining, CLOCK_PERIOD_S) if clock_pub is not None else remaining)
+        if stop.wait(min(remaining, CLOCK_PERIOD_S) if clock_pub is not None else remaining):
+            return False
         if clock_pub is not None and due - time.monotonic() > 0:
             _publish_clock(clock_pub, first_ns + round((time.monotonic() - start_wall) * rate * 1e9))
+    return not stop.is_set()
 
 
 def _publish_clock(publisher, stamp_ns: int) -> None:
@@ -280,14 +295,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     import rclpy
+    from rclpy.signals import SignalHandlerOptions
 
-    rclpy.init()
+    # Ctrl-C (or SIGTERM) ends playback between two messages, so the counts are exact.
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda _signum, _frame: stop.set())
+    rclpy.init(args=[sys.argv[0]], signal_handler_options=SignalHandlerOptions.NO)
     published: dict[str, int] = {}
     code = 0
     try:
         published = play_bag(
             args.bag, rate=args.rate, loop=args.loop, clock=args.clock, remap=_parse_remaps(args.topic_remap),
-            wait_subscribers=args.wait_subscribers, wait_timeout=args.wait_timeout,
+            wait_subscribers=args.wait_subscribers, wait_timeout=args.wait_timeout, stop=stop,
         )  # fmt: skip
     except (ValueError, TimeoutError) as error:
         print(f"mosaic-ros-bag: {error}", file=sys.stderr)

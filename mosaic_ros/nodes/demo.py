@@ -158,7 +158,7 @@ def run_demo(args: argparse.Namespace, work: Path) -> DemoResult:
     }
     node = start_stream_node(params, work, name="stream_node")
     player = None
-    rclpy.init()
+    rclpy.init(args=[sys.argv[0]])
     client = AskClient(NODE_NAME, name="mosaic_demo")
     try:
         _log(args, f"starting the stream node ({args.model}, policy {args.policy})...")

@@ -27,6 +27,7 @@ from rclpy.logging import get_logger
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
+from rclpy.qos_overriding_options import QoSOverridingOptions
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CompressedImage, Image
 from std_srvs.srv import Trigger
@@ -49,6 +50,10 @@ from mosaic_ros.srv import AskVideo
 HEAVY_DROP_SHARE = 0.5
 LAG_WARN_S = 2.0
 SPIN_PERIOD_S = 0.2
+# On shutdown: at most this long for answers in flight to stop, then this many more turns
+# of the executor to send their replies.
+DRAIN_S = 2.0
+DRAIN_SPINS = 4
 SENSOR_QOS = QoSProfile(
     history=qos_profile_sensor_data.history,
     depth=1,
@@ -214,12 +219,15 @@ class StreamNode(Node):
             stamp = stamp_seconds(msg.header.stamp) or self._now_s()
             stream.offer(stamp, lambda: decode(msg))
 
+        # qos_overrides.<topic>.subscription.{reliability,depth,...} parameters may change the
+        # QoS, e.g. to reliable for a bag played by a reliable publisher that must not lose any.
         self.create_subscription(
             CompressedImage if compressed else Image,
             stream.topic,
             on_frame,
             SENSOR_QOS,
             callback_group=MutuallyExclusiveCallbackGroup(),
+            qos_overriding_options=QoSOverridingOptions.with_default_policies(),
         )
 
     # ---- questions ---------------------------------------------------------------------
@@ -397,8 +405,7 @@ class StreamNode(Node):
         now_msg = self.get_clock().now().to_msg()
         diagnostics = DiagnosticArray()
         diagnostics.header.stamp = now_msg
-        with self._pending_lock:
-            pending = self._pending
+        pending = self.pending_questions
         for stream in self.streams.values():
             snap = stream.snapshot()
             c, m = snap.counters, snap.memory
@@ -493,6 +500,11 @@ class StreamNode(Node):
 
     # ---- shutdown ----------------------------------------------------------------------
 
+    @property
+    def pending_questions(self) -> int:
+        with self._pending_lock:
+            return self._pending
+
     def close(self) -> None:
         """Cancel answers in flight and stop the ingest workers."""
         self._closing.set()
@@ -565,10 +577,24 @@ def _run(args: list[str] | None) -> int:
         pass
     finally:
         node.close()
+        _drain(node, executor)
         executor.shutdown(timeout_sec=5.0)
         node.destroy_node()
         rclpy.try_shutdown()
     return 0
+
+
+def _drain(node: StreamNode, executor: MultiThreadedExecutor) -> None:
+    """Keep spinning while cancelled answers wind down, so that their clients get a reply
+    (action results are sent from executor callbacks)."""
+    deadline = time.monotonic() + DRAIN_S
+    try:
+        while node.pending_questions and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.05)
+        for _ in range(DRAIN_SPINS):
+            executor.spin_once(timeout_sec=0.05)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
 
 
 def _exit_now(code: int) -> None:

@@ -1,0 +1,372 @@
+"""Bad input and faults against a real node process over DDS; after each, the node still answers.
+
+The module's node has three cameras fed (or not) by this test: ``raw`` (sensor_msgs/Image),
+``jpeg`` (CompressedImage) and ``idle`` (never fed). It takes one question at a time
+(``max_pending_questions: 1``) and samples at 100 fps, so every frame a test sends with a
+fresh stamp (1 s apart) is due.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import uuid
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pytest
+import rclpy
+from action_msgs.msg import GoalStatus
+from mosaic_ros.action import AskVideo as AskVideoAction
+from mosaic_ros.srv import AskVideo
+from rclpy.action import ActionClient
+from rclpy.context import Context
+from rclpy.qos import QoSProfile
+from sensor_msgs.msg import CompressedImage, Image
+
+from mosaic_ros.nodes.ask_client import AskClient, make_request
+from mosaic_ros.nodes.processes import READY_MARK, ModuleProcess, start_stream_node
+
+pytestmark = pytest.mark.ros
+
+RAW_TOPIC = "/fault/raw"
+JPEG_TOPIC = "/fault/jpeg/compressed"
+IDLE_TOPIC = "/fault/idle"
+TIMEOUT_S = 120.0
+EXIT_BOUND_S = 5.0
+_stamps = itertools.count(100)
+
+
+@dataclass
+class Faults:
+    node: ModuleProcess
+    client: AskClient
+    raw: object
+    jpeg: object
+
+
+def image_msg(
+    stamp: float, encoding: str = "rgb8", height: int = 48, width: int = 64, data: bytes | None = None
+):
+    msg = Image(encoding=encoding, height=height, width=width, step=width * 3)
+    msg.header.stamp.sec, msg.header.frame_id = int(stamp), "raw"
+    pixels = np.random.default_rng(int(stamp)).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    msg.data = pixels.tobytes() if data is None else data
+    return msg
+
+
+def jpeg_msg(stamp: float, data: bytes | None = None):
+    msg = CompressedImage(format="jpeg")
+    msg.header.stamp.sec = int(stamp)
+    if data is None:
+        frame = np.random.default_rng(int(stamp)).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        data = cv2.imencode(".jpg", frame)[1].tobytes()
+    msg.data = data
+    return msg
+
+
+def status_of(faults: Faults, camera: str, predicate, what: str):
+    """Wait for a status of ``camera`` that satisfies ``predicate`` and return it."""
+    client = faults.client
+
+    def satisfied() -> bool:
+        status = client.status.get(camera)
+        return status is not None and predicate(status)
+
+    assert client.spin_until(satisfied, TIMEOUT_S), f"{what}; last status: {client.status.get(camera)}"
+    return client.status[camera]
+
+
+def fresh_status(faults: Faults, camera: str):
+    faults.client.status.pop(camera, None)
+    return status_of(faults, camera, lambda s: True, f"a status of {camera}")
+
+
+def ask(faults: Faults, question: str, **kwargs) -> AskVideo.Response:
+    return faults.client.ask(make_request(question, **kwargs), TIMEOUT_S)
+
+
+def assert_still_answers(faults: Faults, camera: str = "raw") -> None:
+    response = ask(faults, "Is the node still answering?", camera=camera)
+    assert response.success, response.error
+    assert response.stats.tokens_generated >= 1
+
+
+def answered_line(faults: Faults, question: str) -> str:
+    """The node's log line about answering ``question``, once it is there."""
+    faults.node.wait_for_output(repr(question), TIMEOUT_S)
+    return next(line for line in faults.node.stderr().splitlines() if repr(question) in line)
+
+
+def send_until_received(faults: Faults, camera: str, publisher, make_msg) -> None:
+    """Publish valid frames until the node has received one: both sides of the DDS match exist."""
+    before = fresh_status(faults, camera).frames_received
+    client = faults.client
+
+    def received() -> bool:
+        publisher.publish(make_msg(next(_stamps)))
+        status = client.status.get(camera)
+        return status is not None and status.frames_received > before
+
+    assert client.spin_until(received, TIMEOUT_S), f"{camera} never received a frame"
+
+
+@pytest.fixture(scope="module")
+def ros_module_context():
+    context = Context()
+    rclpy.init(context=context)
+    yield context
+    context.try_shutdown()
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory, ros_module_context) -> Faults:
+    work = tmp_path_factory.mktemp("faults")
+    params = {
+        "camera_topics": [RAW_TOPIC, JPEG_TOPIC, IDLE_TOPIC],
+        "camera_ids": ["raw", "jpeg", "idle"],
+        "sample_fps": 100.0,
+        "max_new_tokens": 8,
+        "max_pending_questions": 1,
+        "status_period_s": 0.2,
+    }
+    node = start_stream_node(params, work)
+    client = AskClient(
+        "/mosaic_stream", name=f"fault_client_{uuid.uuid4().hex[:8]}", context=ros_module_context
+    )
+    raw = client.create_publisher(Image, RAW_TOPIC, QoSProfile(depth=10))
+    jpeg = client.create_publisher(CompressedImage, JPEG_TOPIC, QoSProfile(depth=10))
+    try:
+        node.wait_for_output(READY_MARK, TIMEOUT_S)
+        setup = Faults(node, client, raw, jpeg)
+        send_until_received(setup, "raw", raw, image_msg)
+        send_until_received(setup, "jpeg", jpeg, jpeg_msg)
+        status_of(setup, "raw", lambda s: s.frames_ingested > 0, "raw frames ingested")
+        status_of(setup, "jpeg", lambda s: s.frames_ingested > 0, "jpeg frames ingested")
+        yield setup
+    finally:
+        client.close()
+        code = node.stop()
+        assert code == 0, node.stderr()
+        assert "Traceback" not in node.stderr()
+
+
+def test_question_before_any_frame_says_so(faults):
+    response = ask(faults, "What do you see?", camera="idle")
+    assert not response.success
+    assert response.error == "no frame has been ingested on camera 'idle' yet; ask again once it streams"
+    assert response.stats.policy == "dense"
+    assert_still_answers(faults)
+
+
+def test_image_shorter_than_step_times_height_is_counted_and_warned(faults):
+    before = fresh_status(faults, "raw")
+    short = image_msg(next(_stamps), data=bytes(48 * 64 * 3 - 1))
+    faults.raw.publish(short)
+    status_of(
+        faults,
+        "raw",
+        lambda s: s.frames_dropped_invalid == before.frames_dropped_invalid + 1,
+        "an invalid frame",
+    )
+    assert f"dropping invalid frame on {RAW_TOPIC}: data has 9215 B; step x height needs 9216 B" in (
+        faults.node.stderr()
+    )
+    faults.raw.publish(image_msg(next(_stamps)))
+    status_of(faults, "raw", lambda s: s.frames_ingested > before.frames_ingested, "a valid frame after it")
+    assert_still_answers(faults)
+
+
+def test_unknown_encoding_is_counted_and_warned_once_per_topic(faults):
+    before = fresh_status(faults, "raw")
+    # One at a time: a best-effort subscription of depth 1 keeps only the newest message.
+    for n in (1, 2):
+        faults.raw.publish(image_msg(next(_stamps), encoding="yuv422"))
+        status_of(
+            faults,
+            "raw",
+            lambda s, n=n: s.frames_dropped_invalid == before.frames_dropped_invalid + n,
+            f"{n} invalid frames",
+        )
+    warnings = re.findall(rf"dropping invalid frame on {RAW_TOPIC}", faults.node.stderr())
+    assert len(warnings) == 1
+    assert_still_answers(faults)
+
+
+def test_corrupt_compressed_image_is_counted_and_warned(faults):
+    before = fresh_status(faults, "jpeg")
+    faults.jpeg.publish(jpeg_msg(next(_stamps), data=b"\xff\xd8\xff\xe0 this is no jpeg"))
+    status_of(
+        faults,
+        "jpeg",
+        lambda s: s.frames_dropped_invalid == before.frames_dropped_invalid + 1,
+        "an invalid jpeg",
+    )
+    assert f"dropping invalid frame on {JPEG_TOPIC}: compressed image of 20 B could not be decoded" in (
+        faults.node.stderr()
+    )
+    faults.jpeg.publish(jpeg_msg(next(_stamps)))
+    status_of(faults, "jpeg", lambda s: s.frames_ingested > before.frames_ingested, "a valid jpeg after it")
+    assert_still_answers(faults, camera="jpeg")
+
+
+def test_empty_and_oversized_questions_are_refused(faults):
+    for question in ("", "   \n"):
+        response = ask(faults, question)
+        assert not response.success
+        assert response.error == "question is empty"
+    response = ask(faults, "x" * 2001)
+    assert response.error == "question has 2001 characters; the limit is 2000"
+    assert_still_answers(faults)
+
+
+def test_unknown_camera_lists_the_known_ones(faults):
+    response = ask(faults, "What is there?", camera="rear")
+    assert not response.success
+    assert response.error == "unknown camera_id 'rear'; known: raw, jpeg, idle"
+    assert_still_answers(faults)
+
+
+def test_backwards_time_jump_resets_that_stream(faults):
+    start = fresh_status(faults, "raw").frames_ingested
+    for n in (1, 2):
+        faults.raw.publish(image_msg(next(_stamps)))
+        status_of(faults, "raw", lambda s, n=n: s.frames_ingested >= start + n, f"{n} more frames ingested")
+    before = fresh_status(faults, "raw")
+    assert before.stream_seconds >= 1.0
+    faults.raw.publish(image_msg(50))
+    after = status_of(
+        faults,
+        "raw",
+        lambda s: s.frames_ingested > before.frames_ingested,
+        "the frame after the jump ingested",
+    )
+    assert after.stream_seconds == 0.0
+    assert after.tokens_in_memory < before.tokens_in_memory
+    assert "camera 'raw': time jumped back to 50.000 s" in faults.node.stderr()
+    assert_still_answers(faults)
+
+
+def test_more_questions_than_the_queue_holds_are_refused_at_once(faults):
+    actions = ActionClient(faults.client, AskVideoAction, "/mosaic_stream/ask_stream")
+    try:
+        assert actions.wait_for_server(timeout_sec=TIMEOUT_S)
+        generating = []
+        goal = make_request(
+            "Talk for a long time.", camera="raw", max_new_tokens=4000, request_type=AskVideoAction.Goal
+        )
+        sent = actions.send_goal_async(
+            goal,
+            feedback_callback=lambda m: generating.append(m) if m.feedback.stage == "generating" else None,
+        )
+        assert faults.client.spin_until(lambda: sent.done() and generating, TIMEOUT_S), "no answer in flight"
+        busy = ask(faults, "Can you take another?")
+        assert not busy.success
+        assert busy.error == "busy: 1 questions pending; ask again later"
+        handle = sent.result()
+        result = handle.get_result_async()
+        handle.cancel_goal_async()
+        assert faults.client.spin_until(result.done, TIMEOUT_S)
+        assert result.result().status == GoalStatus.STATUS_CANCELED
+        assert result.result().result.stats.tokens_generated < 4000
+    finally:
+        actions.destroy()
+    assert_still_answers(faults)
+
+
+def test_action_client_that_disappears_mid_answer(faults):
+    question = f"vanishing action {uuid.uuid4().hex[:8]}"
+    command = [
+        sys.executable, "-m", "mosaic_ros.nodes.ask_client", question,
+        "--camera", "raw", "--max-new-tokens", "300", "--stream-tokens",
+    ]  # fmt: skip
+    client = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert client.stdout.read(1), "the client printed no token"
+    finally:
+        client.kill()
+        client.wait()
+    assert "answered on 'raw' (300 tokens" in answered_line(faults, question)
+    assert faults.node.running()
+    assert_still_answers(faults)
+
+
+VANISHING_SERVICE_CLIENT = textwrap.dedent(
+    """
+    import sys, time, rclpy
+    from mosaic_ros.srv import AskVideo
+    rclpy.init()
+    node = rclpy.create_node("vanishing_client")
+    client = node.create_client(AskVideo, "/mosaic_stream/ask")
+    assert client.wait_for_service(timeout_sec=60)
+    client.call_async(AskVideo.Request(question=sys.argv[1], camera_id="raw", max_new_tokens=300))
+    print("sent", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_service_client_that_disappears_mid_answer(faults):
+    question = f"vanishing service {uuid.uuid4().hex[:8]}"
+    command = [sys.executable, "-c", VANISHING_SERVICE_CLIENT, question]
+    client = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert client.stdout.readline().strip() == "sent"
+    finally:
+        client.kill()
+        client.wait()
+    assert "answered on 'raw' (300 tokens" in answered_line(faults, question)
+    assert faults.node.running()
+    assert_still_answers(faults)
+
+
+def test_sigint_during_an_answer_exits_cleanly_and_fast(tmp_path, ros_module_context):
+    topic = "/sigint/image_raw"
+    params = {"camera_topics": [topic], "sample_fps": 100.0, "max_new_tokens": 8, "status_period_s": 0.2}
+    # The command line overrides the file: answers run long unless cancelled.
+    node = start_stream_node(
+        params, tmp_path, extra_args=("--ros-args", "-r", "__ns:=/sigint", "-p", "max_new_tokens:=3000")
+    )
+    client = AskClient(
+        "/sigint/mosaic_stream", name=f"sigint_client_{uuid.uuid4().hex[:8]}", context=ros_module_context
+    )
+    publisher = client.create_publisher(Image, topic, QoSProfile(depth=10))
+    try:
+        node.wait_for_output(READY_MARK, TIMEOUT_S)
+        assert client.spin_until(lambda: "sigint" in client.status, TIMEOUT_S)
+
+        def ingested() -> bool:
+            publisher.publish(image_msg(next(_stamps)))
+            return client.status["sigint"].frames_ingested > 0
+
+        assert client.spin_until(ingested, TIMEOUT_S), "no frame ingested"
+        actions = ActionClient(client, AskVideoAction, "/sigint/mosaic_stream/ask_stream")
+        assert actions.wait_for_server(timeout_sec=TIMEOUT_S)
+        generating = []
+        goal = make_request("Go on and on.", request_type=AskVideoAction.Goal)
+        sent = actions.send_goal_async(
+            goal,
+            feedback_callback=lambda m: generating.append(m) if m.feedback.stage == "generating" else None,
+        )
+        assert client.spin_until(lambda: sent.done() and len(generating) >= 3, TIMEOUT_S), (
+            "no answer in flight"
+        )
+        result = sent.result().get_result_async()
+        node.process.send_signal(signal.SIGINT)
+        assert node.wait(timeout=EXIT_BOUND_S) == 0
+        assert client.spin_until(result.done, TIMEOUT_S), "the client got no result"
+        final = result.result()
+        assert final.status == GoalStatus.STATUS_ABORTED
+        assert final.result.error == "cancelled"
+        assert 3 <= final.result.stats.tokens_generated < 3000
+        actions.destroy()
+    finally:
+        client.close()
+        node.stop()
+    assert "Traceback" not in node.stderr()
+    assert "Failed to publish" not in node.stderr()
