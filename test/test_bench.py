@@ -98,3 +98,37 @@ def test_synthetic_chunks_are_deterministic_per_index_and_questions_hit_revisits
     assert q.queries[0].shape == (shape.num_q_heads, spec.question_tokens, shape.head_dim)
     assert q.local_keys[1].shape == (shape.num_kv_heads, spec.question_tokens, shape.head_dim)
     assert int(q.positions[0, 0]) == a.total_tokens
+
+
+def test_bench_replays_kv_captured_from_a_tiny_model_over_a_video(tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    import numpy as np
+
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 2.0, (96, 64))
+    for i in range(4):
+        img = np.full((64, 96, 3), 30 * i, np.uint8)
+        img[10:30, 10 + 8 * i : 30 + 8 * i] = (0, 0, 255)
+        writer.write(img)
+    writer.release()
+    out_json = tmp_path / "v.json"
+    args = ["--workload", f"video:{video}", "--frames", "3", "--questions", "2", "--budget", "48"]
+    rest = [
+        "--sinks",
+        "4",
+        "--window",
+        "8",
+        "--policies",
+        "dense,token_topk,livevlm",
+        "--json",
+        str(out_json),
+    ]
+    assert main([*args, *rest, "--no-progress"]) == 0
+    doc = json.loads(out_json.read_text())
+    stream = doc["run"]["stream"]
+    assert stream["kind"] == "video" and stream["frames"] == 3
+    assert stream["tokens"] > 48
+    dense = doc["policies"]["dense"]
+    assert dense["recall"] == pytest.approx(1.0, abs=1e-4)
+    assert dense["out_rel_err"] == pytest.approx(0.0, abs=1e-3)
+    assert 0.0 < doc["policies"]["token_topk"]["recall"] < 1.0

@@ -10,9 +10,14 @@ the same as JSON and a PNG plot.
 
 from __future__ import annotations
 
-import argparse
-import ctypes
 import os
+
+# Before torch allocates anything: large CPU tensors get transparent huge pages. Every
+# question allocates hundred-megabyte temporaries (rotated keys, logits); with 4 KiB pages
+# their first-touch page faults, not the work, dominate CPU timings.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import argparse
 import shlex
 import sys
 import time
@@ -108,21 +113,6 @@ def _workload(args: argparse.Namespace):
     raise ValueError(f"--workload must be 'synthetic' or 'video:PATH', got {args.workload!r}")
 
 
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed memory in the heap (no mmap for large blocks, no trimming).
-
-    Every question allocates hundred-megabyte temporaries (rotated keys, logits); served by
-    fresh mmaps they page-fault on first touch, and those faults, not the work, dominate CPU
-    timings. Kept in the heap they are reused warm, for every policy alike. Returns whether
-    the allocator accepted (False off glibc)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
-
-
 def choose_threads(requested: int) -> int:
     """Threads for torch. Auto (0): torch's default, except 1 when the 1-minute load average
     already covers the cores: an oversubscribed multi-threaded op waits on descheduled
@@ -159,7 +149,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--threads must be >= 0, got {args.threads}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     torch.set_num_threads(choose_threads(args.threads))
-    warm_heap = keep_freed_memory()
     try:
         options = _parse_options(args.option)
         cfg = BenchConfig(
@@ -185,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["mosaic-ros-bench", *(sys.argv[1:] if argv is None else argv)]),
         "date": now(),
         "wall_s": wall,
-        "machine": {**machine(args.device), "load_average_at_start": load, "warm_heap": warm_heap},
+        "machine": {
+            **machine(args.device),
+            "load_average_at_start": load,
+            "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
+        },
         "run": {
             "shape": args.shape,
             "workload": args.workload,

@@ -25,6 +25,7 @@ No real weights exist here, so answer accuracy is approximated by this fidelity 
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -116,10 +117,26 @@ def reference_attention(
     same_block = (col // ls)[None, :] == (row // lq)[:, None]
     causal = (col % ls)[None, :] <= (ls - lq + row % lq)[:, None]
     local = local.masked_fill(~(same_block & causal).to(local.device), float("-inf"))
-    lse_ctx = torch.logsumexp(ctx, dim=-1)
-    lse = torch.logaddexp(lse_ctx, torch.logsumexp(local, dim=-1))[..., None]
-    out = torch.bmm(torch.exp(ctx - lse), values) + torch.bmm(torch.exp(local - lse), local_values)
+    top = torch.maximum(ctx.amax(dim=-1), local.amax(dim=-1))[..., None]
+    weights = ctx.sub_(top).exp_()
+    local_weights = local.sub_(top).exp_()
+    mass = weights.sum(dim=-1)
+    lse_ctx = torch.log(mass) + top[..., 0]
+    out = torch.bmm(weights, values).add_(torch.bmm(local_weights, local_values))
+    out = out / (mass + local_weights.sum(dim=-1))[..., None]
     return lse_ctx.reshape(hq, bl), out.reshape(hq, bl, d)
+
+
+def _same_length_batches(questions: list[_PreparedQuestion], layer: int, batch: int):
+    """(first index, questions) runs of up to ``batch`` consecutive questions of one length."""
+    first = 0
+    while first < len(questions):
+        lq = questions[first].rot[layer].shape[1]
+        end = first + 1
+        while end < min(first + batch, len(questions)) and questions[end].rot[layer].shape[1] == lq:
+            end += 1
+        yield first, questions[first:end]
+        first = end
 
 
 def dense_reference(
@@ -127,15 +144,15 @@ def dense_reference(
 ) -> _Reference:
     """Reference outputs and context LSEs from a ``dense`` policy holding the whole stream.
 
-    Layer by layer (keys rotated once per layer), ``batch`` questions per product."""
+    Layer by layer (keys rotated once per layer), up to ``batch`` questions of one length per
+    product."""
     n_layers = policy.geometry.num_layers
     ref = _Reference(out=[[None] * n_layers for _ in questions], lse=[[None] * n_layers for _ in questions])
     for layer in range(n_layers):
         ctx = policy.ingest_context(layer)
         keys = rotate_context(ctx, rotary).float()
         values = ctx.values.float()
-        for first in range(0, len(questions), batch):
-            group = questions[first : first + batch]
+        for first, group in _same_length_batches(questions, layer, batch):
             lse, out = reference_attention(
                 torch.cat([q.rot[layer].float() for q in group], dim=1),
                 keys,
@@ -309,6 +326,7 @@ def run_policies(workload: Workload, cfg: BenchConfig) -> dict:
                 "tokens_evicted": mem.tokens_evicted,
                 "units": mem.units,
                 "wall_s": time.perf_counter() - t_policy,
+                "process_rss_bytes": _rss_bytes(),
             }
         )
         results[name] = res
@@ -326,6 +344,15 @@ def run_policies(workload: Workload, cfg: BenchConfig) -> dict:
     results = {name: results[name] for name in cfg.policies}
     _add_ratios(results)
     return {"policies": results, "memcpy": memcpy}
+
+
+def _rss_bytes() -> int:
+    """Resident memory of this process now (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
 
 
 def _options(name: str, cfg: BenchConfig, workload: Workload) -> dict:

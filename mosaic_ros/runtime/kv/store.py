@@ -530,10 +530,7 @@ class HostKVStore:
         free[:, :n] = True
         free = free.flatten() & ~occupied
         free_slots = torch.nonzero(free).flatten()
-        need = torch.nonzero(~keep).flatten()
-        is_miss = (~hit[need]).long()
-        need_group = need // n
-        need = need[torch.argsort(need_group * (2 * stride) + is_miss * stride + rows.flatten()[need])]
+        need = torch.nonzero(~keep).flatten()  # group-major, rows ascending: misses keep run order
         dst = free_slots
         moved = hit[need]
         stats.tokens_reused = int(hit.sum())

@@ -121,7 +121,9 @@ class LiveVLMPolicy(StoreBackedPolicy):
         return torch.sort(torch.cat((base, picked))).values
 
     def retrieve(self, layer: int, query: torch.Tensor) -> KVContext:
+        """Base retrieval, then contiguous positions (their cost counts as selection time)."""
         ctx = super().retrieve(layer, query)
+        t0 = time.perf_counter()
         store = self.store
         slot_ids = store.row_token[layer][self._buffers[layer].slot_rows[0, : ctx.num_tokens]]
         ids, order = torch.sort(slot_ids)
@@ -131,6 +133,7 @@ class LiveVLMPolicy(StoreBackedPolicy):
         in_slots[:, order] = shifted
         pos = in_slots.to(self.device, non_blocking=True)
         h = self.geometry.num_kv_heads
+        self._stats.select_ms += (time.perf_counter() - t0) * 1e3
         return KVContext(ctx.keys, ctx.values, pos[:, None, :].expand(-1, h, -1), ctx.token_ids)
 
     def units(self) -> int:

@@ -1,0 +1,833 @@
+"""``mosaic``: the cluster is the unit of KV organisation, maintenance and retrieval.
+
+Per layer a ``ClusterIndex`` clusters the position-free keys online, across frames and
+modalities (time markers, questions and answers join clusters like vision tokens do), and
+the layer's rows in the host store are laid out so that a cluster is one contiguous extent.
+
+Physical layout of a layer (rows of the ``HostKVStore``)::
+
+    [sinks][ nursery ring (arrival order) ][ sealed log: extent, extent, extent, ... ]
+
+- Sinks (the first ``sink_tokens`` tokens) stay where they were appended; every question
+  takes them anyway.
+- The nursery ring is a fixed block of rows filled in arrival order, like a FIFO: ``append``
+  clusters the chunk (``ClusterIndex.assign``) and writes it at the ring's head with one copy,
+  so ingest costs one assignment and one contiguous write per layer and the local window is
+  one or two runs of the ring, always.
+- Sealing (in ``maintain``): a cluster none of whose tokens arrived in the last window plus
+  ``hold_windows`` windows is finished for now; its ring tokens (and its old extent, if it had
+  one) move to a fresh extent at the tail of the sealed log, members in id order. The
+  clusters sealed together are written in a greedy nearest-centroid chain that starts next to
+  the cluster last written, so clusters likely to be retrieved together end up adjacent. A
+  cluster still growing when the ring's head comes back to its oldest tokens is sealed early
+  (``maintain`` seals ``2 x largest chunk`` rows ahead of the head; ``append`` does it itself
+  only if maintenance fell behind). Every token normally moves once in its life.
+- Deferred splits (``ClusterIndex.maintain`` within the budget): a sealed parent's extent is
+  rewritten in place as the two children's extents side by side, the child closer to the
+  extent's left neighbour first. Nothing else moves.
+- Evictions under the host cap leave the index exactly (``remove_tokens``) and shift each
+  touched extent's survivors down inside it; relocated extents leave holes, which maintenance
+  compacts (order-preserving, so extents stay extents) once they exceed a quarter of the rows.
+
+Retrieval per layer: sinks + local window (as every policy), then clusters. All centroids are
+scored in one batched product (``ClusterIndex.score``: the log of each cluster's estimated
+share of the question's attention; Triton on CUDA). Clusters are taken greedily by estimated
+share, minus a penalty for each copy they add: a cluster whose extent touches an extent
+already taken extends that run and pays nothing, one that bridges two runs earns a copy back;
+ring tokens of a still-open cluster cost one copy (the store gathers short runs together).
+The penalty is ``run_penalty`` times the share of the last cluster plain greedy would take
+(the marginal cluster), so it only reorders choices of about marginal value. The rows go to
+the store's ``fetch`` into the layer's device buffer, which keeps rows resident from the
+previous question.
+
+Cross-layer prefetch (``config.prefetch``, ``prefetch.Prefetcher``): right after layer l's
+fetch, layer l+1's selection is predicted and copied into layer l+1's buffer; the true
+selection then fetches only the misses. Predictors (``options['prefetch_predictor']``):
+``"tokens"`` (default) ranks layer l+1's clusters by the share of their tokens that layer l
+selected; ``"query"`` scores layer l+1's centroids with layer l's query.
+
+Shapes: keys/values (T, H_kv, D) pre-RoPE; C cluster ids per layer; rows and ids int64.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from mosaic_ros.runtime.kv.clusters import ClusterConfig, ClusterIndex, Split
+from mosaic_ros.runtime.kv.policies.base import StoreBackedPolicy
+from mosaic_ros.runtime.kv.policies.prefetch import Prefetcher, PrefetchResult, count_hits
+from mosaic_ros.runtime.kv.policy import (
+    KVContext,
+    KVGeometry,
+    PolicyConfig,
+    RetrievalStats,
+    TokenMeta,
+    register_policy,
+)
+from mosaic_ros.runtime.kv.store import FetchStats
+
+PREDICTORS = ("tokens", "query")
+_EMPTY = torch.zeros(0, dtype=torch.int64)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise AssertionError(message)
+
+
+def _ranges(starts: Tensor, lengths: Tensor) -> Tensor:
+    """Concatenation of ``arange(s, s + n)`` for (s, n) in zip(starts, lengths), (sum n,) int64."""
+    total = int(lengths.sum()) if lengths.numel() else 0
+    if total == 0:
+        return _EMPTY
+    offsets = torch.cumsum(lengths, 0) - lengths
+    return torch.arange(total) + torch.repeat_interleave(starts - offsets, lengths)
+
+
+def _unit_rows(centroids: Tensor) -> Tensor:
+    """(k, H_kv, D) centroids -> (k, H_kv * D) rows with every head L2-normalised (cosine space)."""
+    c = centroids.float()
+    c = c / c.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    return c.reshape(c.shape[0], -1)
+
+
+def chain_order(units: Tensor, start: Tensor | None) -> list[int]:
+    """Greedy nearest-neighbour chain over ``units`` (k, F): positions 0..k-1 in visit order.
+
+    The chain starts at the row most similar to ``start`` (F,) (or at row 0) and always steps
+    to the most similar row not visited yet.
+    """
+    k = units.shape[0]
+    if k <= 1:
+        return list(range(k))
+    sims = units @ units.T
+    visited = torch.zeros(k, dtype=torch.bool)
+    current = 0 if start is None else int((units @ start).argmax())
+    order = [current]
+    visited[current] = True
+    for _ in range(k - 1):
+        current = int(sims[current].masked_fill(visited, -math.inf).argmax())
+        order.append(current)
+        visited[current] = True
+    return order
+
+
+def choose_clusters(
+    share: Tensor,
+    sizes: Tensor,
+    room: int,
+    *,
+    fragments: Tensor,
+    has_extent: Tensor,
+    left: Tensor,
+    right: Tensor,
+    run_penalty: float,
+) -> Tensor:
+    """Clusters to retrieve, (k,) int64: the most estimated attention share within ``room`` tokens,
+    preferring choices that add few copies.
+
+    share: (C,) estimated share of the question's attention per cluster (0 for empty ids);
+    sizes: (C,) retrievable tokens per cluster; fragments: (C,) runs its ring tokens form;
+    has_extent: (C,) bool; left/right: (C,) the cluster whose extent touches this one's on that
+    side (-1 none). A cluster's value is its share minus ``penalty x`` the copies it adds: one
+    if it has ring tokens (the store gathers all short runs of a page in one call), plus one
+    for its extent unless a touching extent is already taken, minus one if it joins two taken
+    runs. ``penalty = run_penalty x`` the share of the last cluster plain greedy-by-share would
+    take. Clusters are taken best value first while they fit.
+    """
+    usable = (sizes > 0) & (share > 0)
+    if not bool(usable.any()) or room <= 0:
+        return _EMPTY
+    plain = ClusterIndex.select(torch.where(usable, share.log(), -math.inf), sizes, room)
+    if plain.numel() == 0 or run_penalty <= 0:
+        return plain
+    penalty = run_penalty * float(share[plain].min())
+    # candidates: the best-shared clusters (several times what plain greedy took) and their neighbours
+    n_cand = min(int(usable.sum()), 4 * plain.numel() + 32)
+    top = torch.topk(torch.where(usable, share, -1.0), n_cand).indices
+    neigh = torch.cat((left[top], right[top]))
+    cand = torch.unique(torch.cat((top, neigh[neigh >= 0])))
+    cand = cand[usable[cand]]
+    ids = cand.tolist()
+    sh = dict(zip(ids, share[cand].tolist(), strict=True))
+    sz = dict(zip(ids, sizes[cand].tolist(), strict=True))
+    fr = dict(zip(ids, fragments[cand].tolist(), strict=True))
+    ext = dict(zip(ids, has_extent[cand].tolist(), strict=True))
+    lf = dict(zip(ids, left[cand].tolist(), strict=True))
+    rt = dict(zip(ids, right[cand].tolist(), strict=True))
+    taken: set[int] = set()
+
+    def value(c: int) -> float:
+        runs = min(fr[c], 1)
+        if ext[c]:
+            runs += 1 - (lf[c] in taken) - (rt[c] in taken)
+        return sh[c] - penalty * runs
+
+    heap = [(-value(c), c) for c in ids]
+    heapq.heapify(heap)
+    left_room = room
+    while heap and left_room > 0:
+        neg, c = heapq.heappop(heap)
+        if c in taken or sz[c] > left_room or -neg != value(c):
+            continue  # taken, too big for what is left, or a stale entry (a fresher one is queued)
+        taken.add(c)
+        left_room -= sz[c]
+        for nb in (lf[c], rt[c]):
+            if nb in sh and nb not in taken:
+                heapq.heappush(heap, (-value(nb), nb))
+    return torch.tensor(sorted(taken), dtype=torch.int64)
+
+
+@dataclass
+class Selection:
+    """What one layer retrieves: ``rows`` (n,) int64 to fetch (sinks + window first, n <= budget),
+    ``extra`` (k,) the rows beyond sinks + window and ``extra_share`` (k,) float32 the estimated
+    attention share of each of those tokens (its cluster's share over its retrievable size)."""
+
+    rows: Tensor
+    extra: Tensor
+    extra_share: Tensor
+
+
+class _Layer:
+    """One layer's clusters and physical layout (see the module docstring).
+
+    Per cluster id (length ``>= index.num_slots``): ``ext_start``/``ext_len`` the sealed extent
+    (rows [start, start + len) hold the cluster's sealed members in ascending id order; len 0:
+    none), ``newest`` the largest token id ever assigned (-1: none). ``nursery``: ids (n,)
+    ascending of the non-sink tokens not sealed yet, wherever their rows are. The ring is rows
+    [ring_lo, ring_lo + ring_size) (size 0: none), written at ``head`` (an offset).
+    ``epoch`` counts layout changes (it keys the adjacency cache).
+    """
+
+    def __init__(self, geometry: KVGeometry, config: ClusterConfig, device: torch.device):
+        self.index = ClusterIndex(geometry.num_kv_heads, geometry.head_dim, config, device)
+        self.ext_start = torch.zeros(0, dtype=torch.int64)
+        self.ext_len = torch.zeros(0, dtype=torch.int64)
+        self.newest = torch.zeros(0, dtype=torch.int64)
+        self.nursery = _EMPTY
+        self.ring_lo = 0
+        self.ring_size = 0
+        self.head = 0
+        self.tail = -1
+        self.epoch = 0
+        self._adjacency: tuple[int, Tensor, Tensor] | None = None
+
+    def grow(self) -> None:
+        """Size the per-cluster tensors for every id the index uses."""
+        need = self.index.num_slots
+        have = self.ext_len.numel()
+        if need <= have:
+            return
+        new = max(need, 2 * have, 64)
+
+        def grown(t: Tensor, fill: int) -> Tensor:
+            out = torch.full((new,), fill, dtype=torch.int64)
+            out[:have] = t
+            return out
+
+        self.ext_start = grown(self.ext_start, 0)
+        self.ext_len = grown(self.ext_len, 0)
+        self.newest = grown(self.newest, -1)
+
+    def changed(self) -> None:
+        self.epoch += 1
+
+    def adjacency(self, page_rows: int) -> tuple[Tensor, Tensor]:
+        """(left, right) (C,) int64: the cluster whose extent ends where this one's starts (left) or
+        starts where it ends (right), -1 if none; extents meeting at a page boundary do not touch
+        (a copy never crosses a page)."""
+        if self._adjacency is not None and self._adjacency[0] == self.epoch:
+            return self._adjacency[1], self._adjacency[2]
+        slots = self.ext_len.numel()
+        left = torch.full((slots,), -1, dtype=torch.int64)
+        right = torch.full((slots,), -1, dtype=torch.int64)
+        live = torch.nonzero(self.ext_len > 0).flatten()
+        if live.numel() > 1:
+            live = live[torch.argsort(self.ext_start[live])]
+            a, b = live[:-1], live[1:]
+            boundary = self.ext_start[b]
+            touch = (self.ext_start[a] + self.ext_len[a] == boundary) & (boundary % page_rows != 0)
+            right[a[touch]] = b[touch]
+            left[b[touch]] = a[touch]
+        self._adjacency = (self.epoch, left, right)
+        return left, right
+
+
+@register_policy
+class MosaicPolicy(StoreBackedPolicy):
+    """Cluster-organised KV: online clustering, contiguous cluster extents, cluster retrieval."""
+
+    name = "mosaic"
+    option_defaults: ClassVar[dict[str, Any]] = {
+        "ring_windows": 8.0,  # nursery ring size, in local windows (at least window + 4 chunks)
+        "hold_windows": 1.0,  # a cluster idle this many windows beyond the local window is sealed
+        "run_penalty": 1.0,  # copy penalty, in shares of the marginal cluster (0: plain greedy)
+        "prefetch_predictor": "tokens",  # "tokens" or "query" (see the module docstring)
+        "prefetch_share": 0.5,  # share of the retrievable budget a prediction fills
+        "max_cluster_tokens": 256,  # ClusterIndex: clusters above this size are split
+    }
+
+    def __init__(self, geometry: KVGeometry, config: PolicyConfig, device: torch.device | str = "cpu"):
+        super().__init__(geometry, config, device)
+        o = self.options
+        if float(o["ring_windows"]) <= 1.0 or float(o["hold_windows"]) < 0.0:
+            raise ValueError("ring_windows must be > 1 and hold_windows >= 0")
+        if float(o["run_penalty"]) < 0.0:
+            raise ValueError(f"run_penalty must be >= 0, got {o['run_penalty']}")
+        if not 0.0 < float(o["prefetch_share"]) <= 1.0:
+            raise ValueError(f"prefetch_share must be in (0, 1], got {o['prefetch_share']}")
+        if o["prefetch_predictor"] not in PREDICTORS:
+            raise ValueError(
+                f"prefetch_predictor must be one of {PREDICTORS}, got {o['prefetch_predictor']!r}"
+            )
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        if getattr(self, "_prefetch", None) is not None:
+            self._prefetch.close()
+        super().reset()
+        cfg = ClusterConfig(max_cluster_tokens=int(self.options["max_cluster_tokens"]))
+        self._layers = [_Layer(self.geometry, cfg, self.device) for _ in range(self.geometry.num_layers)]
+        self._prefetch = Prefetcher(threaded=self.device.type != "cuda")
+        self._largest_chunk = 1
+        self._next_maintained = 0
+
+    def close(self) -> None:
+        """Stop the prefetch worker (it is also stopped at every ``end_question`` and ``reset``)."""
+        self._prefetch.close()
+
+    def _key_lookup(self, layer: int):
+        store = self.store
+
+        def lookup(token_ids: Tensor) -> Tensor:
+            return store.read(layer, store.rows_of(layer, token_ids))[:, 0]
+
+        return lookup
+
+    @property
+    def _window_tokens(self) -> int:
+        return max(self.config.window_tokens, 1)
+
+    def _settle(self) -> PrefetchResult | None:
+        """Finish any prefetch (accounting its cost) before the store or an index is changed or a
+        layer's buffer is read; returns its result."""
+        result = self._prefetch.join()
+        if result is not None:
+            self._account_prefetch(result)
+        return result
+
+    # ------------------------------------------------------------------ stream
+    def add_tokens(self, meta: TokenMeta) -> Tensor:
+        self._settle()
+        self._largest_chunk = max(self._largest_chunk, meta.num_tokens)
+        return super().add_tokens(meta)
+
+    def append(self, layer: int, keys: Tensor, values: Tensor, token_ids: Tensor) -> None:
+        """Cluster the chunk (``ClusterIndex.assign``) and write it at the ring's head (one copy)."""
+        self._check_layer(layer)
+        self._settle()
+        st = self._layers[layer]
+        ids = token_ids.to("cpu", torch.int64)
+        if ids.numel() == 0:
+            return
+        cid = st.index.assign(keys, ids, self.store.modality[ids])
+        st.grow()
+        st.newest.scatter_reduce_(0, cid, ids, "amax")
+        pinned = ids < self.config.sink_tokens
+        rows = torch.empty_like(ids)
+        if bool(pinned.any()):
+            rows[pinned] = self._alloc(layer, int(pinned.sum()))
+        loose = ~pinned
+        if bool(loose.any()):
+            rows[loose] = self._ring_rows(layer, int(loose.sum()))
+            st.nursery = torch.cat((st.nursery, ids[loose]))
+        self.store.place(layer, ids, rows, keys, values)
+
+    def _alloc(self, layer: int, n: int) -> Tensor:
+        """``n`` fresh rows at the tail; if the store had to compact (host cap), re-derive the layout."""
+        version = self.store.layout_version[layer]
+        rows = self.store.alloc(layer, n, reuse_freed=False)
+        if self.store.layout_version[layer] != version:
+            self._rebuild(layer)
+        return rows
+
+    def _rebuild(self, layer: int) -> None:
+        """Re-derive extent starts from the store after a compaction (order-preserving, so every
+        extent is still contiguous); the ring's free rows are gone, so the ring is dropped (its
+        tokens stay in the nursery and a new ring is made for the next chunk)."""
+        st = self._layers[layer]
+        sealed = st.ext_len > 0
+        if bool(sealed.any()):
+            live = self.store.live_tokens(layer)
+            out = live[(live >= self.config.sink_tokens) & ~torch.isin(live, st.nursery)]
+            cid = st.index.cluster_of(out)
+            first = torch.full_like(st.ext_start, torch.iinfo(torch.int64).max)
+            first.scatter_reduce_(0, cid, self.store.rows_of(layer, out), "amin")
+            st.ext_start = torch.where(sealed, first, 0)
+        st.ring_size = 0
+        st.changed()
+
+    def _ring_rows(self, layer: int, n: int) -> Tensor:
+        """Rows for ``n`` new nursery tokens: the next ``n`` ring rows (freed first if still held), or
+        fresh tail rows when no ring fits (host cap) or the chunk is larger than a quarter ring."""
+        st = self._layers[layer]
+        if st.ring_size == 0:
+            self._make_ring(layer)
+        if st.ring_size == 0 or 4 * n > st.ring_size:
+            return self._alloc(layer, n)
+        rows = st.ring_lo + (st.head + torch.arange(n)) % st.ring_size
+        busy = self.store.row_token[layer][rows]
+        busy = busy[busy >= 0]
+        if busy.numel():  # maintenance fell behind: seal the clusters in the way now
+            self._seal(layer, force=busy)
+        if st.ring_size == 0 or bool((self.store.row_token[layer][rows] >= 0).any()):
+            return self._alloc(layer, n)  # no room to seal under the host cap, or the ring was dropped
+        st.head = (st.head + n) % st.ring_size
+        return rows
+
+    def _make_ring(self, layer: int) -> None:
+        st = self._layers[layer]
+        size = max(int(float(self.options["ring_windows"]) * self._window_tokens), 8 * self._largest_chunk)
+        if self.max_rows:
+            store = self.store
+            size = min(size, self._headroom)
+            free = self.max_rows - max(store.high[layer], store.live_rows[layer])
+            if size > free or size < 4 * self._largest_chunk:
+                return
+        st.ring_lo = int(self._alloc(layer, size)[0])
+        st.ring_size, st.head = size, 0
+
+    # ------------------------------------------------------------------ sealing
+    def _seal(self, layer: int, force: Tensor | None = None) -> None:
+        """Move finished clusters' nursery tokens (and their old extents) to fresh extents at the
+        log tail, chain-ordered. With ``force`` (token ids), seal those tokens' clusters instead,
+        every nursery token of theirs older than the local window (or all, if still in the way)."""
+        st, store = self._layers[layer], self.store
+        if st.nursery.numel() == 0:
+            return
+        window_lo = store.appended_upto[layer] - self._window_tokens
+        ncid = st.index.cluster_of(st.nursery)
+        if force is None:
+            waiting = st.nursery < window_lo
+            idle = st.newest[ncid] < window_lo - int(
+                float(self.options["hold_windows"]) * self._window_tokens
+            )
+            ahead = self._ahead_of_head(layer, st.nursery)
+            forced = torch.unique(ncid[waiting & ahead])
+            seal = waiting & (idle | torch.isin(ncid, forced))
+        else:
+            forced = torch.unique(st.index.cluster_of(force))
+            hit = torch.isin(ncid, forced)
+            seal = hit & ((st.nursery < window_lo) | torch.isin(st.nursery, force))
+        if self.max_rows:  # under the host cap a move needs free rows: seal the oldest that fit
+            seal &= self._fits(st, ncid, seal, self.max_rows - store.live_rows[layer])
+        if not bool(seal.any()):
+            return
+        moving, moving_cid = st.nursery[seal], ncid[seal]
+        clusters = torch.unique(moving_cid)
+        reopened = clusters[st.ext_len[clusters] > 0]  # sealed before: their extent moves along
+        old_ids = store.row_token[layer][_ranges(st.ext_start[reopened], st.ext_len[reopened])]
+        old_cid = torch.repeat_interleave(reopened, st.ext_len[reopened])
+        ordered = clusters[self._chain(st, clusters)]
+        rank = torch.empty(int(clusters.max()) + 1, dtype=torch.int64)
+        rank[ordered] = torch.arange(ordered.numel())
+        ids = torch.cat((old_ids, moving))
+        cid = torch.cat((old_cid, moving_cid))
+        perm = torch.argsort(rank[cid] * (store.num_tokens + 1) + ids)
+        ids, cid = ids[perm], cid[perm]
+        rows = self._alloc(layer, ids.numel())
+        store.move(layer, ids, rows)
+        st.nursery = st.nursery[~seal]
+        counts = torch.bincount(rank[cid], minlength=ordered.numel())
+        st.ext_start[ordered] = int(rows[0]) + torch.cumsum(counts, 0) - counts
+        st.ext_len[ordered] = counts
+        st.tail = int(ordered[-1])
+        st.changed()
+
+    @staticmethod
+    def _fits(st: _Layer, ncid: Tensor, seal: Tensor, room: int) -> Tensor:
+        """(n,) bool over the nursery: tokens of the clusters (oldest nursery token first) whose move,
+        old extent included, fits in ``room`` rows."""
+        clusters, inverse = torch.unique(ncid[seal], return_inverse=True)
+        oldest = torch.full((clusters.numel(),), torch.iinfo(torch.int64).max)
+        oldest.scatter_reduce_(0, inverse, st.nursery[seal], "amin")
+        need = torch.bincount(inverse, minlength=clusters.numel()) + st.ext_len[clusters]
+        order = torch.argsort(oldest)
+        fits = torch.zeros(st.ext_len.numel(), dtype=torch.bool)
+        fits[clusters[order[torch.cumsum(need[order], 0) <= room]]] = True
+        return fits[ncid]
+
+    def _ahead_of_head(self, layer: int, ids: Tensor) -> Tensor:
+        """(n,) bool: which of ``ids`` sit in ring rows the next two largest chunks will overwrite."""
+        st = self._layers[layer]
+        if st.ring_size == 0:
+            return torch.zeros(ids.numel(), dtype=torch.bool)
+        offset = self.store.rows_of(layer, ids) - st.ring_lo
+        in_ring = (offset >= 0) & (offset < st.ring_size)
+        dist = (offset - st.head) % st.ring_size
+        return in_ring & (dist < 2 * self._largest_chunk)
+
+    def _chain(self, st: _Layer, clusters: Tensor) -> list[int]:
+        """Order (positions into ``clusters``) in which to write the clusters sealed together."""
+        cents = st.index.centroids
+        units = _unit_rows(cents[clusters.to(cents.device)].cpu())
+        start = None
+        if st.tail >= 0 and st.ext_len[st.tail] > 0:
+            start = _unit_rows(cents[st.tail : st.tail + 1].cpu())[0]
+        return chain_order(units, start)
+
+    # ------------------------------------------------------------------ maintenance
+    def maintain(self, budget_ms: float) -> float:
+        """Deferred splits (re-laid in place), sealing and hole compaction, layer by layer in turn,
+        while ``budget_ms`` lasts (a layer's work is started only while time is left)."""
+        self._settle()
+        start = time.perf_counter()
+        n = self.geometry.num_layers
+        for k in range(n):
+            spent = (time.perf_counter() - start) * 1e3
+            if spent >= budget_ms:
+                break
+            layer = self._next_maintained
+            self._next_maintained = (layer + 1) % n
+            st = self._layers[layer]
+            report = st.index.maintain(self._key_lookup(layer), (budget_ms - spent) / (n - k))
+            for split in report.splits:
+                self._relayout_split(layer, split)
+            self._seal(layer)
+            self._compact_holes(layer)
+        return (time.perf_counter() - start) * 1e3
+
+    def _relayout_split(self, layer: int, split: Split) -> None:
+        """Rewrite a split parent's extent as its children's two extents, side by side."""
+        st, store = self._layers[layer], self.store
+        st.grow()
+        parent, child = split.children
+        for c, members in zip(split.children, split.members, strict=True):
+            st.newest[c] = int(members.max()) if members.numel() else -1
+        length = int(st.ext_len[parent])
+        st.ext_len[child] = 0
+        if length == 0:
+            return
+        start = int(st.ext_start[parent])
+        rows = torch.arange(start, start + length)
+        ids = store.row_token[layer][rows]
+        to_child = torch.isin(ids, split.members[1])
+        parts = [(parent, ids[~to_child]), (child, ids[to_child])]
+        left, _ = st.adjacency(self.page_rows)
+        if left[parent] >= 0 and self._closer_to(st, int(left[parent]), child, parent):
+            parts.reverse()
+        ordered = torch.cat((parts[0][1], parts[1][1]))
+        if not torch.equal(ordered, ids):
+            store.move(layer, ordered, rows)
+        n0 = parts[0][1].numel()
+        st.ext_start[parts[0][0]], st.ext_len[parts[0][0]] = start, n0
+        st.ext_start[parts[1][0]], st.ext_len[parts[1][0]] = start + n0, length - n0
+        if st.tail == parent:
+            st.tail = parts[1][0] if length > n0 else parts[0][0]
+        st.changed()
+
+    @staticmethod
+    def _closer_to(st: _Layer, anchor: int, a: int, b: int) -> bool:
+        """Whether cluster ``a``'s centroid is more similar to ``anchor``'s than ``b``'s is."""
+        units = _unit_rows(st.index.centroids[[anchor, a, b]].cpu())
+        return bool(units[0] @ units[1] > units[0] @ units[2])
+
+    def _compact_holes(self, layer: int) -> None:
+        """Compact the layer once free rows outside the ring exceed a quarter of its rows."""
+        store, st = self.store, self._layers[layer]
+        free = store.high[layer] - store.live_rows[layer]
+        if st.ring_size:
+            ring = store.row_token[layer][st.ring_lo : st.ring_lo + st.ring_size]
+            free -= int((ring < 0).sum())
+        if free > max(self.page_rows, store.high[layer] // 4):
+            store.compact(layer)
+            self._rebuild(layer)
+
+    # ------------------------------------------------------------------ host cap
+    @property
+    def _headroom(self) -> int:
+        """Rows per layer kept free under the host cap: the nursery ring and sealing moves need
+        them (a token being moved holds its old row until it lands)."""
+        return self.max_rows // 8
+
+    def _make_room(self, incoming: int) -> None:
+        """Compress as the base does, early enough to leave ``_headroom`` rows free when possible."""
+        spare = self.max_rows - incoming - self.config.sink_tokens - self.config.window_tokens - 1
+        super()._make_room(incoming + max(0, min(self._headroom, spare)))
+
+    def release(self, layer: int, token_ids: Tensor) -> None:
+        """Evict tokens: out of the index (exact statistics), out of the nursery, and each touched
+        extent's survivors shifted down so the extent stays contiguous."""
+        self._settle()
+        store, st = self.store, self._layers[layer]
+        ids = token_ids.to("cpu", torch.int64)
+        ids = ids[store.rows_of(layer, ids) >= 0]
+        if ids.numel() == 0:
+            return
+        keys = store.read(layer, store.rows_of(layer, ids))[:, 0]
+        cid = st.index.cluster_of(ids)
+        emptied = st.index.remove_tokens(ids, keys)
+        st.nursery = st.nursery[~torch.isin(st.nursery, ids)]
+        touched = torch.unique(cid[cid >= 0])
+        touched = touched[st.ext_len[touched] > 0]
+        before = store.row_token[layer][_ranges(st.ext_start[touched], st.ext_len[touched])]
+        store.release(layer, ids)
+        if touched.numel():
+            owner = torch.repeat_interleave(touched, st.ext_len[touched])
+            keep = ~torch.isin(before, ids)
+            survivors, owner = before[keep], owner[keep]
+            counts = torch.bincount(owner, minlength=st.ext_len.numel())[touched]
+            st.ext_len[touched] = counts
+            target = _ranges(st.ext_start[touched], counts)
+            if not torch.equal(store.rows_of(layer, survivors), target):
+                store.move(layer, survivors, target)
+        st.newest[emptied] = -1
+        st.ext_len[emptied] = 0
+        if st.tail >= 0 and st.ext_len[st.tail] == 0:
+            st.tail = -1
+        st.changed()
+
+    # ------------------------------------------------------------------ questions
+    def begin_question(self, window: tuple[float, float] | None = None) -> None:
+        self._settle()
+        super().begin_question(window)
+
+    def retrieve(self, layer: int, query: Tensor) -> KVContext:
+        self._check_layer(layer)
+        if not self._in_question:
+            raise RuntimeError("retrieve() outside a question: call begin_question() first")
+        g = self.geometry
+        if query.dim() != 3 or query.shape[0] != g.num_q_heads or query.shape[2] != g.head_dim:
+            raise ValueError(f"query must be ({g.num_q_heads}, L_q, {g.head_dim}), got {tuple(query.shape)}")
+        prefetched = self._settle()
+        t0 = time.perf_counter()
+        sel = self.select_rows(layer, query)
+        rows, extra = sel.rows, sel.extra
+        t1 = time.perf_counter()
+        if rows.numel() > self.config.budget_tokens:
+            raise AssertionError(
+                f"mosaic selected {rows.numel()} tokens over the budget {self.config.budget_tokens}"
+            )
+        if prefetched is not None and prefetched.layer == layer:
+            self._stats.prefetch_lookups += extra.numel()
+            self._stats.prefetch_hits += count_hits(extra, prefetched.predicted_rows)
+        buf = self._buffer(layer)
+        fs = self.store.fetch(layer, rows, buf)
+        t2 = time.perf_counter()
+        self._account(fs, (t1 - t0) * 1e3, (t2 - t1) * 1e3, rows.numel())
+        if self.config.prefetch and layer + 1 < g.num_layers and self._window is None:
+            self._start_prefetch(layer, query, sel)
+        return buf.context()
+
+    def end_question(self) -> RetrievalStats:
+        self._settle()
+        self._prefetch.close()
+        return super().end_question()
+
+    def _account_prefetch(self, result: PrefetchResult) -> None:
+        s = self._stats
+        s.select_ms += result.predict_ms
+        self._account(result.fetch, 0.0, result.fetch_ms, 0)
+
+    # ------------------------------------------------------------------ selection
+    def base_ids(self, layer: int) -> Tensor:
+        """Sinks + local window of ``layer`` (ids ascending), as ``split_candidates`` defines them
+        with no time window, without scanning the whole stream when the window's ids are alive."""
+        store = self.store
+        budget, sinks = self.config.budget_tokens, self.config.sink_tokens
+        token_row = store.token_row[layer]
+        sink_ids = torch.arange(min(sinks, store.num_tokens))
+        sink_ids = sink_ids[token_row[sink_ids] >= 0][:budget]
+        want = min(self.config.window_tokens, budget - sink_ids.numel())
+        hi = store.num_tokens
+        lo = max(sinks, hi - 2 * want)
+        recent = torch.arange(lo, hi)
+        recent = recent[token_row[recent] >= 0]
+        if recent.numel() < want and lo > sinks:
+            recent = store.live_tokens(layer)
+            recent = recent[recent >= sinks]
+        return torch.cat((sink_ids, recent[recent.numel() - min(want, recent.numel()) :]))
+
+    def select_rows(self, layer: int, query: Tensor) -> Selection:
+        """What ``layer`` retrieves for the question's queries (H_q, L_q, D) pre-RoPE."""
+        if self._window is not None:
+            return self._select_in_window(layer, query)
+        base = self.base_ids(layer)
+        share = self._layers[layer].index.score(query).exp()
+        return self._rows_for(layer, base, share, self.config.budget_tokens - base.numel())
+
+    def _rows_for(self, layer: int, base: Tensor, share: Tensor, room: int) -> Selection:
+        """Sinks + window ``base`` (ids) plus the clusters ``choose_clusters`` takes within ``room``
+        tokens, ``share`` (C,) being their estimated shares of the question's attention."""
+        store, st = self.store, self._layers[layer]
+        share = share.to("cpu", torch.float32)
+        base_rows = store.rows_of(layer, base)
+        sizes = st.index.counts
+        in_base = st.index.cluster_of(base)
+        sizes -= torch.bincount(in_base[in_base >= 0], minlength=sizes.numel())
+        per_token = share / sizes.clamp_min(1)
+        if int(sizes.sum()) <= room:
+            live = store.live_tokens(layer)
+            rest = live[~torch.isin(live, base)]
+            extra = store.rows_of(layer, rest)
+            return Selection(torch.cat((base_rows, extra)), extra, per_token[st.index.cluster_of(rest)])
+        nursery = st.nursery[~torch.isin(st.nursery, base)]
+        ncid = st.index.cluster_of(nursery)
+        nrows = store.rows_of(layer, nursery)
+        fragments = self._fragments(ncid, nrows, sizes.numel())
+        left, right = st.adjacency(self.page_rows)
+        n = sizes.numel()
+        chosen = choose_clusters(
+            share,
+            sizes,
+            room,
+            fragments=fragments,
+            has_extent=st.ext_len[:n] > 0,
+            left=left[:n],
+            right=right[:n],
+            run_penalty=float(self.options["run_penalty"]),
+        )
+        picked = torch.zeros(n, dtype=torch.bool)
+        picked[chosen] = True
+        ext_rows = _ranges(st.ext_start[chosen], st.ext_len[chosen])
+        ext_cid = torch.repeat_interleave(chosen, st.ext_len[chosen])
+        sealed_base = base[(base >= self.config.sink_tokens) & ~torch.isin(base, st.nursery)]
+        if sealed_base.numel():  # sealed early while still in the window: already in base_rows
+            outside = ~torch.isin(ext_rows, store.rows_of(layer, sealed_base))
+            ext_rows, ext_cid = ext_rows[outside], ext_cid[outside]
+        in_nursery = picked[ncid]
+        extra = torch.cat((ext_rows, nrows[in_nursery]))
+        extra_share = per_token[torch.cat((ext_cid, ncid[in_nursery]))]
+        return Selection(torch.cat((base_rows, extra)), extra, extra_share)
+
+    @staticmethod
+    def _fragments(cid: Tensor, rows: Tensor, slots: int) -> Tensor:
+        """(slots,) number of runs the rows of each cluster's ring tokens form."""
+        if cid.numel() == 0:
+            return torch.zeros(slots, dtype=torch.int64)
+        order = torch.argsort(cid * (int(rows.max()) + 2) + rows)
+        c, r = cid[order], rows[order]
+        new_run = torch.ones(c.numel(), dtype=torch.bool)
+        new_run[1:] = (c[1:] != c[:-1]) | (r[1:] != r[:-1] + 1)
+        return torch.bincount(c[new_run], minlength=slots)
+
+    def _select_in_window(self, layer: int, query: Tensor) -> Selection:
+        """A question's time window: candidates filtered token by token, clusters by plain greedy."""
+        st = self._layers[layer]
+        base, rest = self.split_candidates(layer, self.config.budget_tokens)
+        room = self.config.budget_tokens - base.numel()
+        cid = st.index.cluster_of(rest)
+        sizes = torch.bincount(cid, minlength=st.index.num_slots)
+        scores = st.index.score(query).cpu()
+        chosen = ClusterIndex.select(scores, sizes, room)
+        picked = torch.zeros(sizes.numel(), dtype=torch.bool)
+        picked[chosen] = True
+        taken = picked[cid]
+        extra = self.store.rows_of(layer, rest[taken])
+        extra_share = (scores.exp() / sizes.clamp_min(1))[cid[taken]]
+        return Selection(torch.cat((self.store.rows_of(layer, base), extra)), extra, extra_share)
+
+    # ------------------------------------------------------------------ prefetch
+    def predict_share(self, layer: int, query: Tensor, sel: Selection) -> Tensor:
+        """Predicted share (C,) of the question's attention per cluster of layer + 1, from what
+        ``layer`` retrieved (``sel``) for its queries ``query`` (H_q, L_q, D).
+
+        ``tokens``: each token ``layer`` retrieved beyond sinks + window carries its estimated
+        share (``sel.extra_share``) to its cluster in layer + 1; a cluster's prediction is the sum.
+        ``query``: layer + 1's centroids scored with ``layer``'s queries.
+        """
+        index = self._layers[layer + 1].index
+        if self.options["prefetch_predictor"] == "query":
+            return index.score(query).exp()
+        cid = index.cluster_of(self.store.row_token[layer][sel.extra])
+        held = cid >= 0
+        return torch.zeros(index.num_slots).index_add_(0, cid[held], sel.extra_share[held])
+
+    def _start_prefetch(self, layer: int, query: Tensor, sel: Selection) -> None:
+        """Fetch layer + 1's predicted clusters ahead into its buffer: the best-predicted ones
+        filling ``prefetch_share`` of its retrievable budget, plus its sinks + window."""
+        target = layer + 1
+        store = self.store
+        t0 = time.perf_counter()
+        base = self.base_ids(target)
+        share = self.predict_share(layer, query, sel)
+        room = int(float(self.options["prefetch_share"]) * (self.config.budget_tokens - base.numel()))
+        predicted = self._rows_for(target, base, share, room)
+        buf = self._buffer(target)
+
+        def fetch(prefetch_rows: Tensor, wait: bool) -> FetchStats:
+            return store.fetch(target, prefetch_rows, buf, wait=wait)
+
+        ms = (time.perf_counter() - t0) * 1e3
+        self._prefetch.start(target, predicted.rows, predicted.extra, ms, fetch)
+
+    # ------------------------------------------------------------------ reporting and checks
+    def units(self) -> int:
+        """Clusters per layer (mean)."""
+        return round(sum(st.index.num_clusters for st in self._layers) / len(self._layers))
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError, saying what broke, unless every layer is consistent:
+
+        the index is (``ClusterIndex.check_invariants``: every token in exactly one cluster,
+        statistics match a recomputation from the stored keys) and holds exactly the store's live
+        tokens; every extent's rows hold exactly its cluster's sealed members, ascending;
+        extents do not overlap; every live token is a sink, in the nursery or in its cluster's
+        extent, exactly one of them; no prefetch is running outside a question.
+        """
+        _require(not self._prefetch.pending or self._in_question, "a prefetch is pending outside a question")
+        store = self.store
+        for layer, st in enumerate(self._layers):
+            st.index.check_invariants(self._key_lookup(layer))
+            live = store.live_tokens(layer)
+            held = st.index.cluster_of(live)
+            _require(bool((held >= 0).all()), f"layer {layer}: live tokens missing from the index")
+            _require(st.index.num_tokens == live.numel(), f"layer {layer}: the index holds evicted tokens")
+            _require(st.index.num_slots <= st.ext_len.numel(), f"layer {layer}: per-cluster state not grown")
+            slots = st.index.num_slots
+            lengths = st.ext_len[:slots]
+            _require(bool((st.ext_len[slots:] == 0).all()), f"layer {layer}: extents beyond the cluster ids")
+            sealed = torch.nonzero(lengths > 0).flatten()
+            ext_rows = _ranges(st.ext_start[sealed], lengths[sealed])
+            ext_ids = store.row_token[layer][ext_rows]
+            owner = torch.repeat_interleave(sealed, lengths[sealed])
+            _require(bool((ext_ids >= 0).all()), f"layer {layer}: an extent covers a free row")
+            _require(ext_rows.unique().numel() == ext_rows.numel(), f"layer {layer}: extents overlap")
+            _require(
+                torch.equal(st.index.cluster_of(ext_ids), owner),
+                f"layer {layer}: an extent holds another cluster's token",
+            )
+            rising = (ext_ids[1:] > ext_ids[:-1]) | (owner[1:] != owner[:-1])
+            _require(bool(rising.all()), f"layer {layer}: an extent is not in ascending id order")
+            _require(
+                bool((st.ext_len[:slots][st.index.counts == 0] == 0).all()),
+                f"layer {layer}: an empty cluster keeps an extent",
+            )
+            nursery = st.nursery
+            _require(bool((nursery[1:] > nursery[:-1]).all()), f"layer {layer}: nursery not ascending")
+            _require(
+                bool((store.rows_of(layer, nursery) >= 0).all()), f"layer {layer}: nursery holds dead ids"
+            )
+            pinned = live[live < self.config.sink_tokens]
+            _require(
+                bool((nursery >= self.config.sink_tokens).all()), f"layer {layer}: a sink is in the nursery"
+            )
+            placed = torch.cat((pinned, nursery, ext_ids)).sort().values
+            _require(
+                torch.equal(placed, live),
+                f"layer {layer}: {placed.numel()} tokens placed (sinks + nursery + extents) for "
+                f"{live.numel()} live ones (a token lost or placed twice)",
+            )
+            if st.ring_size:
+                _require(
+                    st.ring_lo + st.ring_size <= store.high[layer] and 0 <= st.head < st.ring_size,
+                    f"layer {layer}: the ring lies outside the allocated rows",
+                )
