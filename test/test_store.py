@@ -163,6 +163,19 @@ def test_fetch_skips_rows_already_resident():
     assert torch.equal(ctx.keys[:, order], truth[0][shifted][:, 0].permute(1, 0, 2))
 
 
+def test_rows_moved_inside_the_buffer_are_tracked_where_they_land():
+    store, truth = filled_store(60, page_rows=64)
+    buf = DeviceBuffer(GEOM, 32, "cpu")
+    store.fetch(0, torch.arange(0, 30), buf)
+    moved = store.fetch(0, torch.arange(20, 30), buf)  # resident beyond slot 10: shifted down
+    assert moved.device_moves == 10 and moved.bytes_moved == 0
+    again = store.fetch(0, torch.arange(0, 10), buf)  # slots 0-9 now hold rows 20-29, not 0-9
+    assert again.tokens_copied == 10
+    ctx = buf.context()
+    assert ctx.token_ids[0].tolist() == list(range(10))
+    assert torch.equal(ctx.keys, truth[0][:10, 0].permute(1, 0, 2))
+
+
 def test_fetch_after_relocation_refetches_instead_of_serving_stale_rows():
     store, truth = filled_store(30, page_rows=16)
     buf = DeviceBuffer(GEOM, 30, "cpu")

@@ -539,6 +539,7 @@ class HostKVStore:
                 src_m, dst_m = hit_slot[need[moved]], dst[moved]
                 self._device_move(into, src_m, dst_m)
                 into.slot_rows.view(-1)[src_m] = -1
+                into.slot_rows.view(-1)[dst_m] = rows.flatten()[need[moved]]
                 stats.device_moves = int(src_m.numel())
             miss = ~moved
             if bool(miss.any()):
