@@ -129,29 +129,39 @@ def choose_clusters(
     left: Tensor,
     right: Tensor,
     run_penalty: float,
-) -> Tensor:
-    """Clusters to retrieve, (k,) int64: the most estimated attention share within ``room`` tokens,
-    preferring choices that add few copies.
+) -> tuple[Tensor, int, int]:
+    """Clusters to retrieve within ``room`` tokens: (whole (k,) int64 ascending, a partial cluster
+    id or -1, how many of its tokens to take).
 
     share: (C,) estimated share of the question's attention per cluster (0 for empty ids);
     sizes: (C,) retrievable tokens per cluster; fragments: (C,) runs its ring tokens form;
     has_extent: (C,) bool; left/right: (C,) the cluster whose extent touches this one's on that
-    side (-1 none). A cluster's value is its share minus ``penalty x`` the copies it adds: one
-    if it has ring tokens (the store gathers all short runs of a page in one call), plus one
-    for its extent unless a touching extent is already taken, minus one if it joins two taken
-    runs. ``penalty = run_penalty x`` the share of the last cluster plain greedy-by-share would
-    take. Clusters are taken best value first while they fit.
+    side (-1 none).
+
+    A greedy fractional knapsack: clusters are taken by value per token, and the first one that
+    no longer fits is taken in part to fill the room (a cluster is a group of near-identical
+    keys, so part of it keeps about its share per token). A cluster's value is its share minus
+    ``penalty x`` the copies it adds: one if it has ring tokens (the store gathers the short runs
+    of a page in one call), plus one for its extent unless a touching extent is already taken,
+    minus one if it joins two taken runs. ``penalty = run_penalty x`` the share of the last
+    cluster taken whole when copies are ignored (the marginal cluster), so it only reorders
+    choices of about marginal value; ``run_penalty = 0`` ignores copies.
     """
     usable = (sizes > 0) & (share > 0)
     if not bool(usable.any()) or room <= 0:
-        return _EMPTY
-    plain = ClusterIndex.select(torch.where(usable, share.log(), -math.inf), sizes, room)
-    if plain.numel() == 0 or run_penalty <= 0:
-        return plain
-    penalty = run_penalty * float(share[plain].min())
-    # candidates: the best-shared clusters (several times what plain greedy took) and their neighbours
-    n_cand = min(int(usable.sum()), 4 * plain.numel() + 32)
-    top = torch.topk(torch.where(usable, share, -1.0), n_cand).indices
+        return _EMPTY, -1, 0
+    density = torch.where(usable, share / sizes.clamp_min(1), -1.0)
+    order = torch.argsort(density, descending=True, stable=True)[: int(usable.sum())]
+    fits = int((torch.cumsum(sizes[order], 0) <= room).sum())
+    if run_penalty <= 0 or fits == 0:
+        whole = order[:fits].sort().values
+        left_room = room - int(sizes[whole].sum())
+        if fits == order.numel() or left_room == 0:
+            return whole, -1, 0
+        return whole, int(order[fits]), left_room
+    penalty = run_penalty * float(share[order[fits - 1]])
+    # candidates: the densest clusters (several times what fits) and their extent neighbours
+    top = order[: 4 * fits + 32]
     neigh = torch.cat((left[top], right[top]))
     cand = torch.unique(torch.cat((top, neigh[neigh >= 0])))
     cand = cand[usable[cand]]
@@ -168,21 +178,24 @@ def choose_clusters(
         runs = min(fr[c], 1)
         if ext[c]:
             runs += 1 - (lf[c] in taken) - (rt[c] in taken)
-        return sh[c] - penalty * runs
+        return (sh[c] - penalty * runs) / sz[c]
 
     heap = [(-value(c), c) for c in ids]
     heapq.heapify(heap)
     left_room = room
-    while heap and left_room > 0:
+    while heap:
         neg, c = heapq.heappop(heap)
-        if c in taken or sz[c] > left_room or -neg != value(c):
-            continue  # taken, too big for what is left, or a stale entry (a fresher one is queued)
+        if c in taken or -neg != value(c):
+            continue  # taken, or a stale entry (a fresher one is queued)
+        if sz[c] > left_room:
+            partial = c if left_room else -1
+            return torch.tensor(sorted(taken), dtype=torch.int64), partial, left_room
         taken.add(c)
         left_room -= sz[c]
         for nb in (lf[c], rt[c]):
             if nb in sh and nb not in taken:
                 heapq.heappush(heap, (-value(nb), nb))
-    return torch.tensor(sorted(taken), dtype=torch.int64)
+    return torch.tensor(sorted(taken), dtype=torch.int64), -1, 0
 
 
 @dataclass
@@ -685,7 +698,7 @@ class MosaicPolicy(StoreBackedPolicy):
         fragments = self._fragments(ncid, nrows, sizes.numel())
         left, right = st.adjacency(self.page_rows)
         n = sizes.numel()
-        chosen = choose_clusters(
+        whole, partial, partial_tokens = choose_clusters(
             share,
             sizes,
             room,
@@ -695,6 +708,7 @@ class MosaicPolicy(StoreBackedPolicy):
             right=right[:n],
             run_penalty=float(self.options["run_penalty"]),
         )
+        chosen = whole if partial < 0 else torch.cat((whole, torch.tensor([partial])))
         picked = torch.zeros(n, dtype=torch.bool)
         picked[chosen] = True
         ext_rows = _ranges(st.ext_start[chosen], st.ext_len[chosen])
@@ -705,8 +719,12 @@ class MosaicPolicy(StoreBackedPolicy):
             ext_rows, ext_cid = ext_rows[outside], ext_cid[outside]
         in_nursery = picked[ncid]
         extra = torch.cat((ext_rows, nrows[in_nursery]))
-        extra_share = per_token[torch.cat((ext_cid, ncid[in_nursery]))]
-        return Selection(torch.cat((base_rows, extra)), extra, extra_share)
+        extra_cid = torch.cat((ext_cid, ncid[in_nursery]))
+        if partial >= 0:  # the partial cluster: its first tokens, extent before ring
+            is_partial = extra_cid == partial
+            keep = ~is_partial | (torch.cumsum(is_partial, 0) <= partial_tokens)
+            extra, extra_cid = extra[keep], extra_cid[keep]
+        return Selection(torch.cat((base_rows, extra)), extra, per_token[extra_cid])
 
     @staticmethod
     def _fragments(cid: Tensor, rows: Tensor, slots: int) -> Tensor:
@@ -720,19 +738,34 @@ class MosaicPolicy(StoreBackedPolicy):
         return torch.bincount(c[new_run], minlength=slots)
 
     def _select_in_window(self, layer: int, query: Tensor) -> Selection:
-        """A question's time window: candidates filtered token by token, clusters by plain greedy."""
+        """A question's time window: candidates filtered token by token, clusters chosen by value
+        per token (copies ignored: the filtered tokens are gathered anyway)."""
         st = self._layers[layer]
         base, rest = self.split_candidates(layer, self.config.budget_tokens)
         room = self.config.budget_tokens - base.numel()
         cid = st.index.cluster_of(rest)
-        sizes = torch.bincount(cid, minlength=st.index.num_slots)
-        scores = st.index.score(query).cpu()
-        chosen = ClusterIndex.select(scores, sizes, room)
-        picked = torch.zeros(sizes.numel(), dtype=torch.bool)
-        picked[chosen] = True
+        n = st.index.num_slots
+        sizes = torch.bincount(cid, minlength=n)
+        share = st.index.score(query).exp().cpu()
+        none = torch.full((n,), -1, dtype=torch.int64)
+        whole, partial, partial_tokens = choose_clusters(
+            share,
+            sizes,
+            room,
+            fragments=torch.zeros(n, dtype=torch.int64),
+            has_extent=torch.zeros(n, dtype=torch.bool),
+            left=none,
+            right=none,
+            run_penalty=0.0,
+        )
+        picked = torch.zeros(n, dtype=torch.bool)
+        picked[whole] = True
         taken = picked[cid]
+        if partial >= 0:
+            is_partial = cid == partial
+            taken |= is_partial & (torch.cumsum(is_partial, 0) <= partial_tokens)
         extra = self.store.rows_of(layer, rest[taken])
-        extra_share = (scores.exp() / sizes.clamp_min(1))[cid[taken]]
+        extra_share = (share / sizes.clamp_min(1))[cid[taken]]
         return Selection(torch.cat((self.store.rows_of(layer, base), extra)), extra, extra_share)
 
     # ------------------------------------------------------------------ prefetch

@@ -6,7 +6,8 @@ head the probabilities of its query-head group and all question tokens are aggre
 (``options['aggregate']``: ``sum``, the default, is the attention mass a token draws, so the
 top tokens maximise the mass a head keeps; ``max`` favours tokens any single query wants).
 Each KV head then takes its top tokens to fill the budget left after sinks + local window.
-Scoring touches every key; the gather moves 2*D-element fragments per head and token.
+Scoring touches every key where the keys live (host memory, on the CPU); the gather moves
+2*D-element fragments per head and token.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class TokenTopKPolicy(StoreBackedPolicy):
     def token_scores(self, layer: int, query: torch.Tensor) -> torch.Tensor:
         """(H_kv, R) float32 aggregated probability per KV head and physical row (0 for free rows)."""
         store = self.store
-        q = grouped_queries(query, self.geometry.num_kv_heads)
+        q = grouped_queries(query.cpu(), self.geometry.num_kv_heads)
         scale = query.shape[-1] ** -0.5
         high = store.high[layer]
         logits = torch.full((q.shape[0], q.shape[1], high), float("-inf"))

@@ -19,7 +19,7 @@ def grouped_queries(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 
 def unit_scores(query: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
-    """Score units for a question: query (H_q, L_q, D), means (U, H_kv, D) -> (U,) float32.
+    """Score units for a question: query (H_q, L_q, D), means (U, H_kv, D) -> (U,) float32 on the host.
 
     Per query head and question token, a softmax over the units of the logits against the
     unit mean keys (scaled by 1/sqrt(D)), summed over heads and tokens: the attention mass a
@@ -28,8 +28,8 @@ def unit_scores(query: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     if means.shape[0] == 0:
         return torch.zeros(0)
     q = grouped_queries(query, means.shape[1])
-    logits = torch.bmm(q, means.float().permute(1, 2, 0)) * query.shape[-1] ** -0.5
-    return torch.softmax(logits, dim=-1).sum(dim=(0, 1))
+    logits = torch.bmm(q, means.to(q.device).permute(1, 2, 0)) * query.shape[-1] ** -0.5
+    return torch.softmax(logits, dim=-1).sum(dim=(0, 1)).cpu()
 
 
 class UnitMeans:
