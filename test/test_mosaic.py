@@ -1,0 +1,472 @@
+"""The mosaic policy: contiguous cluster extents, scale-free clustering, deferred splits, prefetch,
+invariants under random operations, the budget, equality with dense, and a real model run."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from mosaic_ros.runtime.kv.attention import attend, rotate_context
+from mosaic_ros.runtime.kv.policies.mosaic import MosaicPolicy, Selection, chain_order, choose_clusters
+from mosaic_ros.runtime.kv.policy import KVGeometry, PolicyConfig, TokenMeta, make_policy
+from mosaic_ros.runtime.kv.rope import Rotary1D
+
+GEOM = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=16, num_q_heads=4)
+GEOM3 = KVGeometry(num_layers=3, num_kv_heads=2, head_dim=16, num_q_heads=4)
+ROTARY = Rotary1D(16)
+HUGE_MS = 1e6  # a maintenance budget that always finishes the queued work (deterministic tests)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny tensors: with one thread no op waits on a descheduled worker of a busy shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Stream:
+    """A structured stream: frames show a few objects (key prototypes per layer plus noise); each
+    frame starts with one time-marker text token; the first chunk is ``sinks`` text tokens.
+
+    ``log[layer]`` keeps every appended (keys, values) by token id, for checking what comes back.
+    """
+
+    def __init__(self, geom: KVGeometry, sinks: int = 4, objects: int = 6, seed: int = 0, key_scale=1.0):
+        self.geom = geom
+        self.gen = torch.Generator().manual_seed(seed)
+        shape = (objects, geom.num_kv_heads, geom.head_dim)
+        self.protos = [torch.randn(shape, generator=self.gen) for _ in range(geom.num_layers)]
+        self.text = [torch.randn(geom.num_kv_heads, geom.head_dim, generator=self.gen) for _ in self.protos]
+        self.key_scale = key_scale
+        self.sinks = sinks
+        self.next_id = 0
+        self.frame = 0
+        self.log: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(geom.num_layers)]
+
+    def chunk(self, n: int, objects: list[int] | None = None, text_only: bool = False):
+        """(meta, keys per layer, values per layer) of the next chunk of ``n`` tokens."""
+        g, geom = self.gen, self.geom
+        first = self.next_id == 0
+        n_text = n if first or text_only else 1
+        modality = torch.ones(n, dtype=torch.uint8)
+        modality[:n_text] = 0
+        frame = torch.full((n,), -1 if first or text_only else self.frame)
+        frame[:n_text] = -1
+        pick = torch.tensor(objects or [0, 1, 2])[
+            torch.randint(0, len(objects or [0, 1, 2]), (n,), generator=g)
+        ]
+        keys, values = [], []
+        for layer in range(geom.num_layers):
+            k = self.protos[layer][pick] + 0.25 * torch.randn(
+                n, geom.num_kv_heads, geom.head_dim, generator=g
+            )
+            k[:n_text] = self.text[layer] + 0.25 * torch.randn(
+                n_text, geom.num_kv_heads, geom.head_dim, generator=g
+            )
+            keys.append((k * self.key_scale).to(geom.dtype))
+            values.append(torch.randn(n, geom.num_kv_heads, geom.head_dim, generator=g).to(geom.dtype))
+        meta = TokenMeta(
+            positions=torch.arange(self.next_id, self.next_id + n)[None],
+            stamps=torch.full((n,), float(self.frame), dtype=torch.float64),
+            modality=modality,
+            frame=frame,
+        )
+        self.next_id += n
+        if not (first or text_only):
+            self.frame += 1
+        return meta, keys, values
+
+    def feed(self, policies, meta, keys, values, maintain_ms: float | None = HUGE_MS) -> torch.Tensor:
+        for p in policies:
+            ids = p.add_tokens(meta)
+            for layer in range(self.geom.num_layers):
+                p.ingest_context(layer)
+                p.append(layer, keys[layer], values[layer], ids)
+            if maintain_ms is not None:
+                p.maintain(maintain_ms)
+        for layer in range(self.geom.num_layers):
+            for i, t in enumerate(ids.tolist()):
+                self.log[layer][t] = (keys[layer][i], values[layer][i])
+        return ids
+
+    def run(self, policies, frames: int, per_frame: int = 13, objects=None, maintain_ms=HUGE_MS) -> None:
+        if self.next_id == 0:
+            self.feed(policies, *self.chunk(self.sinks), maintain_ms=maintain_ms)
+        for _ in range(frames):
+            self.feed(policies, *self.chunk(per_frame, objects), maintain_ms=maintain_ms)
+
+
+def by_token(ctx, stream: Stream, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids ascending, keys (n, H, D), values (n, H, D)) of a context; checks them against the log."""
+    ids = ctx.token_ids[0]
+    order = torch.argsort(ids)
+    keys = ctx.keys.permute(1, 0, 2)[order]
+    values = ctx.values.permute(1, 0, 2)[order]
+    for i, t in enumerate(ids[order].tolist()):
+        k, v = stream.log[layer][t]
+        assert torch.equal(keys[i], k) and torch.equal(values[i], v), f"token {t} came back changed"
+    return ids[order], keys, values
+
+
+def output(ctx, query, local) -> torch.Tensor:
+    return attend(query, rotate_context(ctx, ROTARY).float(), ctx.values.float(), local[0], local[1])
+
+
+def small_config(**kw) -> PolicyConfig:
+    defaults = {"budget_tokens": 96, "sink_tokens": 4, "window_tokens": 24}
+    return PolicyConfig(**{**defaults, **kw})
+
+
+# ------------------------------------------------------------------------------------------ layout
+
+
+def test_sealed_clusters_are_contiguous_and_the_window_stays_one_run():
+    policy = make_policy("mosaic", GEOM, small_config())
+    stream = Stream(GEOM)
+    for phase in range(4):  # scenes of 15 frames with different objects, so clusters finish and seal
+        stream.run([policy], frames=15, objects=[2 * phase % 6, (2 * phase + 1) % 6])
+    policy.check_invariants()
+    store = policy.store
+    for layer, st in enumerate(policy._layers):
+        sealed = torch.nonzero(st.ext_len > 0).flatten()
+        assert sealed.numel() >= 4
+        sealed_tokens = 0
+        for c in sealed.tolist():
+            members = st.index.members(c)
+            members = members[(members >= 4) & ~torch.isin(members, st.nursery)]
+            rows = store.rows_of(layer, members)
+            start, length = int(st.ext_start[c]), int(st.ext_len[c])
+            assert rows.tolist() == list(range(start, start + length)), f"cluster {c} is not one extent"
+            sealed_tokens += length
+        assert sealed_tokens + st.nursery.numel() + 4 == store.live_rows[layer]
+        assert sealed_tokens > store.live_rows[layer] // 2  # most of the stream is sealed
+        window = policy.base_ids(layer)[4:]
+        starts, _ = store.runs(layer, store.rows_of(layer, window))
+        assert starts.numel() <= 2  # the ring wraps at most once
+
+
+def test_clustering_and_layout_do_not_depend_on_the_key_scale():
+    """Keys scaled by 2^-6 and 2^6 (exact in float32): same clusters, same threshold, same layout."""
+    geom = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=16, num_q_heads=4, dtype=torch.float32)
+    layouts = []
+    for scale in (2.0**-6, 1.0, 2.0**6):
+        policy = make_policy("mosaic", geom, small_config())
+        stream = Stream(geom, key_scale=scale)
+        for phase in range(3):
+            stream.run([policy], frames=12, objects=[phase, phase + 3])
+        policy.check_invariants()
+        ids = torch.arange(stream.next_id)
+        layouts.append(
+            [
+                (
+                    st.index.cluster_of(ids),
+                    st.index.threshold,
+                    st.ext_start[st.ext_len > 0],
+                    st.ext_len[st.ext_len > 0],
+                    policy.store.rows_of(layer, ids),
+                )
+                for layer, st in enumerate(policy._layers)
+            ]
+        )
+    for other in layouts[1:]:
+        for (cid, tau, start, length, rows), (cid2, tau2, start2, length2, rows2) in zip(
+            layouts[0], other, strict=True
+        ):
+            assert torch.equal(cid, cid2)
+            assert tau == pytest.approx(tau2, rel=1e-6)
+            assert torch.equal(start, start2) and torch.equal(length, length2) and torch.equal(rows, rows2)
+
+
+def test_splits_wait_for_maintain_and_the_relayout_keeps_every_token(monkeypatch):
+    """A sealed cluster that grows again past ``max_cluster_tokens`` is split in ``maintain`` only,
+    its extent rewritten in place as the two children's extents, and every K/V comes back intact."""
+    config = small_config(budget_tokens=1024, options={"max_cluster_tokens": 16})
+    policy = make_policy("mosaic", GEOM, config)
+    relaid = []
+    original = MosaicPolicy._relayout_split
+
+    def spy(self, layer, split):
+        relaid.append(int(self._layers[layer].ext_len[split.parent]))
+        original(self, layer, split)
+
+    monkeypatch.setattr(MosaicPolicy, "_relayout_split", spy)
+    stream = Stream(GEOM)
+    stream.run([policy], frames=10, objects=[0])
+    stream.run([policy], frames=10, objects=[1])  # object 0's clusters go idle and are sealed
+    st = policy._layers[0]
+    sealed_before = (st.ext_len > 0).sum()
+    assert sealed_before > 0
+    for _ in range(4):  # object 0 again, no maintenance: its sealed clusters grow past the limit
+        stream.feed([policy], *stream.chunk(13, [0]), maintain_ms=None)
+        policy.check_invariants()
+    counts = st.index.counts
+    assert st.index.pending and int(counts.max()) > 16
+    extents = (st.ext_start.clone(), st.ext_len.clone())
+    assert torch.equal(st.ext_len, extents[1])  # appends never touch sealed extents
+    policy.maintain(HUGE_MS)
+    policy.check_invariants()
+    assert not st.index.pending and int(st.index.counts.max()) <= 16
+    assert any(length > 0 for length in relaid), "no sealed extent was split and re-laid"
+    policy.begin_question()
+    for layer in range(GEOM.num_layers):
+        ctx = policy.retrieve(layer, torch.randn(4, 2, 16))
+        ids, _, _ = by_token(ctx, stream, layer)
+        assert ids.tolist() == list(range(stream.next_id))
+    policy.end_question()
+
+
+def test_evictions_under_the_host_cap_keep_the_index_and_extents_exact():
+    cap_tokens = 200
+    config = small_config(host_cap_bytes=cap_tokens * GEOM.bytes_per_token)
+    policy = make_policy("mosaic", GEOM, config)
+    stream = Stream(GEOM)
+    for phase in range(6):
+        stream.run([policy], frames=10, objects=[phase % 6, (phase + 2) % 6])
+        policy.check_invariants()
+    assert policy.memory().tokens_evicted > 0
+    for layer, st in enumerate(policy._layers):
+        assert st.index.num_tokens == policy.store.live_rows[layer] <= cap_tokens
+    policy.begin_question()
+    ctx = policy.retrieve(0, torch.randn(4, 2, 16))
+    by_token(ctx, stream, 0)
+    policy.end_question()
+
+
+# ------------------------------------------------------------------------------------------ retrieval
+
+
+def test_budget_covering_the_stream_equals_dense():
+    config = small_config(budget_tokens=512)
+    mosaic = make_policy("mosaic", GEOM, config)
+    dense = make_policy("dense", GEOM, config)
+    stream = Stream(GEOM)
+    for phase in range(3):
+        stream.run([mosaic, dense], frames=10, objects=[phase, phase + 3])
+    assert stream.next_id <= config.budget_tokens
+    assert (mosaic._layers[0].ext_len > 0).any()  # extents are part of what is fetched
+    gen = torch.Generator().manual_seed(3)
+    for p in (mosaic, dense):
+        p.begin_question()
+    for layer in range(GEOM.num_layers):
+        query = torch.randn(4, 3, 16, generator=gen)
+        local = (torch.randn(2, 3, 16, generator=gen), torch.randn(2, 3, 16, generator=gen))
+        got, ref = mosaic.retrieve(layer, query), dense.retrieve(layer, query)
+        assert (
+            sorted(got.token_ids[0].tolist())
+            == sorted(ref.token_ids[0].tolist())
+            == list(range(stream.next_id))
+        )
+        torch.testing.assert_close(output(got, query, local), output(ref, query, local), rtol=1e-5, atol=1e-5)
+    for p in (mosaic, dense):
+        p.end_question()
+
+
+def test_retrieval_takes_the_clusters_the_question_is_about():
+    """Object 5 appears only in the first scene; a question aimed at it retrieves its tokens."""
+    policy = make_policy("mosaic", GEOM, small_config(budget_tokens=80))
+    stream = Stream(GEOM)
+    stream.run([policy], frames=8, objects=[5])
+    for phase in range(4):
+        stream.run([policy], frames=8, objects=[phase])
+    first_scene = set(range(4, 4 + 8 * 13))
+    policy.begin_question()
+    for layer in range(GEOM.num_layers):
+        query = 4.0 * stream.protos[layer][5].repeat_interleave(2, dim=0)[:, None, :]
+        ctx = policy.retrieve(layer, query)
+        ids = set(ctx.token_ids[0].tolist())
+        assert len(ids & first_scene) >= 50
+    policy.end_question()
+
+
+def test_choose_clusters_fills_the_room_by_value_per_token_and_prefers_extending_runs():
+    share = torch.tensor([0.5, 0.1, 0.1, 0.3])
+    sizes = torch.tensor([10, 10, 10, 10])
+    no_frag = torch.zeros(4, dtype=torch.int64)
+    has = torch.ones(4, dtype=torch.bool)
+    left = torch.tensor([-1, -1, 0, -1])  # extent 2 starts where extent 0 ends
+    right = torch.tensor([2, -1, -1, -1])
+    kw = {"fragments": no_frag, "has_extent": has, "left": left, "right": right}
+
+    def choose(room: int, penalty: float, sizes=sizes) -> tuple[list[int], int, int]:
+        whole, partial, tokens = choose_clusters(share, sizes, room, run_penalty=penalty, **kw)
+        return whole.tolist(), partial, tokens
+
+    assert choose(30, 0.0) == ([0, 1, 3], -1, 0)  # by share per token; ties: lower id first
+    assert choose(30, 1.0) == ([0, 2, 3], -1, 0)  # 2 extends 0's run: one copy fewer
+    assert choose(25, 0.0) == ([0, 3], 1, 5)  # the room left is filled from the next best cluster
+    # a small cluster with a high share per token goes first; a big one that does not fit is cut
+    assert choose(15, 0.0, sizes=torch.tensor([40, 2, 10, 10])) == ([1, 3], 0, 3)
+
+
+def test_chain_order_visits_nearest_neighbours_first():
+    units = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]])
+    units = units / units.norm(dim=1, keepdim=True)
+    assert chain_order(units, torch.tensor([0.0, 1.0])) in ([1, 3, 2, 0], [3, 1, 2, 0])
+    assert chain_order(units, None) == [0, 2, 3, 1]
+
+
+# ------------------------------------------------------------------------------------------ prefetch
+
+
+class ScriptedPredictor(MosaicPolicy):
+    """Mosaic whose layer-(l+1) prediction is scripted from the true selection: ``wrong`` predicts
+    exactly the clusters layer l+1 will NOT retrieve, otherwise exactly those it will."""
+
+    def __init__(self, *args, queries, wrong: bool, **kw):
+        super().__init__(*args, **kw)
+        self.queries, self.wrong = queries, wrong
+
+    def predict_share(self, layer: int, query: torch.Tensor, sel: Selection) -> torch.Tensor:
+        target = layer + 1
+        truth = self.select_rows(target, self.queries[target])
+        index = self._layers[target].index
+        taken = torch.zeros(index.num_slots, dtype=torch.bool)
+        taken[index.cluster_of(self.store.row_token[target][truth.extra])] = True
+        return (taken != self.wrong).float()
+
+
+@pytest.mark.parametrize("wrong", [True, False])
+def test_prefetch_is_exact_whatever_it_predicts_and_counts_its_hits(wrong):
+    config = small_config(budget_tokens=64, options={"prefetch_share": 1.0})
+    gen = torch.Generator().manual_seed(11)
+    questions = [[3 * torch.randn(4, 2, 16, generator=gen) for _ in range(3)] for _ in range(3)]
+    plain = MosaicPolicy(GEOM3, PolicyConfig(**{**config.__dict__, "prefetch": False}))
+    scripted = ScriptedPredictor(GEOM3, config, queries=questions[0], wrong=wrong)
+    stream = Stream(GEOM3)
+    for phase in range(3):
+        stream.run([plain, scripted], frames=8, objects=[phase, phase + 3])
+    lookups = hits = 0
+    for queries in questions:
+        scripted.queries = queries
+        for p in (plain, scripted):
+            p.begin_question()
+        for layer in range(3):
+            local = (torch.randn(2, 2, 16, generator=gen), torch.randn(2, 2, 16, generator=gen))
+            ref, got = plain.retrieve(layer, queries[layer]), scripted.retrieve(layer, queries[layer])
+            ref_ids, ref_k, ref_v = by_token(ref, stream, layer)
+            ids, k, v = by_token(got, stream, layer)
+            assert torch.equal(ids, ref_ids) and torch.equal(k, ref_k) and torch.equal(v, ref_v)
+            torch.testing.assert_close(
+                output(got, queries[layer], local), output(ref, queries[layer], local), rtol=1e-6, atol=1e-6
+            )
+            if layer:
+                lookups += ref.num_tokens - scripted.base_ids(layer).numel()
+        stats = scripted.end_question()
+        plain.end_question()
+        hits += stats.prefetch_hits
+        assert stats.prefetch_lookups > 0
+        assert stats.bytes_moved >= plain._stats.bytes_moved  # prefetch traffic is counted
+    assert lookups > 0
+    assert hits == (0 if wrong else lookups)
+    assert not [t for t in threading.enumerate() if t.name.startswith("mosaic-prefetch")]
+
+
+def test_prefetch_worker_is_joined_before_changes_and_stopped_after_questions():
+    config = small_config(budget_tokens=64)
+    policy = make_policy("mosaic", GEOM3, config)
+    stream = Stream(GEOM3)
+    stream.run([policy], frames=12)
+    policy.begin_question()
+    policy.retrieve(0, torch.randn(4, 2, 16))
+    assert policy._prefetch.pending  # layer 1's copy is in flight
+    policy.retrieve(1, torch.randn(4, 2, 16))
+    stats = policy.end_question()
+    assert not policy._prefetch.pending
+    assert stats.prefetch_lookups > 0 and 0 <= stats.prefetch_hits <= stats.prefetch_lookups
+    assert not [t for t in threading.enumerate() if t.name.startswith("mosaic-prefetch")]
+    policy.begin_question()
+    policy.retrieve(0, torch.randn(4, 2, 16))
+    policy.reset()  # mid-question: the pending prefetch is joined and the worker stopped
+    assert not policy._prefetch.pending
+    assert not [t for t in threading.enumerate() if t.name.startswith("mosaic-prefetch")]
+
+
+# ------------------------------------------------------------------------------------------ invariants
+
+
+def test_invariants_hold_after_ten_thousand_random_operations():
+    """Appends of random sizes and modalities, maintenance with random budgets, questions (some with
+    time windows), evictions under a host cap; invariants checked along the way and at the end."""
+    rng = random.Random(1234)
+    budget = 48
+    config = small_config(budget_tokens=budget, window_tokens=12, host_cap_bytes=160 * GEOM.bytes_per_token)
+    policy = make_policy("mosaic", GEOM, config)
+    stream = Stream(GEOM, seed=5)
+    stream.feed([policy], *stream.chunk(4), maintain_ms=None)
+    ops = {"append": 0, "maintain": 0, "question": 0}
+    for step in range(10_000):
+        r = rng.random()
+        if r < 0.4:
+            n = rng.randint(1, 12)
+            objects = rng.sample(range(6), rng.randint(1, 3))
+            stream.feed([policy], *stream.chunk(n, objects, text_only=rng.random() < 0.1), maintain_ms=None)
+            ops["append"] += 1
+        elif r < 0.85:
+            policy.maintain(rng.choice([0.0, 0.05, 0.5, HUGE_MS]))
+            ops["maintain"] += 1
+        else:
+            window = None
+            if rng.random() < 0.3:
+                t0 = rng.uniform(0, stream.frame)
+                window = (t0, t0 + rng.uniform(0, 20))
+            policy.begin_question(window)
+            for layer in range(GEOM.num_layers):
+                ctx = policy.retrieve(layer, torch.randn(4, rng.randint(1, 3), 16))
+                assert ctx.num_tokens <= budget
+                assert len(set(ctx.token_ids[0].tolist())) == ctx.num_tokens
+            policy.end_question()
+            ops["question"] += 1
+        if step % 50 == 0:
+            policy.check_invariants()
+    policy.check_invariants()
+    assert policy.memory().tokens_evicted > 0
+    assert min(ops.values()) > 1000
+    policy.begin_question()
+    for layer in range(GEOM.num_layers):
+        by_token(policy.retrieve(layer, torch.randn(4, 2, 16)), stream, layer)
+    policy.end_question()
+
+
+# ------------------------------------------------------------------------------------------ model run
+
+
+def test_mosaic_runs_inside_a_real_model_and_matches_the_full_context_when_everything_fits():
+    """A real (tiny, random) Qwen2.5-VL run. Every streaming policy ingests against sinks + window,
+    so the reference is ``window`` with a budget covering the stream: same KV, whole context."""
+    from mosaic_ros.runtime.models import load_model
+    from mosaic_ros.runtime.session import SessionConfig, StreamSession
+
+    adapter = load_model("tiny-random:qwen2.5-vl", device="cpu", dtype="float32", seed=0)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (56, 84, 3), dtype=np.uint8) for _ in range(4)]
+    logits = {}
+    for name in ("window", "mosaic"):
+        session = StreamSession(
+            adapter,
+            SessionConfig(policy=name, budget_tokens=4096, window_tokens=8, max_new_tokens=4),
+        )
+        for i, frame in enumerate(frames):
+            session.ingest(frame, float(i))
+        answer = session.ask("What moved?")
+        assert answer.stats.policy == name and answer.stats.tokens_generated >= 0
+        ad = session.adapter
+        with session._lock, torch.no_grad():
+            chunk = ad.question_chunk("Where is the red box?", session._cursor)
+            session.bridge.begin_question(None)
+            try:
+                with session.bridge.question_step(chunk.token_positions) as cache:
+                    logits[name] = ad.forward(chunk, cache)
+            finally:
+                session.bridge.end_question()
+        if name == "mosaic":
+            session.policy.check_invariants()
+            assert session.status().clusters_in_memory > 0
+            sealed = sum(int((st.ext_len > 0).sum()) for st in session.policy._layers)
+            assert sealed > 0  # the dialogue and frames left the small window and were sealed
+    torch.testing.assert_close(logits["mosaic"], logits["window"], atol=1e-4, rtol=1e-4)
