@@ -155,6 +155,9 @@ def run_demo(args: argparse.Namespace, work: Path) -> DemoResult:
         "max_new_tokens": args.max_new_tokens,
         "status_period_s": 0.5,
         "use_sim_time": True,
+        # A camera's topic is best effort; a replayed bag is better heard reliably, so that the
+        # first frames are not lost while DDS matches the player to the node.
+        "qos_overrides": {topic: {"subscription": {"reliability": "reliable"}}},
     }
     node = start_stream_node(params, work, name="stream_node")
     player = None
