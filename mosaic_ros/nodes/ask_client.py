@@ -103,6 +103,10 @@ class AskClient(Node):
             what = f"{self.server}/ask_stream" if action else f"{self.server}/ask"
             raise AskError(f"{what} is not available after {timeout:.0f} s; is mosaic_stream running?")
 
+    def ask_async(self, request: AskVideo.Request):
+        """Send the request; returns the future of its response (spin to complete it)."""
+        return self._ask.call_async(request)
+
     def ask(self, request: AskVideo.Request, timeout: float) -> AskVideo.Response:
         """The service's response (success or not); AskError when none comes in time."""
         self.wait_for_server(timeout)
