@@ -154,7 +154,7 @@ class HostKVStore:
         pin: bool = False,
         device: torch.device | str = "cpu",
         contiguous: bool = False,
-        run_min_rows: int = 64,
+        run_min_rows: int = 32,
     ):
         if page_rows <= 0:
             raise ValueError(f"page_rows must be positive, got {page_rows}")
