@@ -8,8 +8,8 @@ answer so far) under a causal mask.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from mosaic_ros.runtime.kv import kernels
 from mosaic_ros.runtime.kv.policy import KVContext
 from mosaic_ros.runtime.kv.rope import RotaryFn, apply_rotary
 
@@ -67,25 +67,27 @@ def attend(
 
     All tensors are post-RoPE. The last L_q local tokens are the query tokens themselves:
     query i sees the whole context and local tokens ``[0, L_s - L_q + i]``. GQA: query head
-    h reads KV head ``h // (H_q // H_kv)``. Computes in the query's dtype; returns (H_q, L_q, D).
+    h reads KV head ``h // (H_q // H_kv)``. The context and the local tokens are attended
+    separately and merged by their log-sum-exp, so the (large) context is never copied;
+    ``kernels.attention`` runs the Triton kernel on CUDA and grouped fp32 matmuls on CPU.
+    Returns (H_q, L_q, D) in the query's dtype.
     """
     lq = query.shape[1]
-    ls = local_keys.shape[1]
-    if ls < lq:
-        raise ValueError(f"local tokens ({ls}) must include the {lq} query tokens")
-    dtype = query.dtype
-    if context_keys is not None and context_keys.shape[1] > 0:
-        keys = torch.cat((context_keys.to(dtype), local_keys.to(dtype)), dim=1)
-        values = torch.cat((context_values.to(dtype), local_values.to(dtype)), dim=1)
-        t = context_keys.shape[1]
-    else:
-        keys, values, t = local_keys.to(dtype), local_values.to(dtype), 0
-    mask = None
-    if lq > 1:
-        idx = torch.arange(lq, device=query.device)
-        local_visible = torch.arange(ls, device=query.device)[None, :] <= (ls - lq + idx)[:, None]
-        mask = torch.cat((torch.ones(lq, t, dtype=torch.bool, device=query.device), local_visible), dim=1)
-    out = F.scaled_dot_product_attention(
-        query[None], keys[None], values[None], attn_mask=mask, scale=scaling, enable_gqa=True
+    if local_keys.shape[1] < lq:
+        raise ValueError(f"local tokens ({local_keys.shape[1]}) must include the {lq} query tokens")
+    has_context = context_keys is not None and context_keys.shape[1] > 0
+    local = kernels.attention(
+        query,
+        local_keys.to(query.dtype),
+        local_values.to(query.dtype),
+        causal=True,
+        scale=scaling,
+        return_lse=has_context,
     )
-    return out[0]
+    if not has_context:
+        return local
+    ctx = kernels.attention(
+        query, context_keys.to(query.dtype), context_values.to(query.dtype), scale=scaling, return_lse=True
+    )
+    out, _ = kernels.merge_attention([ctx[0], local[0]], [ctx[1], local[1]])
+    return out
