@@ -31,7 +31,7 @@ def test_demo_json_answers_during_and_after_playback(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["model"] == "tiny-random:qwen2.5-vl"
-    assert report["policy"] == "dense"
+    assert report["policy"] == "mosaic"
     assert report["source"] == str(video)
     assert report["note"] == TINY_NOTE
     assert report["frames_published"] == 15

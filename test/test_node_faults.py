@@ -132,6 +132,7 @@ def faults(tmp_path_factory, ros_module_context) -> Faults:
         "camera_topics": [RAW_TOPIC, JPEG_TOPIC, IDLE_TOPIC],
         "camera_ids": ["raw", "jpeg", "idle"],
         "sample_fps": 100.0,
+        "policy": "dense",
         "max_new_tokens": 8,
         "max_pending_questions": 2,
         "status_period_s": 0.2,
@@ -263,9 +264,10 @@ class LongAnswer:
 
 
 def start_long_answer(
-    client: AskClient, actions: ActionClient, camera: str, min_tokens: int = 20
+    client: AskClient, actions: ActionClient, camera: str, min_tokens: int = 20, max_new_tokens: int = 4000
 ) -> LongAnswer:
-    """Send goals until one is still generating after ``min_tokens`` tokens.
+    """Send goals until one is still generating after ``min_tokens`` tokens (``max_new_tokens``
+    0: the node's default).
 
     Random weights may end an answer at any token; a greedy answer that has run this long
     has fallen into a loop and keeps going until cancelled or ``max_new_tokens``.
@@ -279,7 +281,7 @@ def start_long_answer(
                 generating.append(msg.feedback)
 
         goal = AskVideoAction.Goal(
-            question=f"Tell a long story, take {take}.", camera_id=camera, max_new_tokens=4000
+            question=f"Tell a long story, take {take}.", camera_id=camera, max_new_tokens=max_new_tokens
         )
         sent = actions.send_goal_async(goal, feedback_callback=on_feedback)
         assert client.spin_until(sent.done, TIMEOUT_S), "goal not accepted"
@@ -401,8 +403,13 @@ def test_service_client_that_disappears_before_its_answer(faults, actions):
 
 def test_sigint_during_an_answer_exits_cleanly_and_fast(tmp_path, ros_module_context):
     topic = "/sigint/image_raw"
-    params = {"camera_topics": [topic], "sample_fps": 100.0, "max_new_tokens": 8, "status_period_s": 0.2}
-    # The command line overrides the file: answers may run long unless cancelled.
+    params = {
+        "camera_topics": [topic],
+        "policy": "dense",
+        "sample_fps": 100.0,
+        "max_new_tokens": 8,
+        "status_period_s": 0.2,
+    }
     extra = ("--ros-args", "-r", "__ns:=/sigint", "-p", "max_new_tokens:=4000")
     node = start_stream_node(params, tmp_path, extra_args=extra)
     client = AskClient(
@@ -419,7 +426,8 @@ def test_sigint_during_an_answer_exits_cleanly_and_fast(tmp_path, ros_module_con
             return client.status["sigint"].frames_ingested > 0
 
         assert client.spin_until(ingested, TIMEOUT_S), "no frame ingested"
-        long = start_long_answer(client, actions, "sigint")
+        # Goals of the node's default length: 4000 from the command line, not 8 from the file.
+        long = start_long_answer(client, actions, "sigint", max_new_tokens=0)
         node.process.send_signal(signal.SIGINT)
         assert node.wait(timeout=EXIT_BOUND_S) == 0
         assert client.spin_until(long.result.done, TIMEOUT_S), "the client got no result"

@@ -84,6 +84,7 @@ def stream(tmp_path_factory, ros_module_context) -> Stream:
         "camera_topics": [FRONT_TOPIC, SIDE_TOPIC],
         "sample_fps": SAMPLE_FPS,
         "max_frame_side": 160,
+        "policy": "dense",
         "max_new_tokens": MAX_NEW_TOKENS,
         "status_period_s": 0.3,
         "use_sim_time": True,

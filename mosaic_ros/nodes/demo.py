@@ -1,6 +1,6 @@
 """``mosaic-ros-demo``: the whole pipeline on one machine, every stage real.
 
-    mosaic-ros-demo [--video PATH | --bag PATH] [--model tiny-random:qwen2.5-vl] [--policy dense]
+    mosaic-ros-demo [--video PATH | --bag PATH] [--model tiny-random:qwen2.5-vl] [--policy mosaic]
         [--questions Q ...] [--json]
 
 1. turns the video into a ROS 2 bag (unless ``--bag`` is given);
@@ -105,7 +105,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     )
     source.add_argument("--bag", type=Path, help="a ROS 2 bag with an image topic")
     parser.add_argument("--model", default="tiny-random:qwen2.5-vl")
-    parser.add_argument("--policy", default="dense")
+    parser.add_argument("--policy", default="mosaic")
     parser.add_argument("--questions", nargs="+", default=list(DEFAULT_QUESTIONS), metavar="Q")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--fps", type=float, default=5.0, help="frames per second of video put in the bag")

@@ -86,8 +86,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec(
         "policy",
         P.PARAMETER_STRING,
-        "dense",
-        "KV policy: dense, window, token_topk, rekv, livevlm or mosaic.",
+        "mosaic",
+        "KV policy: mosaic, dense, window, token_topk, rekv or livevlm.",
     ),
     ParamSpec(
         "budget_tokens",
