@@ -20,6 +20,7 @@ from mosaic_ros.nodes.stream_params import PARAMETERS, PARAMETERS_BY_NAME, STAND
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH_FILE = ROOT / "launch" / "stream.launch.py"
 CONFIG_FILE = ROOT / "config" / "stream.yaml"
+README = ROOT / "README.md"
 DECLARED = {spec.name for spec in PARAMETERS} | set(STANDARD_PARAMETERS)
 
 PYTHON_TYPES = {
@@ -86,6 +87,13 @@ def test_config_defaults_match_the_declared_ones():
         if PARAMETERS_BY_NAME[name].default is not None and value != PARAMETERS_BY_NAME[name].default
     }
     assert differing == {}
+
+
+def test_readme_documents_every_parameter():
+    section = README.read_text().split("\n## ROS node\n", 1)[1]
+    documented = [line.split("`")[1] for line in section.splitlines() if line.startswith("| `")]
+    for spec in PARAMETERS:
+        assert spec.name in documented, f"README's ROS node section lacks {spec.name}"
 
 
 def test_launch_description_builds_where_ros2_launch_is_installed():

@@ -142,6 +142,7 @@ def run_demo(args: argparse.Namespace, work: Path) -> DemoResult:
     result = DemoResult(args.model, args.policy, source, topic)
     if args.model.startswith("tiny-random:"):
         result.note = TINY_NOTE
+        _log(args, f"Note: {TINY_NOTE}\n")
     questions = list(args.questions)
     split = max(1, len(questions) // 2)
     during, after = questions[:split], questions[split:] or questions[:1]
@@ -169,13 +170,17 @@ def run_demo(args: argparse.Namespace, work: Path) -> DemoResult:
         client.wait_for_server(args.timeout)
         play_args = ["play", str(bag), "--clock", "--rate", str(args.rate), "--wait-subscribers", "1"]
         player = ModuleProcess("bag_tool", play_args, work, name="player")
-        _log(args, f"playing {frames_in_bag} frames on {topic}; asking while it plays...")
+        _log(args, f"playing {frames_in_bag} frames on {topic}; asking once half of them arrived...")
 
-        def streaming() -> bool:
+        def halfway() -> bool:
             status = client.status.get(CAMERA_ID)
-            return status is not None and status.frames_ingested >= 3
+            return (
+                status is not None
+                and status.frames_received >= frames_in_bag // 2
+                and status.frames_ingested > 0
+            )
 
-        if not client.spin_until(streaming, args.timeout):
+        if not client.spin_until(halfway, args.timeout):
             raise RuntimeError(f"the node ingested no frames within {args.timeout:.0f} s:\n{node.stderr()}")
         for question in during:
             result.answers.append(_ask(args, client, question, "during playback"))
@@ -185,7 +190,7 @@ def run_demo(args: argparse.Namespace, work: Path) -> DemoResult:
         client.status.clear()
         if not client.spin_until(lambda: _settled(client, result.frames_published), SETTLE_TIMEOUT_S):
             _log(args, "note: not every published frame reached the node (best-effort transport)")
-        _log(args, "playback ended; asking about the whole video...")
+        _log(args, "\nplayback ended; asking about the whole video...")
         for question in after:
             result.answers.append(_ask(args, client, question, "after playback"))
         client.status.clear()
@@ -233,6 +238,17 @@ def _ask(args, client: AskClient, question: str, phase: str) -> dict:
     return entry
 
 
+def _rounded(value, digits: int = 3):
+    """``value`` with every float rounded (ms to the microsecond is plenty)."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    return value
+
+
 def _status_dict(msg) -> dict:
     fields = msg.get_fields_and_field_types()
     return {name: getattr(msg, name) for name in fields if name != "header"}
@@ -250,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             return 130
     if args.json:
-        print(json.dumps(vars(result), indent=2))
+        print(json.dumps(_rounded(vars(result)), indent=2))
     else:
         print(f"\nmodel {result.model}, policy {result.policy}; stream status at the end:")
         for name, value in result.status.items():

@@ -38,7 +38,11 @@ class ParamSpec:
 
     def constraints(self) -> str:
         """Human-readable bounds, '' when there are none."""
-        return "" if self.low is None else f"{self.low:g} .. {self.high:g}"
+        if self.low is None:
+            return ""
+        if self.type == ParameterType.PARAMETER_INTEGER:
+            return f"{int(self.low)} .. {int(self.high)}"
+        return f"{self.low:g} .. {self.high:g}"
 
 
 P = ParameterType
@@ -139,7 +143,6 @@ PARAMETERS: tuple[ParamSpec, ...] = (
         P.PARAMETER_INTEGER,
         4,
         "Questions waiting or being answered at once; more are refused with a busy error.",
-        live=True,
         low=1,
         high=1000,
     ),
