@@ -14,13 +14,16 @@ import itertools
 import json
 import subprocess
 import sys
+import threading
 import uuid
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import rclpy
 from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from helpers import wait_for
 from mosaic_ros.action import AskVideo as AskVideoAction
 from mosaic_ros.srv import AskVideo
 from rclpy.context import Context
@@ -29,10 +32,14 @@ from rclpy.parameter_client import AsyncParameterClient
 
 from mosaic_ros.nodes.ask_client import AskClient, make_request
 from mosaic_ros.nodes.bag_tool import BagSummary, video_to_bag
+from mosaic_ros.nodes.camera_stream import CameraStream, Frame, LatestFrameSlot, ModelGate
 from mosaic_ros.nodes.demo import default_video
+from mosaic_ros.nodes.image_codec import ImageDecodeError
 from mosaic_ros.nodes.processes import READY_MARK, ModuleProcess, start_stream_node
+from mosaic_ros.nodes.sampling import FrameSampler
 from mosaic_ros.nodes.stream_node import camera_ids_for, ros_arguments
 from mosaic_ros.nodes.stream_params import PARAMETERS, STANDARD_PARAMETERS
+from mosaic_ros.runtime.session import SessionStatus
 from mosaic_ros.runtime.stats import LatencyStats
 
 FRONT_TOPIC = "/front/image_raw"
@@ -161,6 +168,102 @@ def test_params_file_option_becomes_ros_arguments_before_the_users():
         "prog", "--ros-args", "--params-file", "a.yaml", "--", "--ros-args", "-p", "model:=m",
     ]  # fmt: skip
     assert ros_arguments(["prog", "--ros-args", "-p", "x:=1"]) == ["prog", "--ros-args", "-p", "x:=1"]
+
+
+def test_sampler_keeps_one_frame_per_interval_from_the_first_kept():
+    sampler = FrameSampler(4.0)
+    kept = []
+    for i in range(11):  # a 10 fps source, 0.0 .. 1.0 s
+        stamp = 50.0 + i / 10
+        if sampler.is_due(stamp):
+            sampler.commit(stamp)
+            kept.append(i)
+    assert kept == [0, 3, 5, 8, 10]
+
+
+def test_slot_keeps_the_newest_frame_and_its_pending_reset():
+    slot = LatestFrameSlot()
+    assert slot.put(Frame(np.zeros((1, 1, 3), np.uint8), 1.0, reset_before=True)) is False
+    assert slot.put(Frame(np.ones((1, 1, 3), np.uint8), 2.0)) is True
+    frame = slot.take(timeout=0.0)
+    assert (frame.stamp, frame.reset_before) == (2.0, True)
+    assert slot.take(timeout=0.0) is None
+
+
+def test_gate_serves_questions_in_arrival_order_before_frames():
+    gate = ModelGate()
+    order: list[str] = []
+
+    def use(kind: str, name: str) -> None:
+        with getattr(gate, kind)(lambda: False) as acquired:
+            assert acquired
+            order.append(name)
+
+    threads = [threading.Thread(target=use, args=args) for args in (("frame", "frame"), ("question", "q1"))]
+    threads.append(threading.Thread(target=use, args=("question", "q2")))
+    with gate.question(lambda: False):
+        threads[0].start()
+        threads[1].start()
+        wait_for(lambda: gate.questions_waiting == 1, 5, "q1 waiting")
+        threads[2].start()
+        wait_for(lambda: gate.questions_waiting == 2, 5, "q2 waiting")
+    for thread in threads:
+        thread.join(5)
+    assert order == ["q1", "q2", "frame"]
+
+
+class FakeSession:
+    """Records what a CameraStream does with its session."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+        self.last_stamp = None
+
+    def ingest(self, frame, stamp, channel_order):
+        self.calls.append(("ingest", stamp))
+
+    def reset(self):
+        self.calls.append(("reset",))
+
+    def status(self):
+        return SessionStatus("dense", 0, 0, 0, 0, 0, 0, None, None, 0.0)
+
+
+class ListLog:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def info(self, text):
+        self.lines.append(text)
+
+    warning = info
+
+
+def test_time_jump_resets_the_stream_before_the_next_valid_frame():
+    session, log = FakeSession(), ListLog()
+    stream = CameraStream("cam", "/cam", session, ModelGate(), 100.0, 0, now=lambda: 0.0, log=log)
+    stream.start()
+    try:
+        frame = np.zeros((4, 4, 3), np.uint8)
+
+        def bad():
+            raise ImageDecodeError("broken")
+
+        for stamp, decode in ((10.0, lambda: frame), (11.0, lambda: frame), (5.0, bad), (6.0, lambda: frame)):
+            stream.offer(stamp, decode)
+            wait_for(
+                lambda: (
+                    stream.snapshot().counters.ingested + stream.snapshot().counters.dropped_invalid
+                    == stream.snapshot().counters.received
+                ),
+                5,
+                f"frame at {stamp} handled",
+            )
+    finally:
+        stream.stop()
+    assert session.calls == [("ingest", 10.0), ("ingest", 11.0), ("reset",), ("ingest", 6.0)]
+    assert any("time jumped back to 5.000 s" in line for line in log.lines)
+    assert stream.snapshot().counters.dropped_invalid == 1
 
 
 # ---- over DDS --------------------------------------------------------------------------

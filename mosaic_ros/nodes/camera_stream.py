@@ -9,7 +9,6 @@ them. ``ModelGate`` lets one caller at a time use the model, questions before fr
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,11 +24,10 @@ from mosaic_ros.runtime.session import SessionError, SessionStatus, StreamSessio
 
 @dataclass
 class Frame:
-    """A decoded frame waiting for the model. ``received`` is ``time.monotonic()`` at arrival."""
+    """A decoded frame (H, W, 3) RGB uint8 waiting for the model, with its stamp (s)."""
 
     pixels: np.ndarray
     stamp: float
-    received: float
     reset_before: bool = False
 
 
@@ -106,6 +104,11 @@ class ModelGate:
             if acquired:
                 self._release()
 
+    @property
+    def questions_waiting(self) -> int:
+        with self._cond:
+            return len(self._questions)
+
     def _release(self) -> None:
         with self._cond:
             self._busy = False
@@ -163,6 +166,7 @@ class CameraStream:
         self._lock = threading.Lock()
         self._counters = StreamCounters()
         self._last_stamp: float | None = None
+        self._reset_pending = False
         self._warned_invalid = False
         self._memory = session.status()
         self._stop = threading.Event()
@@ -192,13 +196,13 @@ class CameraStream:
 
     def offer(self, stamp: float, decode: Callable[[], np.ndarray]) -> None:
         """A message arrived with header ``stamp`` (s); ``decode()`` gives its RGB pixels."""
-        received = time.monotonic()
         with self._lock:
             self._counters.received += 1
             jumped_back = self._last_stamp is not None and stamp < self._last_stamp
             self._last_stamp = stamp
             if jumped_back:
                 self._sampler.reset()
+                self._reset_pending = True
             if not self._sampler.is_due(stamp):
                 return
         if jumped_back:
@@ -211,8 +215,11 @@ class CameraStream:
         except ImageDecodeError as error:
             self._count_invalid(str(error))
             return
-        frame = Frame(pixels, stamp, received, reset_before=jumped_back)
+        frame = Frame(pixels, stamp)
         with self._lock:
+            # The reset waits for the first valid frame after the jump, which the worker
+            # ingests right after forgetting.
+            frame.reset_before, self._reset_pending = self._reset_pending, False
             self._sampler.commit(stamp)
             self._counters.sampled += 1
             if self._slot.put(frame):
