@@ -46,7 +46,7 @@ def test_demo_json_answers_during_and_after_playback(tmp_path):
         assert stats["tokens_generated"] <= 6
         assert stats["total_ms"] >= stats["ttft_ms"] > 0
     during, after = report["answers"]
-    assert 3 <= during["stats"]["frames_in_memory"] <= after["stats"]["frames_in_memory"]
+    assert 1 <= during["stats"]["frames_in_memory"] <= after["stats"]["frames_in_memory"]
     status = report["status"]
     assert status["frames_received"] == 15
     # 15 frames at 5 fps span 2.8 s; sampled at 2 fps: one frame per half second, 6 in all.
