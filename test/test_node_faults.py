@@ -441,3 +441,13 @@ def test_sigint_during_an_answer_exits_cleanly_and_fast(tmp_path, ros_module_con
         node.stop()
     assert "Traceback" not in node.stderr()
     assert "Failed to publish" not in node.stderr()
+
+
+def test_a_bad_configuration_stops_the_node_at_start_with_the_reason(tmp_path):
+    node = start_stream_node({"camera_topics": ["/bad/image_raw"], "policy": "nonsense"}, tmp_path)
+    try:
+        assert node.wait(timeout=TIMEOUT_S) == 1
+    finally:
+        node.stop()
+    assert "cannot start: unknown KV policy 'nonsense'; known: " in node.stderr()
+    assert "Traceback" not in node.stderr()
