@@ -9,11 +9,10 @@ Without ROS 2's launch (a pip-only install) the same node starts with the same f
 import os
 
 from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
-
-from launch import LaunchDescription
 
 # Launch argument -> the node parameter it sets when it is not empty.
 PARAMETER_ARGUMENTS = {
