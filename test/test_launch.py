@@ -98,10 +98,9 @@ def test_readme_documents_every_parameter():
 
 def test_launch_description_builds_where_ros2_launch_is_installed():
     try:
+        from launch import LaunchContext, LaunchDescription
         from launch.actions import DeclareLaunchArgument
         from launch_ros.actions import Node  # noqa: F401  (the launch file needs it)
-
-        from launch import LaunchContext, LaunchDescription
     except ImportError:
         pytest.skip("ROS 2 'launch' is not installed here: it ships with a ROS 2 install, not on PyPI")
 
