@@ -333,10 +333,10 @@ class ScriptedPredictor(MosaicPolicy):
 
 @pytest.mark.parametrize("wrong", [True, False])
 def test_prefetch_is_exact_whatever_it_predicts_and_counts_its_hits(wrong):
-    config = small_config(budget_tokens=64, options={"prefetch_share": 1.0})
+    config = small_config(budget_tokens=64, options={"prefetch_share": 1.0, "cpu_prefetch": True})
     gen = torch.Generator().manual_seed(11)
     questions = [[3 * torch.randn(4, 2, 16, generator=gen) for _ in range(3)] for _ in range(3)]
-    plain = MosaicPolicy(GEOM3, PolicyConfig(**{**config.__dict__, "prefetch": False}))
+    plain = MosaicPolicy(GEOM3, small_config(budget_tokens=64))  # no prefetch on a CPU by default
     scripted = ScriptedPredictor(GEOM3, config, queries=questions[0], wrong=wrong)
     stream = Stream(GEOM3)
     for phase in range(3):
@@ -368,7 +368,7 @@ def test_prefetch_is_exact_whatever_it_predicts_and_counts_its_hits(wrong):
 
 
 def test_prefetch_worker_is_joined_before_changes_and_stopped_after_questions():
-    config = small_config(budget_tokens=64)
+    config = small_config(budget_tokens=64, options={"cpu_prefetch": True})
     policy = make_policy("mosaic", GEOM3, config)
     stream = Stream(GEOM3)
     stream.run([policy], frames=12)
@@ -395,7 +395,12 @@ def test_invariants_hold_after_ten_thousand_random_operations():
     time windows), evictions under a host cap; invariants checked along the way and at the end."""
     rng = random.Random(1234)
     budget = 48
-    config = small_config(budget_tokens=budget, window_tokens=12, host_cap_bytes=160 * GEOM.bytes_per_token)
+    config = small_config(
+        budget_tokens=budget,
+        window_tokens=12,
+        host_cap_bytes=160 * GEOM.bytes_per_token,
+        options={"cpu_prefetch": True},  # the worker runs between the random operations
+    )
     policy = make_policy("mosaic", GEOM, config)
     stream = Stream(GEOM, seed=5)
     stream.feed([policy], *stream.chunk(4), maintain_ms=None)

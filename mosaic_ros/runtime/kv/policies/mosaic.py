@@ -43,8 +43,10 @@ previous question.
 Cross-layer prefetch (``config.prefetch``, ``prefetch.Prefetcher``): right after layer l's
 fetch, layer l+1's selection is predicted and copied into layer l+1's buffer; the true
 selection then fetches only the misses. Predictors (``options['prefetch_predictor']``):
-``"tokens"`` (default) ranks layer l+1's clusters by the share of their tokens that layer l
-selected; ``"query"`` scores layer l+1's centroids with layer l's query.
+``"tokens"`` (default) carries the estimated share of each token layer l retrieved to its
+cluster in layer l+1; ``"query"`` scores layer l+1's centroids with layer l's query. On a CPU
+device the copy would run on the same cores as attention, so prefetch runs there only with
+``options['cpu_prefetch']`` (a worker thread; worth it when a core is otherwise idle).
 
 Shapes: keys/values (T, H_kv, D) pre-RoPE; C cluster ids per layer; rows and ids int64.
 """
@@ -285,6 +287,7 @@ class MosaicPolicy(StoreBackedPolicy):
         "run_penalty": 1.0,  # copy penalty, in shares of the marginal cluster (0: plain greedy)
         "prefetch_predictor": "tokens",  # "tokens" or "query" (see the module docstring)
         "prefetch_share": 0.5,  # share of the retrievable budget a prediction fills
+        "cpu_prefetch": False,  # prefetch on a CPU device too (worker thread)
         "max_cluster_tokens": 256,  # ClusterIndex: clusters above this size are split
     }
 
@@ -636,9 +639,13 @@ class MosaicPolicy(StoreBackedPolicy):
         fs = self.store.fetch(layer, rows, buf)
         t2 = time.perf_counter()
         self._account(fs, (t1 - t0) * 1e3, (t2 - t1) * 1e3, rows.numel())
-        if self.config.prefetch and layer + 1 < g.num_layers and self._window is None:
+        if self._prefetching and layer + 1 < g.num_layers and self._window is None:
             self._start_prefetch(layer, query, sel)
         return buf.context()
+
+    @property
+    def _prefetching(self) -> bool:
+        return self.config.prefetch and (self.device.type == "cuda" or bool(self.options["cpu_prefetch"]))
 
     def end_question(self) -> RetrievalStats:
         self._settle()
