@@ -245,6 +245,8 @@ def _ask(
                 "copies": stats.copies,
                 "bytes_moved": stats.bytes_moved,
                 "tokens_retrieved": stats.tokens_retrieved / n_layers,
+                "prefetch_hits": stats.prefetch_hits,
+                "prefetch_lookups": stats.prefetch_lookups,
             }
         )
         bar.update(1)
@@ -252,6 +254,8 @@ def _ask(
     moved = sum(p["bytes_moved"] for p in per_q)
     transfer_s = sum(p["transfer_ms"] for p in per_q) / 1e3
     med["transfer_gbps"] = moved / transfer_s / 1e9 if transfer_s > 0 and moved else 0.0
+    lookups = sum(p["prefetch_lookups"] for p in per_q)
+    med["prefetch_hit_rate"] = sum(p["prefetch_hits"] for p in per_q) / lookups if lookups else 0.0
     med["recall"] = statistics.fmean(recalls)
     med["out_rel_err"] = statistics.fmean(errs)
     med["per_question"] = per_q
