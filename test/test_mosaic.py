@@ -475,3 +475,18 @@ def test_mosaic_runs_inside_a_real_model_and_matches_the_full_context_when_every
             sealed = sum(int((st.ext_len > 0).sum()) for st in session.policy._layers)
             assert sealed > 0  # the dialogue and frames left the small window and were sealed
     torch.testing.assert_close(logits["mosaic"], logits["window"], atol=1e-4, rtol=1e-4)
+
+
+def test_the_bench_runs_mosaic_and_reports_its_prefetch_hit_rate(tmp_path):
+    import json
+
+    from mosaic_ros.cli.bench import main
+
+    out = tmp_path / "b.json"
+    args = ["--shape", "tiny", "--frames", "30", "--budget", "128", "--sinks", "4", "--window", "16"]
+    args += ["--questions", "2", "--policies", "rekv,mosaic", "--option", "mosaic.cpu_prefetch=1"]
+    assert main([*args, "--no-progress", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["policies"]
+    assert 0.0 < res["mosaic"]["prefetch_hit_rate"] <= 1.0
+    assert res["rekv"]["prefetch_hit_rate"] == 0.0
+    assert res["mosaic"]["units"] > 0 and 0.0 < res["mosaic"]["recall"] <= 1.0 + 1e-5
