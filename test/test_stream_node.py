@@ -95,10 +95,12 @@ def stream(tmp_path_factory, ros_module_context) -> Stream:
         "max_new_tokens": MAX_NEW_TOKENS,
         "status_period_s": 0.3,
         "use_sim_time": True,
-        # Reliable, so that no frame of the bag is lost before the subscription has matched
-        # the player (which waits for its reliable subscribers to acknowledge every frame).
+        # Reliable and queued, so that no frame of the bag is lost before the subscription has
+        # matched the player (which waits for its reliable subscribers to acknowledge every
+        # frame) or while callbacks wait for a busy CPU.
         "qos_overrides": {
-            topic: {"subscription": {"reliability": "reliable"}} for topic in (FRONT_TOPIC, SIDE_TOPIC)
+            topic: {"subscription": {"reliability": "reliable", "depth": 100}}
+            for topic in (FRONT_TOPIC, SIDE_TOPIC)
         },
     }
     node = start_stream_node(params, work)

@@ -258,7 +258,9 @@ class CameraStream:
         else:
             with self._lock:
                 self._counters.ingested += 1
-                self._counters.ingest_lag_ms = (self._now() - frame.stamp) * 1e3
+                now = self._now()
+                if now > 0.0:  # on simulated time the clock reads 0 until the first /clock
+                    self._counters.ingest_lag_ms = (now - frame.stamp) * 1e3
         self.refresh_memory()
 
     def refresh_memory(self) -> None:

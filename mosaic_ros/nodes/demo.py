@@ -156,9 +156,11 @@ def run_demo(args: argparse.Namespace, work: Path) -> DemoResult:
         "max_new_tokens": args.max_new_tokens,
         "status_period_s": 0.5,
         "use_sim_time": True,
-        # A camera's topic is best effort; a replayed bag is better heard reliably, so that the
-        # first frames are not lost while DDS matches the player to the node.
-        "qos_overrides": {topic: {"subscription": {"reliability": "reliable"}}},
+        # A camera's topic is best effort with depth 1; a replayed bag is better heard reliably
+        # and queued, so that no frame is lost while DDS matches the player to the node or
+        # while the node's callbacks wait for a busy CPU (the node still samples and drops
+        # frames itself, and counts them).
+        "qos_overrides": {topic: {"subscription": {"reliability": "reliable", "depth": 100}}},
     }
     node = start_stream_node(params, work, name="stream_node")
     player = None
