@@ -31,14 +31,15 @@ Physical layout of a layer (rows of the ``HostKVStore``)::
 
 Retrieval per layer: sinks + local window (as every policy), then clusters. All centroids are
 scored in one batched product (``ClusterIndex.score``: the log of each cluster's estimated
-share of the question's attention; Triton on CUDA). Clusters are taken greedily by estimated
-share, minus a penalty for each copy they add: a cluster whose extent touches an extent
-already taken extends that run and pays nothing, one that bridges two runs earns a copy back;
-ring tokens of a still-open cluster cost one copy (the store gathers short runs together).
-The penalty is ``run_penalty`` times the share of the last cluster plain greedy would take
-(the marginal cluster), so it only reorders choices of about marginal value. The rows go to
-the store's ``fetch`` into the layer's device buffer, which keeps rows resident from the
-previous question.
+share of the question's attention; Triton on CUDA). Clusters are taken as in a fractional
+knapsack, by estimated share per token, and the first cluster that no longer fits is cut to
+fill the budget (``choose_clusters``). A cluster's value counts the copies it adds: one whose
+extent touches an extent already taken extends that run and pays nothing, one that bridges
+two runs earns a copy back, ring tokens of a still-open cluster cost one copy (the store
+gathers short runs together). A copy costs ``run_penalty`` times the share of the marginal
+cluster, so it only reorders choices of about marginal value. The rows go to the store's
+``fetch`` into the layer's device buffer, which keeps rows resident from the previous
+question; a question's time window filters candidates token by token instead.
 
 Cross-layer prefetch (``config.prefetch``, ``prefetch.Prefetcher``): right after layer l's
 fetch, layer l+1's selection is predicted and copied into layer l+1's buffer; the true
@@ -315,10 +316,6 @@ class MosaicPolicy(StoreBackedPolicy):
         self._prefetch = Prefetcher(threaded=self.device.type != "cuda")
         self._largest_chunk = 1
         self._next_maintained = 0
-
-    def close(self) -> None:
-        """Stop the prefetch worker (it is also stopped at every ``end_question`` and ``reset``)."""
-        self._prefetch.close()
 
     def _key_lookup(self, layer: int):
         store = self.store
