@@ -687,7 +687,7 @@ class MosaicPolicy(StoreBackedPolicy):
         store, st = self.store, self._layers[layer]
         share = share.to("cpu", torch.float32)
         base_rows = store.rows_of(layer, base)
-        sizes = st.index.counts
+        sizes = st.index.counts.cpu()  # the index keeps its statistics on the compute device
         in_base = st.index.cluster_of(base)
         sizes -= torch.bincount(in_base[in_base >= 0], minlength=sizes.numel())
         per_token = share / sizes.clamp_min(1)
@@ -845,7 +845,7 @@ class MosaicPolicy(StoreBackedPolicy):
             rising = (ext_ids[1:] > ext_ids[:-1]) | (owner[1:] != owner[:-1])
             _require(bool(rising.all()), f"layer {layer}: an extent is not in ascending id order")
             _require(
-                bool((st.ext_len[:slots][st.index.counts == 0] == 0).all()),
+                bool((st.ext_len[:slots][st.index.counts.cpu() == 0] == 0).all()),
                 f"layer {layer}: an empty cluster keeps an extent",
             )
             nursery = st.nursery
