@@ -6,10 +6,6 @@ fail with a message that says what did not happen.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,52 +42,6 @@ def spin_until(executor, predicate: Callable[[], T], timeout: float, what: str) 
         return predicate()
 
     return wait_for(spun, timeout, what, interval=0.0)
-
-
-class PythonProcess:
-    """A Python script run in its own OS process with this environment (ROS isolation included).
-
-    Output goes to ``log_path`` so a chatty child never blocks on a full pipe; ``output()``
-    returns it for failure messages. Use as a context manager: leaving it stops the child.
-    """
-
-    def __init__(self, script: Path, args: list[str], log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [sys.executable, str(script), *args],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ),
-        )
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def running(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self, timeout: float = 20.0) -> int:
-        """Ask the child to exit with SIGINT (as Ctrl-C would); kill it after ``timeout`` s.
-
-        Returns the exit status: 0 for a clean exit, negative for a signal.
-        """
-        if self.running():
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=timeout)
-        self._log.close()
-        return self.process.returncode
-
-    def __enter__(self) -> PythonProcess:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
 
 
 def distinct_latency_stats() -> LatencyStats:

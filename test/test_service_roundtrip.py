@@ -14,12 +14,14 @@ from action_msgs.msg import GoalStatus
 from action_msgs.srv import CancelGoal
 from ask_video_server import ANSWER_SUFFIX, DEFAULT_TOKENS, answer_words
 from builtin_interfaces.msg import Time
-from helpers import TEST_DIR, PythonProcess, distinct_latency_stats, spin_until
+from helpers import TEST_DIR, distinct_latency_stats, spin_until
 from mosaic_ros.action import AskVideo as AskVideoAction
 from mosaic_ros.srv import AskVideo
 from rclpy.action import ActionClient
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
+
+from mosaic_ros.nodes.processes import PythonProcess
 
 pytestmark = pytest.mark.ros
 
@@ -27,12 +29,17 @@ DISCOVERY_TIMEOUT_S = 30.0
 CALL_TIMEOUT_S = 30.0
 
 
+
+def start_server(namespace: str, log_dir) -> PythonProcess:
+    """The AskVideo test server under ``namespace``, in its own OS process."""
+    return PythonProcess([str(TEST_DIR / "ask_video_server.py"), "--namespace", namespace], log_dir, "server")
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The server process, under a namespace no other test run uses."""
     namespace = f"/t_{uuid.uuid4().hex[:12]}"
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    process = PythonProcess(TEST_DIR / "ask_video_server.py", ["--namespace", namespace], log_path)
+    log_dir = tmp_path_factory.mktemp("server")
+    process = start_server(namespace, log_dir)
     try:
         yield namespace, process
     finally:
@@ -206,7 +213,7 @@ def test_action_cancel_stops_generation_and_returns_the_partial_answer(server, c
 def test_server_process_exits_cleanly_on_sigint(tmp_path, client_node):
     node, executor = client_node
     namespace = f"/t_{uuid.uuid4().hex[:12]}"
-    process = PythonProcess(TEST_DIR / "ask_video_server.py", ["--namespace", namespace], tmp_path / "log")
+    process = start_server(namespace, tmp_path)
     try:
         client = node.create_client(AskVideo, f"{namespace}/ask")
         wait_for_service(executor, client, process, "the AskVideo service of the second server")

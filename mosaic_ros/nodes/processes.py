@@ -36,22 +36,22 @@ def write_params_file(path: Path, params: dict) -> Path:
     return path
 
 
-class ModuleProcess:
-    """``python -m mosaic_ros.nodes.<module> ARGS`` with stdout and stderr in files.
+class PythonProcess:
+    """``python ARGS`` (this interpreter, this environment) with stdout and stderr in files.
 
     Files (not pipes) so that a chatty child never blocks. ``stop()`` sends SIGINT, as
     Ctrl-C would, and kills the child only if it does not exit in time.
     """
 
-    def __init__(self, module: str, args: list[str], log_dir: Path, name: str | None = None):
-        name = name or module
+    def __init__(self, argv: list[str], log_dir: Path, name: str):
+        self.name = name
         log_dir.mkdir(parents=True, exist_ok=True)
         self.stdout_path = log_dir / f"{name}.out"
         self.stderr_path = log_dir / f"{name}.err"
         self._stdout = open(self.stdout_path, "wb")  # noqa: SIM115 - closed in stop()
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", f"mosaic_ros.nodes.{module}", *args],
+            [sys.executable, *argv],
             stdin=subprocess.DEVNULL,
             stdout=self._stdout,
             stderr=self._stderr,
@@ -64,6 +64,10 @@ class ModuleProcess:
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
+    def output(self) -> str:
+        """Both streams, for failure messages."""
+        return f"{self.stdout()}{self.stderr()}"
+
     def running(self) -> bool:
         return self.process.poll() is None
 
@@ -71,13 +75,12 @@ class ModuleProcess:
         """Wait until ``text`` appears in the child's stderr (or stdout); raises
         ``RuntimeError`` with the child's output if it exits or the time runs out first."""
         read = self.stderr if stream == "stderr" else self.stdout
-        module = self.process.args[2]
         deadline = time.monotonic() + timeout
         while text not in read():
             if not self.running():
-                raise RuntimeError(f"{module} exited ({self.process.returncode}):\n{self.stderr()}")
+                raise RuntimeError(f"{self.name} exited ({self.process.returncode}):\n{self.stderr()}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"no {text!r} from {module} after {timeout:.0f} s:\n{self.stderr()}")
+                raise RuntimeError(f"no {text!r} from {self.name} after {timeout:.0f} s:\n{self.stderr()}")
             time.sleep(0.05)
 
     def wait(self, timeout: float) -> int:
@@ -96,11 +99,18 @@ class ModuleProcess:
         self._stderr.close()
         return self.process.returncode
 
-    def __enter__(self) -> ModuleProcess:
+    def __enter__(self) -> PythonProcess:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+class ModuleProcess(PythonProcess):
+    """``python -m mosaic_ros.nodes.<module> ARGS`` (no console script needed)."""
+
+    def __init__(self, module: str, args: list[str], log_dir: Path, name: str | None = None):
+        super().__init__(["-m", f"mosaic_ros.nodes.{module}", *args], log_dir, name or module)
 
 
 def start_stream_node(
