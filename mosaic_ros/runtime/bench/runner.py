@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from mosaic_ros.runtime.bench.workloads import Question, Workload
-from mosaic_ros.runtime.kv.attention import attend, rotate_context
+from mosaic_ros.runtime.kv.attention import Scratch, attend, rotate_context
 from mosaic_ros.runtime.kv.policy import KVContext, KVPolicy, PolicyConfig, make_policy
 from mosaic_ros.runtime.kv.rope import apply_rotary
 
@@ -150,7 +150,8 @@ def dense_reference(
     ref = _Reference(out=[[None] * n_layers for _ in questions], lse=[[None] * n_layers for _ in questions])
     for layer in range(n_layers):
         ctx = policy.ingest_context(layer)
-        keys = rotate_context(ctx, rotary).float()
+        # rotated in the precision the timed attention uses, so dense's own recall is exactly 1
+        keys = rotate_context(ctx, rotary, dtype=questions[0].rot[layer].dtype).float()
         values = ctx.values.float()
         for first, group in _same_length_batches(questions, layer, batch):
             lse, out = reference_attention(
@@ -212,6 +213,7 @@ def _ask(
     n_layers = workload.geometry.num_layers
     per_q = []
     recalls, errs = [], []
+    scratch = Scratch()
     for qi, q in enumerate(questions):
         policy.begin_question(q.window)
         attn_ms = 0.0
@@ -220,13 +222,16 @@ def _ask(
             ctx = policy.retrieve(layer, q.pre[layer])
             _sync(policy.device)
             t0 = time.perf_counter()
-            keys = rotate_context(ctx, rotary)
+            out_buf = scratch.take(tuple(ctx.keys.shape), ctx.keys.device)
+            keys = rotate_context(ctx, rotary, dtype=q.rot[layer].dtype, out=out_buf)
             out = attend(q.rot[layer], keys, ctx.values, q.local_k[layer], q.local_v[layer])
             _sync(policy.device)
             attn_ms += (time.perf_counter() - t0) * 1e3
             orig_pos = positions[:, ctx.token_ids.to(positions.device)]
             if not torch.equal(orig_pos, ctx.positions.to(orig_pos.device)):
-                keys = rotate_context(KVContext(ctx.keys, ctx.values, orig_pos, ctx.token_ids), rotary)
+                keys = rotate_context(
+                    KVContext(ctx.keys, ctx.values, orig_pos, ctx.token_ids), rotary, dtype=q.rot[layer].dtype
+                )
             logits = _grouped_logits(q.rot[layer], keys)
             out = out.float()
             lse = reference.lse[qi][layer].to(logits.device)

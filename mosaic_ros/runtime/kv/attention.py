@@ -11,25 +11,65 @@ import torch
 
 from mosaic_ros.runtime.kv import kernels
 from mosaic_ros.runtime.kv.policy import KVContext
-from mosaic_ros.runtime.kv.rope import RotaryFn, apply_rotary
+from mosaic_ros.runtime.kv.rope import RotaryFn, apply_rotary_into
 
 
-def rotate_context(ctx: KVContext, rotary: RotaryFn) -> torch.Tensor:
+def rotate_context(
+    ctx: KVContext,
+    rotary: RotaryFn,
+    *,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Post-RoPE keys (H_kv, T, D) of ``ctx``: its pre-RoPE keys rotated by ``ctx.positions``.
+
+    The rotation is computed in float32 and returned in ``dtype`` (default: the keys' dtype;
+    pass the attention's dtype to skip a round trip through the storage precision). ``out``,
+    a float32 (H_kv, T, D) tensor, receives the rotation instead of a fresh allocation (see
+    ``Scratch``); it is returned as is when ``dtype`` is float32.
 
     When all heads share one selection (positions expanded over heads) the rotation table
     is computed once for T tokens, not for H_kv x T.
     """
     h, t, d = ctx.keys.shape
+    dtype = ctx.keys.dtype if dtype is None else dtype
     if t == 0:
-        return ctx.keys
+        return ctx.keys.to(dtype)
     pos = ctx.positions
     if h == 1 or pos.stride(1) == 0:
         cos, sin = rotary(pos[:, 0])
     else:
         cos, sin = rotary(pos.reshape(pos.shape[0], h * t))
         cos, sin = cos.view(h, t, d), sin.view(h, t, d)
-    return apply_rotary(ctx.keys.float(), cos, sin).to(ctx.keys.dtype)
+    if out is None:
+        out = torch.empty((h, t, d), dtype=torch.float32, device=ctx.keys.device)
+    elif out.shape != (h, t, d) or out.dtype != torch.float32:
+        raise ValueError(f"out must be float32 {(h, t, d)}, got {out.dtype} {tuple(out.shape)}")
+    apply_rotary_into(ctx.keys, cos, sin, out)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+class Scratch:
+    """One reusable float32 buffer for per-layer temporaries such as ``rotate_context``'s output.
+
+    A layer's rotated context is dropped as soon as the layer has attended; allocating it
+    afresh per layer costs page faults on every call (tens of MB on a CPU), so callers that
+    rotate layer after layer hand ``take(...)`` to ``out``. What ``take`` returns is valid until
+    the next ``take``: one Scratch per thread of work.
+    """
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+
+    def take(self, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        device = torch.device(device)
+        buf = self._buf
+        if buf is None or buf.numel() < numel or buf.device != device:
+            buf = self._buf = torch.empty(numel, dtype=torch.float32, device=device)
+        return buf[:numel].view(shape)
 
 
 class MemoRotary:

@@ -26,7 +26,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from mosaic_ros.runtime.kv.attention import MemoRotary, attend, rotate_context
+from mosaic_ros.runtime.kv.attention import MemoRotary, Scratch, attend, rotate_context
 from mosaic_ros.runtime.kv.policy import KVPolicy, RetrievalStats
 from mosaic_ros.runtime.kv.rope import RotaryFn, unapply_rotary
 
@@ -133,6 +133,7 @@ class KVBridge:
         self.policy = policy
         self.rotary = rotary
         self._context_rotary = MemoRotary(rotary)
+        self._scratch = Scratch()  # ingest's rotated context lives for one layer only
         self.num_layers = num_layers
         self.cache = StreamCache(self, num_layers)
         self.stored_tokens = 0
@@ -213,7 +214,10 @@ class KVBridge:
         step = self._step
         if self._mode is Mode.INGEST:
             ctx = self.policy.ingest_context(layer)
-            ctx_keys = rotate_context(ctx, self._context_rotary) if ctx is not None else None
+            ctx_keys = None
+            if ctx is not None:
+                out = self._scratch.take(tuple(ctx.keys.shape), ctx.keys.device)
+                ctx_keys = rotate_context(ctx, self._context_rotary, dtype=query.dtype, out=out)
             ctx_values = ctx.values if ctx is not None else None
             out = attend(query[0], ctx_keys, ctx_values, local_keys[0], local_values[0], scaling)
             new_keys = unapply_rotary(local_keys[0].float(), step.cos, step.sin).transpose(0, 1)

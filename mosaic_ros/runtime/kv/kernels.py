@@ -189,14 +189,14 @@ def attention_torch(
     num_q, num_tokens, dim = query.shape
     num_kv, ctx, _ = keys.shape
     group = num_q // num_kv
-    q = query.float().reshape(num_kv, group * num_tokens, dim)
-    logits = torch.bmm(q, keys.float().transpose(1, 2)) * scale  # (H_kv, G * L_q, T)
+    q = query.float().reshape(num_kv, group * num_tokens, dim) * scale  # scale the few query rows
+    logits = torch.bmm(q, keys.float().transpose(1, 2))  # (H_kv, G * L_q, T)
     if causal:
         qpos = torch.arange(num_tokens, device=query.device).repeat(group)
         hidden = torch.arange(ctx, device=query.device)[None, :] > (ctx - num_tokens + qpos)[:, None]
-        logits = logits.masked_fill(hidden, -math.inf)
+        logits.masked_fill_(hidden, -math.inf)
     lse = torch.logsumexp(logits, dim=-1)
-    out = torch.bmm(torch.exp(logits - lse[..., None]), values.float())
+    out = torch.bmm(logits.sub_(lse[..., None]).exp_(), values.float())  # probabilities in place
     return out.reshape(num_q, num_tokens, dim).to(query.dtype), lse.reshape(num_q, num_tokens)
 
 

@@ -25,6 +25,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
+def apply_rotary_into(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """``apply_rotary`` written into ``out`` (same shape as ``x``, usually float32) in three passes.
+
+    ``x`` may be of a lower precision: each pass converts on the fly, so no float32 copy of
+    ``x`` and no temporaries are made (the plain form allocates four tensors of ``x``'s size,
+    which costs more than the arithmetic on a CPU). Returns ``out``.
+    """
+    half = x.shape[-1] // 2
+    torch.mul(x, cos, out=out)
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1.0)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
+
+
 def unapply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Inverse of ``apply_rotary``: recover the position-free vector."""
     return x * cos - rotate_half(x) * sin
@@ -43,5 +59,5 @@ class Rotary1D:
         """positions (1, N) or (N,) int64 -> cos, sin (N, D) float32."""
         pos = positions.reshape(-1).to(self.inv_freq.device, torch.float32)
         angles = torch.outer(pos, self.inv_freq)
-        emb = torch.cat((angles, angles), dim=-1)
-        return emb.cos(), emb.sin()
+        cos, sin = angles.cos(), angles.sin()  # both halves share the angles: trig once, then copy
+        return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)

@@ -1,0 +1,85 @@
+"""The context rotation every policy's attention goes through: in-place form against the plain RoPE math."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mosaic_ros.runtime.kv.attention import Scratch, rotate_context
+from mosaic_ros.runtime.kv.policy import KVContext
+from mosaic_ros.runtime.kv.rope import Rotary1D, apply_rotary, apply_rotary_into
+
+
+def test_rotary1d_table_is_cos_and_sin_of_position_times_frequency():
+    rot = Rotary1D(8, theta=10_000.0)
+    pos = torch.tensor([[0, 1, 5, 250_000]])
+    cos, sin = rot(pos)
+    for j, p in enumerate(pos[0].tolist()):
+        for i in range(8):
+            freq = 10_000.0 ** (-(2 * (i % 4)) / 8)
+            angle = torch.tensor(p, dtype=torch.float32) * torch.tensor(freq, dtype=torch.float32)
+            assert float(cos[j, i]) == pytest.approx(math.cos(float(angle)), abs=2e-6)
+            assert float(sin[j, i]) == pytest.approx(math.sin(float(angle)), abs=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_apply_rotary_into_equals_the_plain_form(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 50, 16, generator=gen).to(dtype)
+    cos, sin = Rotary1D(16)(torch.randint(0, 300_000, (1, 50), generator=gen))
+    out = torch.full((3, 50, 16), float("nan"))
+    got = apply_rotary_into(x, cos, sin, out)
+    assert got is out
+    torch.testing.assert_close(got, apply_rotary(x.float(), cos, sin), rtol=0, atol=1e-6)
+    # per-head tables (3, 50, 16) broadcast the same way
+    cos_h, sin_h = cos.expand(3, 50, 16), sin.expand(3, 50, 16)
+    per_head = apply_rotary_into(x, cos_h, sin_h, torch.empty(3, 50, 16))
+    torch.testing.assert_close(per_head, got, rtol=0, atol=0)
+
+
+def _context(per_head: bool) -> KVContext:
+    gen = torch.Generator().manual_seed(1)
+    h, t, d = 2, 40, 16
+    keys = torch.randn(h, t, d, generator=gen).half()
+    values = torch.randn(h, t, d, generator=gen).half()
+    if per_head:
+        pos = torch.randint(0, 10_000, (1, h, t), generator=gen)
+    else:
+        pos = torch.randint(0, 10_000, (1, 1, t), generator=gen).expand(1, h, t)
+    return KVContext(keys=keys, values=values, positions=pos, token_ids=torch.arange(t).expand(h, t))
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_rotate_context_dtype_and_out(per_head):
+    ctx = _context(per_head)
+    rot = Rotary1D(16)
+    h, t, d = ctx.keys.shape
+    expect = torch.stack(
+        [apply_rotary(ctx.keys[g].float(), *rot(ctx.positions[:, g])) for g in range(h)]
+    )
+    default = rotate_context(ctx, rot)
+    assert default.dtype == torch.float16  # the keys' dtype unless told otherwise
+    torch.testing.assert_close(default, expect.half(), rtol=1e-3, atol=1e-3)  # one fp16 rounding
+    full = rotate_context(ctx, rot, dtype=torch.float32)
+    torch.testing.assert_close(full, expect, rtol=0, atol=1e-6)
+    buf = torch.empty(h, t, d)
+    into = rotate_context(ctx, rot, dtype=torch.float32, out=buf)
+    assert into.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(into, full, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="out must be float32"):
+        rotate_context(ctx, rot, out=torch.empty(h, t + 1, d))
+    with pytest.raises(ValueError, match="out must be float32"):
+        rotate_context(ctx, rot, out=torch.empty(h, t, d, dtype=torch.float16))
+
+
+def test_scratch_reuses_its_buffer_and_grows_when_asked_for_more():
+    s = Scratch()
+    a = s.take((2, 10, 4), "cpu")
+    b = s.take((2, 5, 4), "cpu")
+    assert a.shape == (2, 10, 4) and b.shape == (2, 5, 4) and b.is_contiguous()
+    assert a.data_ptr() == b.data_ptr()  # smaller request: same memory
+    c = s.take((2, 20, 4), "cpu")
+    assert c.shape == (2, 20, 4) and c.numel() == 160
+    assert s.take((2, 20, 4), "cpu").data_ptr() == c.data_ptr()
