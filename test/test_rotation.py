@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mosaic_ros.runtime.kv.attention import Scratch, rotate_context
+from mosaic_ros.runtime.kv.attention import Scratch, attend, rotate_context
 from mosaic_ros.runtime.kv.policy import KVContext
 from mosaic_ros.runtime.kv.rope import Rotary1D, apply_rotary, apply_rotary_into
 
@@ -64,22 +64,45 @@ def test_rotate_context_dtype_and_out(per_head):
     torch.testing.assert_close(default, expect.half(), rtol=1e-3, atol=1e-3)  # one fp16 rounding
     full = rotate_context(ctx, rot, dtype=torch.float32)
     torch.testing.assert_close(full, expect, rtol=0, atol=1e-6)
-    buf = torch.empty(h, t, d)
-    into = rotate_context(ctx, rot, dtype=torch.float32, out=buf)
-    assert into.data_ptr() == buf.data_ptr()
+    scratch = Scratch()
+    into = rotate_context(ctx, rot, dtype=torch.float32, scratch=scratch)
+    assert into.data_ptr() == scratch.take("rotated", (h, t, d), "cpu").data_ptr()
     torch.testing.assert_close(into, full, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="out must be float32"):
-        rotate_context(ctx, rot, out=torch.empty(h, t + 1, d))
-    with pytest.raises(ValueError, match="out must be float32"):
-        rotate_context(ctx, rot, out=torch.empty(h, t, d, dtype=torch.float16))
+    again = rotate_context(ctx, rot, dtype=torch.float16, scratch=scratch)
+    torch.testing.assert_close(again, default, rtol=0, atol=0)
+
+
+def test_attend_with_scratch_equals_attend_without():
+    ctx = _context(per_head=False)
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(4, 3, 16, generator=gen)
+    local_k, local_v = torch.randn(2, 5, 16, generator=gen), torch.randn(2, 5, 16, generator=gen)
+    rot = Rotary1D(16)
+    plain = attend(q, rotate_context(ctx, rot, dtype=torch.float32), ctx.values, local_k, local_v)
+    scratch = Scratch()
+    for _ in range(2):  # the second pass reuses the buffers
+        keys = rotate_context(ctx, rot, dtype=torch.float32, scratch=scratch)
+        fast = attend(q, keys, ctx.values, local_k, local_v, scratch=scratch)
+        torch.testing.assert_close(fast, plain, rtol=0, atol=0)
+
+
+def test_rotary1d_cpu_table_equals_direct_evaluation():
+    rot = Rotary1D(16)
+    pos = torch.tensor([[7, 0, 70_000, 3, 5000]])
+    cos, sin = rot(pos)  # grows the table to 70,001 positions
+    angles = torch.outer(pos[0].float(), rot.inv_freq)
+    assert torch.equal(cos, torch.cat((angles.cos(), angles.cos()), -1))
+    assert torch.equal(sin, torch.cat((angles.sin(), angles.sin()), -1))
+    assert torch.equal(rot(pos[:, 1:3])[0], cos[1:3])  # lookups after growth
 
 
 def test_scratch_reuses_its_buffer_and_grows_when_asked_for_more():
     s = Scratch()
-    a = s.take((2, 10, 4), "cpu")
-    b = s.take((2, 5, 4), "cpu")
+    a = s.take("x", (2, 10, 4), "cpu")
+    b = s.take("x", (2, 5, 4), "cpu")
     assert a.shape == (2, 10, 4) and b.shape == (2, 5, 4) and b.is_contiguous()
     assert a.data_ptr() == b.data_ptr()  # smaller request: same memory
-    c = s.take((2, 20, 4), "cpu")
+    assert s.take("y", (2, 5, 4), "cpu").data_ptr() != a.data_ptr()  # names do not share
+    c = s.take("x", (2, 20, 4), "cpu")
     assert c.shape == (2, 20, 4) and c.numel() == 160
-    assert s.take((2, 20, 4), "cpu").data_ptr() == c.data_ptr()
+    assert s.take("x", (2, 20, 4), "cpu").data_ptr() == c.data_ptr()

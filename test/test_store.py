@@ -208,3 +208,58 @@ def test_contiguous_store_grows_by_doubling_and_keeps_data():
     assert [len(p) for p in store.pages] == [1, 1]
     assert store.capacity_rows(0) == 64
     assert torch.equal(store.pages[0][0][:45], truth[0])
+
+
+def _assert_map_inverts_slots(buf: DeviceBuffer) -> None:
+    """The buffer's row -> slot map is exactly the inverse of ``slot_rows``."""
+    rmap = buf.row_slots(0)
+    for g in range(buf.groups):
+        held = {int(r): s for s, r in enumerate(buf.slot_rows[g].tolist()) if r >= 0}
+        assert len(held) == sum(1 for r in buf.slot_rows[g].tolist() if r >= 0)  # no row twice
+        mapped = {r: int(rmap[g, r]) for r in range(rmap.shape[1]) if rmap[g, r] >= 0}
+        assert mapped == held
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_random_fetch_sequences_keep_residency_exact(per_head):
+    """200 random selections (runs, scattered rows, sizes up to the capacity) plus sliding-window
+    style copy_to_slots: every context equals the store's rows, reuse equals the overlap with
+    what was resident, and the row -> slot map never disagrees with the slots."""
+    store, truth = filled_store(300, page_rows=32, run_min_rows=4)
+    cap = 48
+    buf = DeviceBuffer(GEOM, cap, "cpu", per_head=per_head)
+    groups = buf.groups
+    gen = torch.Generator().manual_seed(3)
+    for step in range(200):
+        if step % 25 == 24:  # a caller that places rows itself, in slots it chose
+            slots = torch.randperm(groups * cap, generator=gen)[:5]
+            rows = torch.randperm(300, generator=gen)
+            rows = rows[~torch.isin(rows, buf.slot_rows.flatten())][:5]  # callers never hold a row twice
+            store.copy_to_slots(0, rows, buf, slots)
+            _assert_map_inverts_slots(buf)
+            continue
+        n = int(torch.randint(1, cap + 1, (1,), generator=gen))
+        sel = []
+        for _ in range(groups):
+            start = int(torch.randint(0, 300 - n, (1,), generator=gen))
+            run = torch.arange(start, start + n // 2)
+            rest = torch.randperm(300, generator=gen)
+            rest = rest[~torch.isin(rest, run)][: n - run.numel()]
+            sel.append(torch.cat((run, rest))[torch.randperm(n, generator=gen)])
+        sel = torch.stack(sel)
+        resident = [set(buf.slot_rows[g].tolist()) - {-1} for g in range(groups)]
+        expect_reused = sum(len(resident[g] & set(sel[g].tolist())) for g in range(groups))
+        fs = store.fetch(0, sel if per_head else sel[0], buf)
+        assert fs.tokens_reused == expect_reused
+        assert fs.tokens_copied == groups * n - expect_reused
+        ctx = buf.context()
+        for g in range(groups):
+            assert sorted(ctx.token_ids[g].tolist()) == sorted(sel[g].tolist())
+            ids = ctx.token_ids[g]
+            if per_head:
+                assert torch.equal(ctx.keys[g], truth[0][ids, 0, g])
+                assert torch.equal(ctx.values[g], truth[0][ids, 1, g])
+            else:
+                assert torch.equal(ctx.keys, truth[0][ids][:, 0].permute(1, 0, 2))
+                assert torch.equal(ctx.values, truth[0][ids][:, 1].permute(1, 0, 2))
+        _assert_map_inverts_slots(buf)

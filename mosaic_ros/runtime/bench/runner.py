@@ -222,9 +222,8 @@ def _ask(
             ctx = policy.retrieve(layer, q.pre[layer])
             _sync(policy.device)
             t0 = time.perf_counter()
-            out_buf = scratch.take(tuple(ctx.keys.shape), ctx.keys.device)
-            keys = rotate_context(ctx, rotary, dtype=q.rot[layer].dtype, out=out_buf)
-            out = attend(q.rot[layer], keys, ctx.values, q.local_k[layer], q.local_v[layer])
+            keys = rotate_context(ctx, rotary, dtype=q.rot[layer].dtype, scratch=scratch)
+            out = attend(q.rot[layer], keys, ctx.values, q.local_k[layer], q.local_v[layer], scratch=scratch)
             _sync(policy.device)
             attn_ms += (time.perf_counter() - t0) * 1e3
             orig_pos = positions[:, ctx.token_ids.to(positions.device)]

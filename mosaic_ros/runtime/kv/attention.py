@@ -19,14 +19,14 @@ def rotate_context(
     rotary: RotaryFn,
     *,
     dtype: torch.dtype | None = None,
-    out: torch.Tensor | None = None,
+    scratch: Scratch | None = None,
 ) -> torch.Tensor:
     """Post-RoPE keys (H_kv, T, D) of ``ctx``: its pre-RoPE keys rotated by ``ctx.positions``.
 
     The rotation is computed in float32 and returned in ``dtype`` (default: the keys' dtype;
-    pass the attention's dtype to skip a round trip through the storage precision). ``out``,
-    a float32 (H_kv, T, D) tensor, receives the rotation instead of a fresh allocation (see
-    ``Scratch``); it is returned as is when ``dtype`` is float32.
+    pass the attention's dtype to skip a round trip through the storage precision). With a
+    ``scratch`` the float32 work and the result live in its reused buffers instead of fresh
+    allocations: the result is then valid until that scratch's next use for a rotation.
 
     When all heads share one selection (positions expanded over heads) the rotation table
     is computed once for T tokens, not for H_kv x T.
@@ -41,34 +41,39 @@ def rotate_context(
     else:
         cos, sin = rotary(pos.reshape(pos.shape[0], h * t))
         cos, sin = cos.view(h, t, d), sin.view(h, t, d)
-    if out is None:
+    # widen once into contiguous float32 (the buffer's keys are a strided view), then rotate
+    if scratch is None:
+        keys = ctx.keys.to(torch.float32, memory_format=torch.contiguous_format)
         out = torch.empty((h, t, d), dtype=torch.float32, device=ctx.keys.device)
-    elif out.shape != (h, t, d) or out.dtype != torch.float32:
-        raise ValueError(f"out must be float32 {(h, t, d)}, got {out.dtype} {tuple(out.shape)}")
-    apply_rotary_into(ctx.keys, cos, sin, out)
+    else:
+        keys = scratch.take("keys", (h, t, d), ctx.keys.device)
+        keys.copy_(ctx.keys)
+        out = scratch.take("rotated", (h, t, d), ctx.keys.device)
+    apply_rotary_into(keys, cos, sin, out)
     return out if dtype == torch.float32 else out.to(dtype)
 
 
 class Scratch:
-    """One reusable float32 buffer for per-layer temporaries such as ``rotate_context``'s output.
+    """Reusable float32 buffers, by name, for per-layer temporaries of the attention path.
 
-    A layer's rotated context is dropped as soon as the layer has attended; allocating it
-    afresh per layer costs page faults on every call (tens of MB on a CPU), so callers that
-    rotate layer after layer hand ``take(...)`` to ``out``. What ``take`` returns is valid until
-    the next ``take``: one Scratch per thread of work.
+    A layer's widened and rotated context is dropped as soon as the layer has attended;
+    allocating it afresh per layer costs page faults on every call (tens of MB on a CPU),
+    so callers that attend layer after layer pass one Scratch to ``rotate_context`` and
+    ``attend``. What ``take`` returns is valid until the next ``take`` of the same name:
+    one Scratch per thread of work.
     """
 
     def __init__(self) -> None:
-        self._buf: torch.Tensor | None = None
+        self._bufs: dict[str, torch.Tensor] = {}
 
-    def take(self, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
+    def take(self, name: str, shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
         numel = 1
         for s in shape:
             numel *= int(s)
         device = torch.device(device)
-        buf = self._buf
+        buf = self._bufs.get(name)
         if buf is None or buf.numel() < numel or buf.device != device:
-            buf = self._buf = torch.empty(numel, dtype=torch.float32, device=device)
+            buf = self._bufs[name] = torch.empty(numel, dtype=torch.float32, device=device)
         return buf[:numel].view(shape)
 
 
@@ -102,6 +107,7 @@ def attend(
     local_keys: torch.Tensor,
     local_values: torch.Tensor,
     scaling: float | None = None,
+    scratch: Scratch | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` (H_q, L_q, D) over context (H_kv, T, D) then local (H_kv, L_s, D).
 
@@ -110,6 +116,7 @@ def attend(
     h reads KV head ``h // (H_q // H_kv)``. The context and the local tokens are attended
     separately and merged by their log-sum-exp, so the (large) context is never copied;
     ``kernels.attention`` runs the Triton kernel on CUDA and grouped fp32 matmuls on CPU.
+    With a ``scratch``, context values are widened to the query's dtype in a reused buffer.
     Returns (H_q, L_q, D) in the query's dtype.
     """
     lq = query.shape[1]
@@ -126,8 +133,13 @@ def attend(
     )
     if not has_context:
         return local
-    ctx = kernels.attention(
-        query, context_keys.to(query.dtype), context_values.to(query.dtype), scale=scaling, return_lse=True
-    )
+    values = context_values
+    if values.dtype != query.dtype:
+        if scratch is not None and query.dtype == torch.float32:
+            values = scratch.take("values", tuple(values.shape), values.device)
+            values.copy_(context_values)
+        else:
+            values = values.to(query.dtype)
+    ctx = kernels.attention(query, context_keys.to(query.dtype), values, scale=scaling, return_lse=True)
     out, _ = kernels.merge_attention([ctx[0], local[0]], [ctx[1], local[1]])
     return out

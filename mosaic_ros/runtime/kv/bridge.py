@@ -216,10 +216,11 @@ class KVBridge:
             ctx = self.policy.ingest_context(layer)
             ctx_keys = None
             if ctx is not None:
-                out = self._scratch.take(tuple(ctx.keys.shape), ctx.keys.device)
-                ctx_keys = rotate_context(ctx, self._context_rotary, dtype=query.dtype, out=out)
+                ctx_keys = rotate_context(ctx, self._context_rotary, dtype=query.dtype, scratch=self._scratch)
             ctx_values = ctx.values if ctx is not None else None
-            out = attend(query[0], ctx_keys, ctx_values, local_keys[0], local_values[0], scaling)
+            out = attend(
+                query[0], ctx_keys, ctx_values, local_keys[0], local_values[0], scaling, scratch=self._scratch
+            )
             new_keys = unapply_rotary(local_keys[0].float(), step.cos, step.sin).transpose(0, 1)
             self.policy.append(layer, new_keys, local_values[0].transpose(0, 1), step.token_ids)
             return out[None]

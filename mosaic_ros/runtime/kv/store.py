@@ -30,6 +30,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mosaic_ros.runtime.kv.policy import KVContext, KVGeometry, TokenMeta
@@ -106,6 +107,9 @@ class DeviceBuffer:
         self.layout_version = -1
         self.staging: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
+        # host row -> slot (G, rows) int32, -1 where not resident: the inverse of slot_rows, so
+        # planning a fetch looks residency up instead of sorting and searching the buffer
+        self._row_slot = np.full((g, 0), -1, dtype=np.int32)
 
     @property
     def per_head(self) -> bool:
@@ -119,7 +123,42 @@ class DeviceBuffer:
     def invalidate(self) -> None:
         """Forget what is resident (the store's layout changed under it)."""
         self.slot_rows.fill_(-1)
+        self._row_slot.fill(-1)
         self.count = 0
+
+    def row_slots(self, rows_needed: int) -> np.ndarray:
+        """The (G, R >= rows_needed) host-row -> slot map (-1: not resident); grows on demand."""
+        have = self._row_slot.shape[1]
+        if rows_needed > have:
+            grown = np.full((self.groups, max(rows_needed, have + have // 2)), -1, dtype=np.int32)
+            grown[:, :have] = self._row_slot
+            self._row_slot = grown
+        return self._row_slot
+
+    def track(self, flat_slots: np.ndarray, rows: np.ndarray | int) -> None:
+        """Record that flat slots (group * capacity + slot) now hold host ``rows`` (-1: empty).
+
+        Rows those slots held before are forgotten unless the map already points elsewhere
+        (a row moved inside the buffer keeps its new slot).
+        """
+        if flat_slots.size == 0:
+            return
+        cap = self.capacity
+        flat_rows = self.slot_rows.numpy().reshape(-1)
+        groups, slots = np.divmod(flat_slots, cap)
+        old = flat_rows[flat_slots]
+        held = old >= 0
+        rmap = self._row_slot
+        stale = held.copy()
+        stale[held] = rmap[groups[held], old[held]] == slots[held]
+        rmap[groups[stale], old[stale]] = -1
+        rows = np.broadcast_to(np.asarray(rows, dtype=np.int64), flat_slots.shape)
+        flat_rows[flat_slots] = rows
+        live = rows >= 0
+        if live.any():
+            need = int(rows[live].max()) + 1
+            rmap = self.row_slots(need)
+            rmap[groups[live], rows[live]] = slots[live]
 
     def context(self) -> KVContext:
         """The last fetched tokens as a ``KVContext`` of views: keys/values (H_kv, n, D)."""
@@ -498,10 +537,14 @@ class HostKVStore:
         ``wait=False`` (a prefetch) leaves the compute stream free to run ahead of asynchronous
         copies: the buffer may be read only after a later ``fetch`` into it with ``wait=True``
         (copies share one side stream, so that fetch's event orders both). No effect off CUDA.
+
+        Planning runs on numpy views of small index arrays: per fetch it is a stable sort of the
+        rows (linear on the run-structured selections policies hand over), one lookup in the
+        buffer's row -> slot map and a few masks, so its cost stays well below the copies'.
         """
         rows = rows.to("cpu", torch.int64)
         if rows.dim() == 1:
-            rows = rows.expand(into.groups, -1) if into.groups > 1 else rows[None]
+            rows = rows[None].expand(into.groups, -1)
         g_count, n = rows.shape
         if g_count != into.groups:
             raise ValueError(f"fetch: rows have {g_count} groups, buffer has {into.groups}")
@@ -512,38 +555,31 @@ class HostKVStore:
             into.layout_version = self.layout_version[layer]
         stats = FetchStats()
         cap = into.capacity
-        rows = rows.sort(dim=1).values
-        stride = max(self.high[layer], 1)
-        group_off = torch.arange(g_count)[:, None]
-        want = (rows + group_off * stride).flatten()
-        resident = into.slot_rows
-        res_key = torch.where(resident >= 0, resident + group_off * stride, -1).flatten()
-        order = torch.argsort(res_key)
-        sorted_res = res_key[order]
-        pos = torch.searchsorted(sorted_res, want).clamp_(max=g_count * cap - 1)
-        hit = sorted_res[pos] == want
-        hit_slot = order[pos]
-        keep = hit & (hit_slot % cap < n)
-        occupied = torch.zeros(g_count * cap, dtype=torch.bool)
-        occupied[hit_slot[keep]] = True
-        free = torch.zeros(g_count, cap, dtype=torch.bool)
-        free[:, :n] = True
-        free = free.flatten() & ~occupied
-        free_slots = torch.nonzero(free).flatten()
-        need = torch.nonzero(~keep).flatten()  # group-major, rows ascending: misses keep run order
-        dst = free_slots
-        moved = hit[need]
+        want = np.sort(rows.numpy(), axis=1, kind="stable")
+        rmap = into.row_slots(int(want.max()) + 1 if n else 0)
+        slot = np.take_along_axis(rmap, want, axis=1) if g_count > 1 else rmap[0][want]
+        hit = slot >= 0
+        keep = hit & (slot < n)
+        occupied = np.zeros((g_count, n), dtype=bool)
+        kg, ki = np.nonzero(keep)
+        occupied[kg, slot[kg, ki]] = True
+        fg, fs = np.nonzero(~occupied)  # free slots in [0, n), group-major, ascending
+        ng, ni = np.nonzero(~keep)  # rows that need a slot, group-major, rows ascending
+        dst = fg * cap + fs
+        need_rows = want[ng, ni]
+        moved = hit[ng, ni]
         stats.tokens_reused = int(hit.sum())
         with self._copy_session(into, stats, wait):
-            if bool(moved.any()):
-                src_m, dst_m = hit_slot[need[moved]], dst[moved]
+            if moved.any():
+                src_m = ng[moved] * cap + slot[ng[moved], ni[moved]]
+                dst_m = dst[moved]
                 self._device_move(into, src_m, dst_m)
-                into.slot_rows.view(-1)[src_m] = -1
-                into.slot_rows.view(-1)[dst_m] = rows.flatten()[need[moved]]
-                stats.device_moves = int(src_m.numel())
+                into.track(dst_m, need_rows[moved])
+                into.track(src_m, -1)
+                stats.device_moves = int(src_m.size)
             miss = ~moved
-            if bool(miss.any()):
-                self._copy_and_track(layer, into, rows.flatten()[need[miss]], dst[miss], stats)
+            if miss.any():
+                self._copy_and_track(layer, into, need_rows[miss], dst[miss], stats)
         into.count = n
         stats.tokens_copied = int(miss.sum())
         return stats
@@ -559,20 +595,20 @@ class HostKVStore:
         """
         if into.layout_version != self.layout_version[layer]:
             raise RuntimeError("copy_to_slots: the store layout changed; refill the buffer with fetch()")
-        rows = rows.to("cpu", torch.int64)
-        slots = slots.to("cpu", torch.int64)
+        rows_np = rows.to("cpu", torch.int64).numpy().reshape(-1)
+        slots_np = slots.to("cpu", torch.int64).numpy().reshape(-1)
         stats = FetchStats()
-        if rows.numel():
+        if rows_np.size:
             with self._copy_session(into, stats):
-                self._copy_and_track(layer, into, rows, slots, stats)
-        stats.tokens_copied = rows.numel()
+                self._copy_and_track(layer, into, rows_np, slots_np, stats)
+        stats.tokens_copied = int(rows_np.size)
         return stats
 
     def _copy_and_track(
-        self, layer: int, into: DeviceBuffer, rows: torch.Tensor, slots: torch.Tensor, stats: FetchStats
+        self, layer: int, into: DeviceBuffer, rows: np.ndarray, slots: np.ndarray, stats: FetchStats
     ) -> None:
         self._copy_in(layer, into, rows, slots, stats)
-        into.slot_rows.view(-1)[slots] = rows
+        into.track(slots, rows)
         self._write_slot_meta(layer, into, rows, slots)
 
     @contextmanager
@@ -601,9 +637,15 @@ class HostKVStore:
             return tensor[None]
         return tensor.permute(2, 0, 1, 3)
 
-    def _device_move(self, into: DeviceBuffer, src: torch.Tensor, dst: torch.Tensor) -> None:
+    @staticmethod
+    def _index(values: np.ndarray, device: torch.device) -> torch.Tensor:
+        """An int64 index tensor on ``device`` from a host numpy array."""
+        t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
+        return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+    def _device_move(self, into: DeviceBuffer, src: np.ndarray, dst: np.ndarray) -> None:
         cap = into.capacity
-        dev_src, dev_dst = src.to(into.device), dst.to(into.device)
+        dev_src, dev_dst = self._index(src, into.device), self._index(dst, into.device)
         view = self._unit_views(into, into.data)
         g_s, s_s = dev_src // cap, dev_src % cap
         g_d, s_d = dev_dst // cap, dev_dst % cap
@@ -613,15 +655,20 @@ class HostKVStore:
         flat_pos = into.slot_pos.view(p, -1)
         flat_pos[:, dev_dst] = flat_pos[:, dev_src]
 
-    def _write_slot_meta(self, layer: int, into: DeviceBuffer, rows: torch.Tensor, dst: torch.Tensor) -> None:
-        ids = self.row_token[layer][rows]
-        pos = self._positions[:, ids]
-        dev_dst = dst.to(into.device, non_blocking=True)
-        into.slot_ids.view(-1)[dev_dst] = ids.to(into.device, non_blocking=True)
-        into.slot_pos.view(pos.shape[0], -1)[:, dev_dst] = pos.to(into.device, non_blocking=True)
+    def _write_slot_meta(self, layer: int, into: DeviceBuffer, rows: np.ndarray, dst: np.ndarray) -> None:
+        ids = self.row_token[layer].numpy()[rows]
+        pos = self._positions.numpy()[:, ids]
+        if into.device.type == "cpu":
+            into.slot_ids.numpy().reshape(-1)[dst] = ids
+            into.slot_pos.numpy().reshape(pos.shape[0], -1)[:, dst] = pos
+            return
+        dev_dst = self._index(dst, into.device)
+        into.slot_ids.view(-1)[dev_dst] = self._index(ids, into.device)
+        dev_pos = torch.from_numpy(pos).to(into.device, non_blocking=True)
+        into.slot_pos.view(pos.shape[0], -1)[:, dev_dst] = dev_pos
 
     def _copy_in(
-        self, layer: int, into: DeviceBuffer, rows: torch.Tensor, dst: torch.Tensor, stats: FetchStats
+        self, layer: int, into: DeviceBuffer, rows: np.ndarray, dst: np.ndarray, stats: FetchStats
     ) -> None:
         """Copy host ``rows`` (k,) into flat buffer slots ``dst`` (k,), group-major, rows sorted per group.
 
@@ -630,56 +677,55 @@ class HostKVStore:
         """
         pr = self._page_rows_of(layer)
         unit_bytes = (2 * self.geometry.token_row_bytes) // into.groups
-        stats.bytes_moved += rows.numel() * unit_bytes
+        stats.bytes_moved += rows.size * unit_bytes
         if into.groups == 1:
-            brk = (
-                (rows[1:] - rows[:-1] != 1) | (dst[1:] - dst[:-1] != 1) | (rows[1:] // pr != rows[:-1] // pr)
-            )
-            idx = torch.nonzero(torch.cat((torch.ones(1, dtype=torch.bool), brk))).flatten()
-            lengths = torch.diff(idx, append=torch.tensor([rows.numel()]))
+            page = rows // pr
+            brk = (np.diff(rows) != 1) | (np.diff(dst) != 1) | (page[1:] != page[:-1])
+            idx = np.flatnonzero(np.concatenate(([True], brk)))
+            lengths = np.diff(idx, append=rows.size)
             long = lengths >= self.run_min_rows
-            if bool(long.any()):
+            if long.any():
                 self._copy_runs(layer, into, rows[idx[long]], dst[idx[long]], lengths[long])
                 stats.copies += int(long.sum())
-                if bool(long.all()):
+                if long.all():
                     return
-                short = ~torch.repeat_interleave(long, lengths)
+                short = ~np.repeat(long, lengths)
                 rows, dst = rows[short], dst[short]
         self._gather(layer, into, rows, dst, stats)
 
     def _copy_runs(
-        self, layer: int, into: DeviceBuffer, starts: torch.Tensor, dst: torch.Tensor, lengths: torch.Tensor
+        self, layer: int, into: DeviceBuffer, starts: np.ndarray, dst: np.ndarray, lengths: np.ndarray
     ) -> None:
         """One copy per run: host rows [starts[i], starts[i] + lengths[i]) (within one page) into
         buffer slots from dst[i]."""
         pr = self._page_rows_of(layer)
+        pages = self.pages[layer]
+        data = into.data
         non_blocking = into.device.type == "cuda"
         for r, s, ln in zip(starts.tolist(), dst.tolist(), lengths.tolist(), strict=True):
-            page = self.pages[layer][r // pr]
-            into.data[s : s + ln].copy_(page[r % pr : r % pr + ln], non_blocking=non_blocking)
+            off = r % pr
+            data[s : s + ln].copy_(pages[r // pr][off : off + ln], non_blocking=non_blocking)
 
     def _gather(
-        self, layer: int, into: DeviceBuffer, rows: torch.Tensor, dst: torch.Tensor, stats: FetchStats
+        self, layer: int, into: DeviceBuffer, rows: np.ndarray, dst: np.ndarray, stats: FetchStats
     ) -> None:
         """One gather per page touched; across devices through one pinned staging copy."""
         cap = into.capacity
         pr = self._page_rows_of(layer)
         pages = rows // pr
-        order = torch.argsort(pages, stable=True)
+        order = np.argsort(pages, kind="stable")
         rows, dst, pages = rows[order], dst[order], pages[order]
-        page_ids, counts = torch.unique_consecutive(pages, return_counts=True)
+        bounds = np.flatnonzero(np.concatenate(([True], pages[1:] != pages[:-1], [True])))
         cross_device = self.device != into.device
-        k = rows.numel()
+        k = rows.size
         unit_shape = into.data.shape[1:] if into.groups == 1 else (2, into.data.shape[3])
         staged = self._staging(into, (k, *unit_shape)) if cross_device else None
-        groups = dst // cap
-        slots = dst % cap
-        local = rows % pr
-        a = 0
-        for p, c in zip(page_ids.tolist(), counts.tolist(), strict=True):
-            b = a + c
-            page = self.pages[layer][p]
+        groups, slots = np.divmod(dst, cap)
+        local = torch.from_numpy(rows % pr)
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+            page = self.pages[layer][int(pages[a])]
             loc = local[a:b].to(page.device)
+            c = b - a
             if into.groups == 1:
                 if staged is not None:
                     torch.index_select(page, 0, loc, out=staged[a:b])
@@ -687,19 +733,20 @@ class HostKVStore:
                     s0 = int(slots[a])
                     torch.index_select(page, 0, loc, out=into.data[s0 : s0 + c])
                 else:
-                    into.data.index_copy_(0, slots[a:b].to(into.device), page.index_select(0, loc))
+                    into.data.index_copy_(0, self._index(slots[a:b], into.device), page.index_select(0, loc))
             else:
-                gathered = page.permute(2, 0, 1, 3)[groups[a:b].to(page.device), loc]
+                gathered = page.permute(2, 0, 1, 3)[self._index(groups[a:b], page.device), loc]
                 if staged is not None:
                     staged[a:b] = gathered
                 else:
-                    into.data.permute(2, 0, 1, 3)[groups[a:b], slots[a:b]] = gathered
-            a = b
-        stats.copies += len(page_ids)
+                    into.data.permute(2, 0, 1, 3)[
+                        self._index(groups[a:b], into.device), self._index(slots[a:b], into.device)
+                    ] = gathered
+        stats.copies += len(bounds) - 1
         if staged is not None:
             dev = staged.to(into.device, non_blocking=True)
             self._unit_views(into, into.data)[
-                groups.to(into.device, non_blocking=True), slots.to(into.device, non_blocking=True)
+                self._index(groups, into.device), self._index(slots, into.device)
             ] = dev
             stats.copies += 1
 
