@@ -57,6 +57,16 @@ class FetchStats:
     cuda_events: tuple | None = None
 
 
+def row_view(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor (rows, ...), contiguous, as a numpy array of ``rows`` opaque byte rows sharing
+    its memory: row copies through it are plain memcpys (torch's ``index_copy_`` moves 2 KiB
+    rows several times slower on a CPU)."""
+    rows = t.shape[0]
+    nbytes = t[0].numel() * t.element_size() if rows else t.element_size()
+    raw = t.reshape(rows, -1).view(torch.uint8).numpy()
+    return raw.view(np.dtype((np.void, nbytes))).reshape(rows)
+
+
 def contiguous_runs(rows: torch.Tensor, break_every: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Maximal runs of consecutive values in sorted unique ``rows`` (n,) int64.
 
@@ -554,6 +564,9 @@ class HostKVStore:
             into.invalidate()
             into.layout_version = self.layout_version[layer]
         stats = FetchStats()
+        if g_count == 1:
+            self._fetch_shared(layer, rows.numpy()[0], into, stats, wait)
+            return stats
         cap = into.capacity
         want = np.sort(rows.numpy(), axis=1, kind="stable")
         rmap = into.row_slots(int(want.max()) + 1 if n else 0)
@@ -583,6 +596,43 @@ class HostKVStore:
         into.count = n
         stats.tokens_copied = int(miss.sum())
         return stats
+
+    def _fetch_shared(
+        self, layer: int, rows: np.ndarray, into: DeviceBuffer, stats: FetchStats, wait: bool
+    ) -> None:
+        """``fetch`` for one selection shared by all heads: the same plan on flat arrays, with the
+        row -> slot map updated in place (the generic ``track`` re-derives what is known here)."""
+        n = rows.size
+        want = np.sort(rows, kind="stable")
+        rmap = into.row_slots(int(want[-1]) + 1 if n else 0)[0]
+        slot = rmap[want]
+        hit = slot >= 0
+        keep = hit & (slot < n)
+        occupied = np.zeros(n, dtype=bool)
+        occupied[slot[keep]] = True
+        free = np.flatnonzero(~occupied)  # slots in [0, n) to fill, ascending
+        need = np.flatnonzero(~keep)  # positions in ``want`` without a slot yet, rows ascending
+        need_rows = want[need]
+        moved = hit[need]
+        held = into.slot_rows.numpy()[0]
+        evicted = held[free]
+        rmap[evicted[evicted >= 0]] = -1  # whatever sat in a free slot is not wanted
+        stats.tokens_reused = int(hit.sum())
+        with self._copy_session(into, stats, wait):
+            if moved.any():
+                src = slot[need[moved]].astype(np.int64)
+                self._device_move(into, src, free[moved])
+                held[src] = -1
+                stats.device_moves = int(src.size)
+            held[free] = need_rows
+            rmap[need_rows] = free
+            miss = ~moved
+            if miss.any():
+                rows_in, slots_in = need_rows[miss], free[miss]
+                self._copy_in(layer, into, rows_in, slots_in, stats)
+                self._write_slot_meta(layer, into, rows_in, slots_in)
+        into.count = n
+        stats.tokens_copied = int(miss.sum())
 
     def copy_to_slots(
         self, layer: int, rows: torch.Tensor, into: DeviceBuffer, slots: torch.Tensor
@@ -645,6 +695,14 @@ class HostKVStore:
 
     def _device_move(self, into: DeviceBuffer, src: np.ndarray, dst: np.ndarray) -> None:
         cap = into.capacity
+        if self._host_to_host(into):
+            buf = row_view(into.data)
+            buf[dst] = buf[src]
+            ids = into.slot_ids.numpy().reshape(-1)
+            ids[dst] = ids[src]
+            pos = into.slot_pos.numpy().reshape(into.slot_pos.shape[0], -1)
+            pos[:, dst] = pos[:, src]
+            return
         dev_src, dev_dst = self._index(src, into.device), self._index(dst, into.device)
         view = self._unit_views(into, into.data)
         g_s, s_s = dev_src // cap, dev_src % cap
@@ -693,6 +751,10 @@ class HostKVStore:
                 rows, dst = rows[short], dst[short]
         self._gather(layer, into, rows, dst, stats)
 
+    def _host_to_host(self, into: DeviceBuffer) -> bool:
+        """Whether a fetch into ``into`` is a CPU-to-CPU copy of whole rows (numpy row views)."""
+        return into.groups == 1 and into.device.type == "cpu" and self.device.type == "cpu"
+
     def _copy_runs(
         self, layer: int, into: DeviceBuffer, starts: np.ndarray, dst: np.ndarray, lengths: np.ndarray
     ) -> None:
@@ -700,6 +762,16 @@ class HostKVStore:
         buffer slots from dst[i]."""
         pr = self._page_rows_of(layer)
         pages = self.pages[layer]
+        if self._host_to_host(into):
+            buf = row_view(into.data)
+            views: dict[int, np.ndarray] = {}
+            for r, s, ln in zip(starts.tolist(), dst.tolist(), lengths.tolist(), strict=True):
+                p, off = divmod(r, pr)
+                src = views.get(p)
+                if src is None:
+                    src = views[p] = row_view(pages[p])
+                buf[s : s + ln] = src[off : off + ln]
+            return
         data = into.data
         non_blocking = into.device.type == "cuda"
         for r, s, ln in zip(starts.tolist(), dst.tolist(), lengths.tolist(), strict=True):
@@ -716,6 +788,12 @@ class HostKVStore:
         order = np.argsort(pages, kind="stable")
         rows, dst, pages = rows[order], dst[order], pages[order]
         bounds = np.flatnonzero(np.concatenate(([True], pages[1:] != pages[:-1], [True])))
+        stats.copies += len(bounds) - 1
+        if self._host_to_host(into):
+            buf = row_view(into.data)
+            for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+                buf[dst[a:b]] = row_view(self.pages[layer][int(pages[a])])[rows[a:b] % pr]
+            return
         cross_device = self.device != into.device
         k = rows.size
         unit_shape = into.data.shape[1:] if into.groups == 1 else (2, into.data.shape[3])
@@ -742,7 +820,6 @@ class HostKVStore:
                     into.data.permute(2, 0, 1, 3)[
                         self._index(groups[a:b], into.device), self._index(slots[a:b], into.device)
                     ] = gathered
-        stats.copies += len(bounds) - 1
         if staged is not None:
             dev = staged.to(into.device, non_blocking=True)
             self._unit_views(into, into.data)[

@@ -49,10 +49,13 @@ class StoreBackedPolicy(KVPolicy):
 
     ``per_head``: selections differ per KV head (``select`` returns (H_kv, n) ids) instead of
     one (n,) set shared by all heads. ``option_defaults``: the policy's own ``config.options``
-    keys with defaults; any other key is an error.
+    keys with defaults; any other key is an error. ``reserves_question_buffers``: the per-layer
+    budget-sized device buffers are allocated when a question begins (the device pool a question
+    needs), so a first question does not pay for the allocation inside its transfers.
     """
 
     per_head: ClassVar[bool] = False
+    reserves_question_buffers: ClassVar[bool] = True
     option_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, geometry: KVGeometry, config: PolicyConfig, device: torch.device | str = "cpu"):
@@ -272,6 +275,10 @@ class StoreBackedPolicy(KVPolicy):
                 raise ValueError(f"time window must have start <= end, got {window}")
             window = (t0, t1)
         self._window = window
+        if self.reserves_question_buffers:
+            # the question's device pool is reserved up front, not paid for inside a layer's transfer
+            for layer in range(self.geometry.num_layers):
+                self._buffer(layer)
         self._stats = RetrievalStats()
         self._events = []
         self._in_question = True

@@ -25,6 +25,7 @@ class DensePolicy(StoreBackedPolicy):
     copying; a caller that knows the stream's length avoids those copies)."""
 
     name = "dense"
+    reserves_question_buffers = False  # attends over its own arena, no retrieval buffers
     option_defaults: ClassVar[dict[str, Any]] = {"reserve_tokens": 0}
 
     def _new_store(self) -> HostKVStore:
