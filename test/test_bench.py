@@ -38,7 +38,10 @@ def test_bench_writes_every_field_as_json_and_a_png(tmp_path, capsys):
     # 12 frames x 25 tokens + 4 sinks = 304 tokens, more than the 96-token budget.
     assert doc["policies"]["window"]["recall"] < 1.0
     assert doc["policies"]["token_topk"]["bytes_moved"] > 0
-    assert doc["memcpy_gbps"] > 0
+    assert doc["memcpy_gbps"] > 0 and doc["memcpy_cold_gbps"] > 0
+    for res in doc["policies"].values():
+        assert res["transfer_vs_memcpy"] == pytest.approx(res["transfer_gbps"] / doc["memcpy_gbps"])
+        assert res["transfer_vs_memcpy_cold"] == pytest.approx(res["transfer_gbps"] / doc["memcpy_cold_gbps"])
     for key in ("cpu", "cores", "ram_bytes", "torch"):
         assert key in doc["machine"]
     assert doc["command"].startswith("mosaic-ros-bench --shape tiny")

@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             "stream": workload.describe(),
         },
         "memcpy_gbps": result["memcpy"]["gbps"],
+        "memcpy_cold_gbps": result["memcpy"]["cold_gbps"],
         "memcpy": result["memcpy"],
         "policies": result["policies"],
     }

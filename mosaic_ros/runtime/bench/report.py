@@ -98,7 +98,8 @@ def table(doc: dict) -> str:
     mc = doc["memcpy"]
     lines.append(
         "ms per question (all layers, median); MB/q and copies per question; ingest/maint ms per frame; "
-        f"contiguous copy of {mc['bytes_per_copy'] / MB:.1f} MB x{mc['copies']}: {mc['gbps']:.1f} GB/s"
+        f"contiguous copy of {mc['bytes_per_copy'] / MB:.1f} MB x{mc['copies']}: {mc['gbps']:.1f} GB/s "
+        f"repeated (cache-warm), {mc.get('cold_gbps', float('nan')):.1f} GB/s distinct cold buffers"
     )
     return "\n".join(lines)
 
