@@ -42,6 +42,11 @@ def test_bench_writes_every_field_as_json_and_a_png(tmp_path, capsys):
     for res in doc["policies"].values():
         assert res["transfer_vs_memcpy"] == pytest.approx(res["transfer_gbps"] / doc["memcpy_gbps"])
         assert res["transfer_vs_memcpy_cold"] == pytest.approx(res["transfer_gbps"] / doc["memcpy_cold_gbps"])
+        for q in res["per_question"]:  # the copies are a part of the transfer, present iff bytes move
+            assert 0.0 <= q["copy_ms"] <= q["transfer_ms"]
+            assert (q["copy_ms"] > 0) == (q["bytes_moved"] > 0)
+        if res["bytes_moved"] > 0:
+            assert res["copy_gbps"] >= res["transfer_gbps"]
     for key in ("cpu", "cores", "ram_bytes", "torch"):
         assert key in doc["machine"]
     assert doc["command"].startswith("mosaic-ros-bench --shape tiny")

@@ -244,6 +244,7 @@ def _ask(
             {
                 "select_ms": stats.select_ms,
                 "transfer_ms": stats.transfer_ms,
+                "copy_ms": stats.copy_ms,
                 "attn_ms": attn_ms,
                 "total_ms": stats.select_ms + stats.transfer_ms + attn_ms,
                 "copies": stats.copies,
@@ -258,6 +259,8 @@ def _ask(
     moved = sum(p["bytes_moved"] for p in per_q)
     transfer_s = sum(p["transfer_ms"] for p in per_q) / 1e3
     med["transfer_gbps"] = moved / transfer_s / 1e9 if transfer_s > 0 and moved else 0.0
+    copy_s = sum(p["copy_ms"] for p in per_q) / 1e3
+    med["copy_gbps"] = moved / copy_s / 1e9 if copy_s > 0 and moved else 0.0  # the copies alone
     lookups = sum(p["prefetch_lookups"] for p in per_q)
     med["prefetch_hit_rate"] = sum(p["prefetch_hits"] for p in per_q) / lookups if lookups else 0.0
     med["recall"] = statistics.fmean(recalls)
@@ -366,6 +369,7 @@ def run_policies(workload: Workload, cfg: BenchConfig) -> dict:
     for r in results.values():  # effective transfer bandwidth as a share of each copy limit
         r["transfer_vs_memcpy"] = r["transfer_gbps"] / memcpy["gbps"]
         r["transfer_vs_memcpy_cold"] = r["transfer_gbps"] / memcpy["cold_gbps"]
+        r["copy_vs_memcpy_cold"] = r["copy_gbps"] / memcpy["cold_gbps"]
     _add_ratios(results)
     return {"policies": results, "memcpy": memcpy}
 

@@ -145,10 +145,15 @@ class KVContext:
 
 @dataclass
 class RetrievalStats:
-    """What one question's retrieval cost, summed over layers. Times in ms, sizes in bytes."""
+    """What one question's retrieval cost, summed over layers. Times in ms, sizes in bytes.
+
+    ``copy_ms`` is the part of ``transfer_ms`` spent inside the copy calls themselves (the
+    rest is residency planning and bookkeeping).
+    """
 
     select_ms: float = 0.0
     transfer_ms: float = 0.0
+    copy_ms: float = 0.0
     copies: int = 0
     bytes_moved: int = 0
     tokens_retrieved: int = 0

@@ -27,6 +27,7 @@ rows that hold a live token.
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -45,8 +46,10 @@ class FetchStats:
     """What one ``fetch`` moved. ``bytes_moved``/``copies`` count host->device KV traffic only.
 
     ``tokens_reused`` were already resident in the buffer (not copied again); ``device_moves``
-    counts rows shifted inside the buffer. ``cuda_events`` = (start, end) events on the copy
-    stream when the copies are asynchronous (their elapsed time is the transfer time).
+    counts rows shifted inside the buffer. ``copy_ms``: host wall time inside the host->device
+    copy calls (on CUDA, issuing them); the rest of a fetch's time is planning. ``cuda_events``
+    = (start, end) events on the copy stream when the copies are asynchronous (their elapsed
+    time is the transfer time).
     """
 
     copies: int = 0
@@ -54,6 +57,7 @@ class FetchStats:
     tokens_copied: int = 0
     tokens_reused: int = 0
     device_moves: int = 0
+    copy_ms: float = 0.0
     cuda_events: tuple | None = None
 
 
@@ -743,13 +747,17 @@ class HostKVStore:
             lengths = np.diff(idx, append=rows.size)
             long = lengths >= self.run_min_rows
             if long.any():
+                t0 = time.perf_counter()
                 self._copy_runs(layer, into, rows[idx[long]], dst[idx[long]], lengths[long])
+                stats.copy_ms += (time.perf_counter() - t0) * 1e3
                 stats.copies += int(long.sum())
                 if long.all():
                     return
                 short = ~np.repeat(long, lengths)
                 rows, dst = rows[short], dst[short]
+        t0 = time.perf_counter()
         self._gather(layer, into, rows, dst, stats)
+        stats.copy_ms += (time.perf_counter() - t0) * 1e3
 
     def _host_to_host(self, into: DeviceBuffer) -> bool:
         """Whether a fetch into ``into`` is a CPU-to-CPU copy of whole rows (numpy row views)."""

@@ -326,6 +326,7 @@ class StoreBackedPolicy(KVPolicy):
         if fs.cuda_events is not None:
             self._events.append(fs.cuda_events)
         s.copies += fs.copies
+        s.copy_ms += fs.copy_ms
         s.bytes_moved += fs.bytes_moved
         s.tokens_retrieved += tokens
 
