@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from test_policies import assert_map_inverts_slots, brute_force_ingest_ids
 
 from mosaic_ros.runtime.kv.attention import attend, rotate_context
 from mosaic_ros.runtime.kv.policies.mosaic import MosaicPolicy, Selection, chain_order, choose_clusters
@@ -86,7 +87,9 @@ class Stream:
         for p in policies:
             ids = p.add_tokens(meta)
             for layer in range(self.geom.num_layers):
-                p.ingest_context(layer)
+                if p.ingest_context(layer) is not None and p.name != "dense":
+                    assert p.ingest_ids(layer).tolist() == brute_force_ingest_ids(p, layer)
+                    assert_map_inverts_slots(p._ingest_buffers[layer])
                 p.append(layer, keys[layer], values[layer], ids)
             if maintain_ms is not None:
                 p.maintain(maintain_ms)

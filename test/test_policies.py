@@ -28,6 +28,22 @@ def frame_meta(frame: int, start: int, n: int, text: int = 1) -> TokenMeta:
     )
 
 
+def brute_force_ingest_ids(p: KVPolicy, layer: int) -> list[int]:
+    """Sinks + the last ``window_tokens`` live tokens, from a scan of every live token."""
+    live = p.store.live_tokens(layer).tolist()
+    sinks = [i for i in live if i < p.config.sink_tokens]
+    rest = [i for i in live if i >= p.config.sink_tokens]
+    return sinks + rest[max(len(rest) - p.config.window_tokens, 0) :]
+
+
+def assert_map_inverts_slots(buf) -> None:
+    """A device buffer's host-row -> slot map says exactly what its slots hold."""
+    held = {int(r): s for s, r in enumerate(buf.slot_rows[0].tolist()) if r >= 0}
+    rmap = buf.row_slots(0)[0]
+    mapped = {r: int(rmap[r]) for r in range(rmap.shape[0]) if rmap[r] >= 0}
+    assert mapped == held
+
+
 def feed(
     policies: list[KVPolicy], frames: int, per_frame: int, seed: int = 0, geom: KVGeometry = GEOM
 ) -> int:
@@ -49,6 +65,8 @@ def feed(
                 ctx = p.ingest_context(layer)
                 if ctx is not None and p.name != "dense":
                     assert sorted(ctx.token_ids[0].tolist()) == p.ingest_ids(layer).tolist()
+                    assert p.ingest_ids(layer).tolist() == brute_force_ingest_ids(p, layer)
+                    assert_map_inverts_slots(p._ingest_buffers[layer])
                 p.append(layer, k, v, ids)
             p.maintain(5.0)
         start += per_frame

@@ -218,12 +218,30 @@ class StoreBackedPolicy(KVPolicy):
         stamps = self.store.stamps[ids]
         return (stamps >= self._window[0]) & (stamps <= self._window[1])
 
+    def recent_ids(self, layer: int, sinks: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the live ids below ``sinks``, the last ``window`` live ids at or above it), ascending.
+
+        Looks only at the most recent ``2 * window`` ids while enough of them are alive, so the
+        cost does not grow with the stream; scans every live token only when evictions have
+        thinned the recent past.
+        """
+        store = self.store
+        token_row = store.token_row[layer]
+        n = store.num_tokens
+        sink_ids = torch.arange(min(sinks, n))
+        sink_ids = sink_ids[token_row[sink_ids] >= 0]
+        lo = max(sinks, n - 2 * window)
+        recent = torch.arange(lo, n)
+        recent = recent[token_row[recent] >= 0]
+        if recent.numel() < window and lo > sinks:
+            live = store.live_tokens(layer)
+            recent = live[live >= sinks]
+        return sink_ids, recent[recent.numel() - min(window, recent.numel()) :]
+
     def ingest_ids(self, layer: int) -> torch.Tensor:
         """Sinks + the last ``window_tokens`` live tokens (ascending ids), ignoring time windows."""
-        live = self.live_ids(layer)
-        sinks = live[live < self.config.sink_tokens]
-        rest = live[live >= self.config.sink_tokens]
-        return torch.cat((sinks, rest[max(rest.numel() - self.config.window_tokens, 0) :]))
+        sink_ids, recent = self.recent_ids(layer, self.config.sink_tokens, self.config.window_tokens)
+        return torch.cat((sink_ids, recent))
 
     # ------------------------------------------------------------------ ingest
     def ingest_context(self, layer: int) -> KVContext | None:
@@ -257,7 +275,7 @@ class StoreBackedPolicy(KVPolicy):
         held_ids = torch.where(held >= 0, store.row_token[layer][held.clamp_min(0)], -1)
         stale = (held_ids >= sinks) & (held_ids < lo)
         free = torch.nonzero((held < 0) | stale).flatten()[: new_rows.numel()]
-        held[stale] = -1
+        buf.track(torch.nonzero(stale).flatten().numpy(), -1)  # slots and row -> slot map alike
         store.copy_to_slots(layer, new_rows, buf, free)
         self._ingest_upto[layer] = n_tok
         valid = buf.slot_rows[0] >= 0

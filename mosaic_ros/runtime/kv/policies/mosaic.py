@@ -658,20 +658,12 @@ class MosaicPolicy(StoreBackedPolicy):
     def base_ids(self, layer: int) -> Tensor:
         """Sinks + local window of ``layer`` (ids ascending), as ``split_candidates`` defines them
         with no time window, without scanning the whole stream when the window's ids are alive."""
-        store = self.store
-        budget, sinks = self.config.budget_tokens, self.config.sink_tokens
-        token_row = store.token_row[layer]
-        sink_ids = torch.arange(min(sinks, store.num_tokens))
-        sink_ids = sink_ids[token_row[sink_ids] >= 0][:budget]
+        budget = self.config.budget_tokens
+        sink_ids, _ = self.recent_ids(layer, self.config.sink_tokens, 0)
+        sink_ids = sink_ids[:budget]
         want = min(self.config.window_tokens, budget - sink_ids.numel())
-        hi = store.num_tokens
-        lo = max(sinks, hi - 2 * want)
-        recent = torch.arange(lo, hi)
-        recent = recent[token_row[recent] >= 0]
-        if recent.numel() < want and lo > sinks:
-            recent = store.live_tokens(layer)
-            recent = recent[recent >= sinks]
-        return torch.cat((sink_ids, recent[recent.numel() - min(want, recent.numel()) :]))
+        _, recent = self.recent_ids(layer, self.config.sink_tokens, want)
+        return torch.cat((sink_ids, recent))
 
     def select_rows(self, layer: int, query: Tensor) -> Selection:
         """What ``layer`` retrieves for the question's queries (H_q, L_q, D) pre-RoPE."""
