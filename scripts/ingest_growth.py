@@ -1,0 +1,65 @@
+"""Ingest cost per frame against stream length, for one KV policy, without a model.
+
+Streams the benchmark's synthetic KV (``--shape``) into the policy the way the benchmark
+does (``add_tokens``, per layer ``ingest_context`` + ``append``, then ``maintain``) and prints
+the mean ingest and maintenance milliseconds per frame over consecutive blocks of frames,
+so growth with the stream shows in one run.
+
+    .venv/bin/python scripts/ingest_growth.py --policy mosaic --shape qwen2.5-vl-3b --frames 1200
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the benchmark CLI does
+
+import torch
+
+from mosaic_ros.runtime.bench.shapes import SHAPES
+from mosaic_ros.runtime.bench.workloads import SyntheticSpec, SyntheticWorkload
+from mosaic_ros.runtime.kv.policy import PolicyConfig, make_policy
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--policy", default="mosaic")
+    ap.add_argument("--shape", default="qwen2.5-vl-3b", choices=sorted(SHAPES))
+    ap.add_argument("--frames", type=int, default=1200)
+    ap.add_argument("--block", type=int, default=100, help="frames per reported block")
+    ap.add_argument("--budget", type=int, default=8192)
+    ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--sinks", type=int, default=32)
+    ap.add_argument("--maintain-ms", type=float, default=5.0)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    spec = SyntheticSpec(frames=args.frames, questions=1, seed=0, sink_tokens=args.sinks)
+    work = SyntheticWorkload(SHAPES[args.shape], spec, torch.float16)
+    config = PolicyConfig(budget_tokens=args.budget, sink_tokens=args.sinks, window_tokens=args.window)
+    policy = make_policy(args.policy, work.geometry, config, torch.device("cpu"))
+    ingest, maintain = [], []
+    print(f"{args.policy} {args.shape}: frames, ingest ms/frame, maintain ms/frame (block means)")
+    for i in range(work.num_chunks):
+        chunk = work.chunk(i)
+        t0 = time.perf_counter()
+        ids = policy.add_tokens(chunk.meta)
+        for layer in range(work.geometry.num_layers):
+            policy.ingest_context(layer)
+            policy.append(layer, chunk.keys[layer], chunk.values[layer], ids)
+        t1 = time.perf_counter()
+        policy.maintain(args.maintain_ms)
+        t2 = time.perf_counter()
+        if i:  # chunk 0 is the sink preamble
+            ingest.append((t1 - t0) * 1e3)
+            maintain.append((t2 - t1) * 1e3)
+        if i and i % args.block == 0:
+            print(f"{i:6d} {statistics.fmean(ingest):9.1f} {statistics.fmean(maintain):9.1f}", flush=True)
+            ingest, maintain = [], []
+
+
+if __name__ == "__main__":
+    main()
