@@ -263,3 +263,19 @@ def test_random_fetch_sequences_keep_residency_exact(per_head):
                 assert torch.equal(ctx.keys, truth[0][ids][:, 0].permute(1, 0, 2))
                 assert torch.equal(ctx.values, truth[0][ids][:, 1].permute(1, 0, 2))
         _assert_map_inverts_slots(buf)
+
+
+def test_moves_across_pages_keep_every_tokens_data():
+    """Tokens scattered over several pages move to fresh rows (the direct host copy) and back
+    into rows they partly held themselves (the in-place path); data follows the tokens."""
+    store, truth = filled_store(90, page_rows=16)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randperm(90, generator=gen)[:40]
+    rows = store.alloc(0, 40)  # fresh rows at the tail, on pages of their own
+    store.move(0, ids, rows)
+    assert torch.equal(store.rows_of(0, ids), rows)
+    back = store.rows_of(0, ids)[torch.randperm(40, generator=gen)]  # in place: a permutation
+    store.move(0, ids, back)
+    for layer in range(GEOM.num_layers):
+        every = torch.arange(90)
+        assert torch.equal(store.read(layer, store.rows_of(layer, every)), truth[layer][every])

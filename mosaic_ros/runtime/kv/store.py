@@ -481,12 +481,35 @@ class HostKVStore:
         occupied = self.row_token[layer][rows] >= 0
         if bool(occupied.any()) and not bool(torch.isin(rows[occupied], old).all()):
             raise ValueError("move: destination rows hold other tokens")
-        data = self.read(layer, old)
+        if self.device.type == "cpu" and not bool(occupied.any()):
+            self._copy_rows_host(layer, old.numpy(), rows.numpy())
+        else:  # through a copy: destinations may overlap the sources (an in-place relayout)
+            self._write_rows(layer, rows, self.read(layer, old))
         self.row_token[layer][old] = -1
-        self._write_rows(layer, rows, data)
         self.row_token[layer][rows] = token_ids
         self.token_row[layer][token_ids] = rows
         self.layout_version[layer] += 1
+
+    def _copy_rows_host(self, layer: int, src: np.ndarray, dst: np.ndarray) -> None:
+        """Row ``src[i]`` -> row ``dst[i]`` of ``layer`` on host pages, no row in both sets: one numpy
+        row copy per (destination page, source page) pair, no intermediate tensor."""
+        pr = self._page_rows_of(layer)
+        dpage, spage = dst // pr, src // pr
+        key = dpage * (len(self.pages[layer]) + 1) + spage
+        order = np.argsort(key, kind="stable")
+        key, src, dst = key[order], src[order], dst[order]
+        bounds = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1], [True])))
+        views: dict[int, np.ndarray] = {}
+
+        def view(p: int) -> np.ndarray:
+            v = views.get(p)
+            if v is None:
+                v = views[p] = row_view(self.pages[layer][p])
+            return v
+
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+            d, s = int(dst[a]) // pr, int(src[a]) // pr
+            view(d)[dst[a:b] % pr] = view(s)[src[a:b] % pr]
 
     def release(self, layer: int, token_ids: torch.Tensor) -> None:
         """Drop tokens from ``layer``: their rows become free (reused after ``compact``)."""
