@@ -316,13 +316,17 @@ class StoreBackedPolicy(KVPolicy):
             self._track_device()
         return buf
 
-    def retrieve(self, layer: int, query: torch.Tensor) -> KVContext:
+    def _check_retrieve(self, layer: int, query: torch.Tensor) -> None:
+        """The preconditions of ``retrieve``: a known layer, an open question, a (H_q, L_q, D) query."""
         self._check_layer(layer)
         if not self._in_question:
             raise RuntimeError("retrieve() outside a question: call begin_question() first")
         g = self.geometry
         if query.dim() != 3 or query.shape[0] != g.num_q_heads or query.shape[2] != g.head_dim:
             raise ValueError(f"query must be ({g.num_q_heads}, L_q, {g.head_dim}), got {tuple(query.shape)}")
+
+    def retrieve(self, layer: int, query: torch.Tensor) -> KVContext:
+        self._check_retrieve(layer, query)
         t0 = time.perf_counter()
         ids = self.select(layer, query)
         t1 = time.perf_counter()

@@ -99,9 +99,7 @@ class DensePolicy(StoreBackedPolicy):
         return self._context(layer)
 
     def retrieve(self, layer: int, query: torch.Tensor) -> KVContext:
-        self._check_layer(layer)
-        if not self._in_question:
-            raise RuntimeError("retrieve() outside a question: call begin_question() first")
+        self._check_retrieve(layer, query)  # the query is not needed, but it must be well formed
         t0 = time.perf_counter()
         ctx = self._context(layer)
         self._account(FetchStats(), (time.perf_counter() - t0) * 1e3, 0.0, ctx.num_tokens)

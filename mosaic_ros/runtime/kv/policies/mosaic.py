@@ -614,12 +614,8 @@ class MosaicPolicy(StoreBackedPolicy):
         super().begin_question(window)
 
     def retrieve(self, layer: int, query: Tensor) -> KVContext:
-        self._check_layer(layer)
-        if not self._in_question:
-            raise RuntimeError("retrieve() outside a question: call begin_question() first")
+        self._check_retrieve(layer, query)
         g = self.geometry
-        if query.dim() != 3 or query.shape[0] != g.num_q_heads or query.shape[2] != g.head_dim:
-            raise ValueError(f"query must be ({g.num_q_heads}, L_q, {g.head_dim}), got {tuple(query.shape)}")
         prefetched = self._settle()
         t0 = time.perf_counter()
         sel = self.select_rows(layer, query)
