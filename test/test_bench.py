@@ -59,7 +59,8 @@ def test_bench_with_a_budget_covering_the_stream_matches_dense(tmp_path):
     out_json = tmp_path / "b.json"
     args = ["--shape", "tiny", "--frames", "6", "--budget", "400", "--sinks", "4", "--window", "16"]
     rest = ["--questions", "2", "--dense-questions", "2", "--policies", "dense,token_topk,rekv"]
-    assert main([*args, *rest, "--json", str(out_json)]) == 0
+    assert main([*args, *rest, "--maintain-ms", "50", "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["run"]["maintain_ms"] == 50.0
     for res in json.loads(out_json.read_text())["policies"].values():
         assert res["recall"] == pytest.approx(1.0, abs=1e-4)
         assert res["out_rel_err"] == pytest.approx(0.0, abs=1e-3)
@@ -72,6 +73,7 @@ def test_bench_with_a_budget_covering_the_stream_matches_dense(tmp_path):
         (["--policies", "dense,nope"], "registered:"),
         (["--budget", "0"], "--budget must be positive"),
         (["--questions", "0"], "--questions must be positive"),
+        (["--maintain-ms", "-1"], "--maintain-ms must be >= 0"),
     ],
 )
 def test_bench_rejects_bad_arguments_clearly(args, message, capsys):

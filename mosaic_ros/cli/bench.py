@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-cap-mb", type=float, default=0.0, help="host KV cap per policy, MiB (0 = none)")
     p.add_argument("--compression", default="vsb", help="vsb | drop_oldest (used at the host cap)")
     p.add_argument(
+        "--maintain-ms", type=float, default=5.0, help="maintenance budget between frames, ms (default 5)"
+    )
+    p.add_argument(
         "--option",
         action="append",
         default=[],
@@ -147,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--dense-questions must be positive, got {args.dense_questions}")
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
+    if args.maintain_ms < 0:
+        parser.error(f"--maintain-ms must be >= 0, got {args.maintain_ms}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     torch.set_num_threads(choose_threads(args.threads))
     try:
@@ -162,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             options=options,
             dense_questions=args.dense_questions,
             progress=not args.no_progress,
+            maintain_ms=args.maintain_ms,
         )
         t0 = time.perf_counter()
         workload = _workload(args)
@@ -188,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             "dense_questions": min(args.dense_questions, args.questions),
             "sinks": args.sinks,
             "window": args.window,
+            "maintain_ms": args.maintain_ms,
             "host_cap_bytes": cfg.host_cap_bytes,
             "dtype": args.dtype,
             "seed": args.seed,

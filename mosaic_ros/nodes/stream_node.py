@@ -144,6 +144,7 @@ class StreamNode(Node):
             budget_tokens=p("budget_tokens"),
             window_tokens=p("window_tokens"),
             host_cap_bytes=int(p("host_cap_mb") * 2**20),
+            maintain_budget_ms=p("maintain_budget_ms"),
             prefetch=p("prefetch"),
             max_question_chars=int(PARAMETERS_BY_NAME["max_question_chars"].high),
             max_new_tokens=p("max_new_tokens"),

@@ -118,6 +118,15 @@ PARAMETERS: tuple[ParamSpec, ...] = (
         high=1e9,
     ),
     ParamSpec(
+        "maintain_budget_ms",
+        P.PARAMETER_DOUBLE,
+        5.0,
+        "Time per frame for deferred KV maintenance (cluster splits and sealing), ms; work "
+        "that does not fit is done later, or on the frame's path once it is overdue.",
+        low=0.0,
+        high=10000.0,
+    ),
+    ParamSpec(
         "prefetch", P.PARAMETER_BOOL, True, "Cross-layer prefetch of retrieved KV (policies that have it)."
     ),
     ParamSpec(

@@ -53,6 +53,7 @@ class BenchConfig:
     options: dict[str, dict] = field(default_factory=dict)
     dense_questions: int = 1
     progress: bool = True
+    maintain_ms: float = 5.0  # maintenance budget between frames
 
 
 @dataclass
@@ -171,7 +172,13 @@ def dense_reference(
     return ref
 
 
-def _ingest(policy: KVPolicy, workload: Workload, positions: list[torch.Tensor] | None, bar) -> dict:
+def _ingest(
+    policy: KVPolicy,
+    workload: Workload,
+    positions: list[torch.Tensor] | None,
+    bar,
+    maintain_budget_ms: float = 5.0,
+) -> dict:
     """Stream every chunk into ``policy``; returns per-frame ingest/maintenance means (ms)."""
     ingest_ms, maintain_ms = [], []
     for i in range(workload.num_chunks):
@@ -186,7 +193,7 @@ def _ingest(policy: KVPolicy, workload: Workload, positions: list[torch.Tensor] 
             policy.append(layer, keys[layer], values[layer], ids)
         _sync(policy.device)
         t1 = time.perf_counter()
-        m = policy.maintain(5.0)
+        m = policy.maintain(maintain_budget_ms)
         t2 = time.perf_counter()
         if i:
             ingest_ms.append((t1 - t0) * 1e3)
@@ -328,7 +335,7 @@ def run_policies(workload: Workload, cfg: BenchConfig) -> dict:
             total = workload.num_chunks + geom.num_layers + len(asked)
         with tqdm(total=total, desc=name, disable=not cfg.progress, leave=False) as bar:
             collected: list[torch.Tensor] | None = [] if positions is None else None
-            timing = _ingest(policy, workload, collected, bar)
+            timing = _ingest(policy, workload, collected, bar, cfg.maintain_ms)
             if collected is not None:
                 positions = torch.cat(collected, dim=1).to(device)
             if reference is None:
