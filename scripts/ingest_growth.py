@@ -1,7 +1,7 @@
 """Ingest cost per frame against stream length, for one KV policy, without a model.
 
-Streams the benchmark's synthetic KV (``--shape``) into the policy the way the benchmark
-does (``add_tokens``, per layer ``ingest_context`` + ``append``, then ``maintain``) and prints
+Streams the benchmark's synthetic KV (``--shape``) into the policy with the benchmark's own
+per-frame step (``runner.ingest_frame``) and prints
 the mean ingest and maintenance milliseconds per frame over consecutive blocks of frames,
 so growth with the stream shows in one run.
 
@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the benchmark CLI does
 
 import torch
 
+from mosaic_ros.runtime.bench.runner import ingest_frame
 from mosaic_ros.runtime.bench.shapes import SHAPES
 from mosaic_ros.runtime.bench.workloads import SyntheticSpec, SyntheticWorkload
 from mosaic_ros.runtime.kv.policy import PolicyConfig, make_policy
@@ -44,18 +44,10 @@ def main() -> None:
     ingest, maintain = [], []
     print(f"{args.policy} {args.shape}: frames, ingest ms/frame, maintain ms/frame (block means)")
     for i in range(work.num_chunks):
-        chunk = work.chunk(i)
-        t0 = time.perf_counter()
-        ids = policy.add_tokens(chunk.meta)
-        for layer in range(work.geometry.num_layers):
-            policy.ingest_context(layer)
-            policy.append(layer, chunk.keys[layer], chunk.values[layer], ids)
-        t1 = time.perf_counter()
-        policy.maintain(args.maintain_ms)
-        t2 = time.perf_counter()
+        frame_ingest, frame_maintain = ingest_frame(policy, work.chunk(i), args.maintain_ms)
         if i:  # chunk 0 is the sink preamble
-            ingest.append((t1 - t0) * 1e3)
-            maintain.append((t2 - t1) * 1e3)
+            ingest.append(frame_ingest)
+            maintain.append(frame_maintain)
         if i and i % args.block == 0:
             print(f"{i:6d} {statistics.fmean(ingest):9.1f} {statistics.fmean(maintain):9.1f}", flush=True)
             ingest, maintain = [], []

@@ -56,9 +56,7 @@ def test_rotate_context_dtype_and_out(per_head):
     ctx = _context(per_head)
     rot = Rotary1D(16)
     h, t, d = ctx.keys.shape
-    expect = torch.stack(
-        [apply_rotary(ctx.keys[g].float(), *rot(ctx.positions[:, g])) for g in range(h)]
-    )
+    expect = torch.stack([apply_rotary(ctx.keys[g].float(), *rot(ctx.positions[:, g])) for g in range(h)])
     default = rotate_context(ctx, rot)
     assert default.dtype == torch.float16  # the keys' dtype unless told otherwise
     torch.testing.assert_close(default, expect.half(), rtol=1e-3, atol=1e-3)  # one fp16 rounding

@@ -172,6 +172,24 @@ def dense_reference(
     return ref
 
 
+def ingest_frame(policy: KVPolicy, chunk, maintain_budget_ms: float) -> tuple[float, float]:
+    """Stream one chunk into ``policy`` as a model run does (``add_tokens``, per layer
+    ``ingest_context`` + ``append``), then ``maintain``; returns (ingest ms, maintenance ms)."""
+    keys = [k.to(policy.device) for k in chunk.keys]
+    values = [v.to(policy.device) for v in chunk.values]
+    _sync(policy.device)
+    t0 = time.perf_counter()
+    ids = policy.add_tokens(chunk.meta)
+    for layer in range(policy.geometry.num_layers):
+        policy.ingest_context(layer)
+        policy.append(layer, keys[layer], values[layer], ids)
+    _sync(policy.device)
+    t1 = time.perf_counter()
+    m = policy.maintain(maintain_budget_ms)
+    t2 = time.perf_counter()
+    return (t1 - t0) * 1e3, max(m, (t2 - t1) * 1e3)
+
+
 def _ingest(
     policy: KVPolicy,
     workload: Workload,
@@ -183,21 +201,10 @@ def _ingest(
     ingest_ms, maintain_ms = [], []
     for i in range(workload.num_chunks):
         chunk = workload.chunk(i)
-        keys = [k.to(policy.device) for k in chunk.keys]
-        values = [v.to(policy.device) for v in chunk.values]
-        _sync(policy.device)
-        t0 = time.perf_counter()
-        ids = policy.add_tokens(chunk.meta)
-        for layer in range(workload.geometry.num_layers):
-            policy.ingest_context(layer)
-            policy.append(layer, keys[layer], values[layer], ids)
-        _sync(policy.device)
-        t1 = time.perf_counter()
-        m = policy.maintain(maintain_budget_ms)
-        t2 = time.perf_counter()
-        if i:
-            ingest_ms.append((t1 - t0) * 1e3)
-            maintain_ms.append(max(m, (t2 - t1) * 1e3))
+        frame_ms = ingest_frame(policy, chunk, maintain_budget_ms)
+        if i:  # chunk 0 is the sink preamble
+            ingest_ms.append(frame_ms[0])
+            maintain_ms.append(frame_ms[1])
         if positions is not None:
             positions.append(chunk.meta.positions)
         bar.update(1)

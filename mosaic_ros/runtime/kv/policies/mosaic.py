@@ -655,11 +655,10 @@ class MosaicPolicy(StoreBackedPolicy):
         """Sinks + local window of ``layer`` (ids ascending), as ``split_candidates`` defines them
         with no time window, without scanning the whole stream when the window's ids are alive."""
         budget = self.config.budget_tokens
-        sink_ids, _ = self.recent_ids(layer, self.config.sink_tokens, 0)
+        sink_ids, recent = self.recent_ids(layer, self.config.sink_tokens, self.config.window_tokens)
         sink_ids = sink_ids[:budget]
-        want = min(self.config.window_tokens, budget - sink_ids.numel())
-        _, recent = self.recent_ids(layer, self.config.sink_tokens, want)
-        return torch.cat((sink_ids, recent))
+        want = min(recent.numel(), budget - sink_ids.numel())
+        return torch.cat((sink_ids, recent[recent.numel() - want :]))
 
     def select_rows(self, layer: int, query: Tensor) -> Selection:
         """What ``layer`` retrieves for the question's queries (H_q, L_q, D) pre-RoPE."""
