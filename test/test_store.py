@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from mosaic_ros.runtime.kv.policy import KVGeometry, TokenMeta
-from mosaic_ros.runtime.kv.store import DeviceBuffer, HostKVStore, StoreFullError, contiguous_runs
+from mosaic_ros.runtime.kv.store import (
+    HOST_PARALLEL_ROWS,
+    DeviceBuffer,
+    HostKVStore,
+    StoreFullError,
+    contiguous_runs,
+)
 
 GEOM = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=8, num_q_heads=4)
 
@@ -133,10 +139,14 @@ def test_fetch_by_runs_or_gather_gives_the_same_context(run_min_rows):
     buf = DeviceBuffer(GEOM, 40, "cpu")
     fs = store.fetch(0, store.rows_of(0, sel), buf)
     ctx = buf.context()
-    assert ctx.token_ids[0].tolist() == sel.tolist()
-    assert torch.equal(ctx.keys, truth[0][sel][:, 0].permute(1, 0, 2))
-    assert torch.equal(ctx.values, truth[0][sel][:, 1].permute(1, 0, 2))
-    assert torch.equal(ctx.positions[0, 0], sel)
+    ids = ctx.token_ids[0]
+    if run_min_rows == 5:  # the runs take the first slots, the gathered rows the next ones
+        assert ids.tolist() == [*range(10, 30), 0, 1, 2, 3, 41, 43, 59]
+    else:
+        assert ids.tolist() == sel.tolist()
+    assert torch.equal(ctx.keys, truth[0][ids][:, 0].permute(1, 0, 2))
+    assert torch.equal(ctx.values, truth[0][ids][:, 1].permute(1, 0, 2))
+    assert torch.equal(ctx.positions[0, 0], ids)
     assert fs.bytes_moved == sel.numel() * 2 * GEOM.token_row_bytes
     if run_min_rows == 1:
         assert fs.copies == 6  # runs [0,4) [10,16) [16,30) split at row 16, then 41, 43, 59
@@ -144,6 +154,36 @@ def test_fetch_by_runs_or_gather_gives_the_same_context(run_min_rows):
         assert fs.copies == 5  # runs [10,16) and [16,30) copied; 0-3, 41 + 43, 59 gathered per page
     else:
         assert fs.copies == 4  # one gather per page touched
+
+
+def test_fetch_into_fragmented_free_slots_copies_long_and_short_runs_exactly():
+    """Long runs (torch copies, >= HOST_PARALLEL_ROWS rows), shorter runs (numpy) and scattered
+    rows fill the free slots a previous question left around its rows that stay resident."""
+    store, truth = filled_store(600, page_rows=256, chunk=50)
+    buf = DeviceBuffer(GEOM, 400, "cpu")
+    first = torch.cat((torch.arange(0, 100), torch.arange(300, 400)))  # slots 0..199
+    store.fetch(0, store.rows_of(0, first), buf)
+    long_run = torch.arange(420, 420 + HOST_PARALLEL_ROWS + 10)
+    sel = torch.cat(
+        (
+            torch.arange(0, 40),  # resident in slots 0..39
+            torch.arange(360, 400),  # resident in slots 160..199 (the last three beyond n: moved)
+            long_run,
+            torch.arange(520, 560),  # a run copied by numpy
+            torch.tensor([100, 200, 599]),  # scattered: gathered per page
+        )
+    )
+    fs = store.fetch(0, store.rows_of(0, sel), buf)
+    ctx = buf.context()
+    ids = ctx.token_ids[0]
+    assert sorted(ids.tolist()) == sorted(sel.tolist())
+    assert torch.equal(ctx.keys, truth[0][ids][:, 0].permute(1, 0, 2))
+    assert torch.equal(ctx.values, truth[0][ids][:, 1].permute(1, 0, 2))
+    assert torch.equal(ctx.positions[0, 0], ids)
+    assert fs.tokens_reused == 80 and fs.device_moves == 3
+    assert fs.tokens_copied == long_run.numel() + 40 + 3
+    assert fs.copies == 4  # the two runs, then one gather per page (0 and 2)
+    assert ids[40 : 40 + long_run.numel()].tolist() == long_run.tolist()  # one copy, in the hole
 
 
 def test_fetch_skips_rows_already_resident():

@@ -36,6 +36,10 @@ import torch
 
 from mosaic_ros.runtime.kv.policy import KVContext, KVGeometry, TokenMeta
 
+# host-to-host runs at least this long are copied by torch (split across its intra-op threads),
+# shorter ones by numpy (a single thread, but about a microsecond less per call)
+HOST_PARALLEL_ROWS = 64
+
 
 class StoreFullError(RuntimeError):
     """A layer cannot take more rows without exceeding its ``max_rows``; compress or evict first."""
@@ -88,6 +92,11 @@ def contiguous_runs(rows: torch.Tensor, break_every: int = 0) -> tuple[torch.Ten
     starts = rows[idx]
     ends = torch.cat((idx[1:], torch.tensor([rows.numel()])))
     return starts, ends - idx
+
+
+def _consecutive(values: np.ndarray) -> bool:
+    """Whether ``values`` (k >= 1,) are v, v + 1, ..., v + k - 1 in this order."""
+    return values.size == 1 or bool((np.diff(values) == 1).all())
 
 
 class DeviceBuffer:
@@ -639,27 +648,48 @@ class HostKVStore:
         occupied[slot[keep]] = True
         free = np.flatnonzero(~occupied)  # slots in [0, n) to fill, ascending
         need = np.flatnonzero(~keep)  # positions in ``want`` without a slot yet, rows ascending
-        need_rows = want[need]
         moved = hit[need]
+        # which free slot takes which row is free to choose (a context is a set of tokens): the
+        # copied rows take the first free slots, rows of long runs ahead of the scattered ones,
+        # so that both runs and the gathered rest land on consecutive slots
+        rows_in = self._runs_first(layer, want[need[~moved]])
+        k = rows_in.size
+        slots_in = free[:k]
         held = into.slot_rows.numpy()[0]
         evicted = held[free]
         rmap[evicted[evicted >= 0]] = -1  # whatever sat in a free slot is not wanted
         stats.tokens_reused = int(hit.sum())
         with self._copy_session(into, stats, wait):
-            if moved.any():
+            if k < need.size:
                 src = slot[need[moved]].astype(np.int64)
-                self._device_move(into, src, free[moved])
+                dst = free[k:]
+                self._device_move(into, src, dst)
                 held[src] = -1
+                held[dst] = want[need[moved]]
+                rmap[held[dst]] = dst
                 stats.device_moves = int(src.size)
-            held[free] = need_rows
-            rmap[need_rows] = free
-            miss = ~moved
-            if miss.any():
-                rows_in, slots_in = need_rows[miss], free[miss]
+            if k:
+                held[slots_in] = rows_in
+                rmap[rows_in] = slots_in
                 self._copy_in(layer, into, rows_in, slots_in, stats)
                 self._write_slot_meta(layer, into, rows_in, slots_in)
         into.count = n
-        stats.tokens_copied = int(miss.sum())
+        stats.tokens_copied = k
+
+    def _runs_first(self, layer: int, rows: np.ndarray) -> np.ndarray:
+        """Ascending ``rows`` reordered: rows of runs of at least ``run_min_rows`` (within a page)
+        first, then the rest, each part ascending."""
+        if rows.size < 2:
+            return rows
+        pr = self._page_rows_of(layer)
+        brk = (np.diff(rows) != 1) | (rows[1:] % pr == 0)  # rows ascending: a page starts a run
+        idx = np.flatnonzero(np.concatenate(([True], brk)))
+        lengths = np.diff(idx, append=rows.size)
+        long = lengths >= self.run_min_rows
+        if long.all() or not long.any():
+            return rows
+        long = np.repeat(long, lengths)
+        return np.concatenate((rows[long], rows[~long]))
 
     def copy_to_slots(
         self, layer: int, rows: torch.Tensor, into: DeviceBuffer, slots: torch.Tensor
@@ -793,21 +823,23 @@ class HostKVStore:
         buffer slots from dst[i]."""
         pr = self._page_rows_of(layer)
         pages = self.pages[layer]
-        if self._host_to_host(into):
-            buf = row_view(into.data)
-            views: dict[int, np.ndarray] = {}
-            for r, s, ln in zip(starts.tolist(), dst.tolist(), lengths.tolist(), strict=True):
-                p, off = divmod(r, pr)
+        data = into.data
+        non_blocking = into.device.type == "cuda"
+        # On a CPU, torch's copy_ of a long slice splits it across the intra-op threads (about
+        # twice a single-threaded copy's bandwidth), but costs microseconds per call: short
+        # runs go through numpy row views instead.
+        host = self._host_to_host(into)
+        buf = row_view(data) if host else None
+        views: dict[int, np.ndarray] = {}
+        for r, s, ln in zip(starts.tolist(), dst.tolist(), lengths.tolist(), strict=True):
+            p, off = divmod(r, pr)
+            if host and ln < HOST_PARALLEL_ROWS:
                 src = views.get(p)
                 if src is None:
                     src = views[p] = row_view(pages[p])
                 buf[s : s + ln] = src[off : off + ln]
-            return
-        data = into.data
-        non_blocking = into.device.type == "cuda"
-        for r, s, ln in zip(starts.tolist(), dst.tolist(), lengths.tolist(), strict=True):
-            off = r % pr
-            data[s : s + ln].copy_(pages[r // pr][off : off + ln], non_blocking=non_blocking)
+            else:
+                data[s : s + ln].copy_(pages[p][off : off + ln], non_blocking=non_blocking)
 
     def _gather(
         self, layer: int, into: DeviceBuffer, rows: np.ndarray, dst: np.ndarray, stats: FetchStats
@@ -821,9 +853,16 @@ class HostKVStore:
         bounds = np.flatnonzero(np.concatenate(([True], pages[1:] != pages[:-1], [True])))
         stats.copies += len(bounds) - 1
         if self._host_to_host(into):
-            buf = row_view(into.data)
+            buf = None
             for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-                buf[dst[a:b]] = row_view(self.pages[layer][int(pages[a])])[rows[a:b] % pr]
+                page = self.pages[layer][int(pages[a])]
+                s0, c = int(dst[a]), b - a
+                if _consecutive(dst[a:b]):  # a parallel gather straight into the slots
+                    loc = torch.from_numpy(rows[a:b] % pr)
+                    torch.index_select(page, 0, loc, out=into.data[s0 : s0 + c])
+                    continue
+                buf = row_view(into.data) if buf is None else buf
+                buf[dst[a:b]] = row_view(page)[rows[a:b] % pr]
             return
         cross_device = self.device != into.device
         k = rows.size
@@ -838,7 +877,7 @@ class HostKVStore:
             if into.groups == 1:
                 if staged is not None:
                     torch.index_select(page, 0, loc, out=staged[a:b])
-                elif int(slots[b - 1]) - int(slots[a]) == c - 1:
+                elif _consecutive(dst[a:b]):
                     s0 = int(slots[a])
                     torch.index_select(page, 0, loc, out=into.data[s0 : s0 + c])
                 else:
