@@ -12,8 +12,9 @@ Physical layout of a layer (rows of the ``HostKVStore``)::
   takes them anyway.
 - The nursery ring is a fixed block of rows filled in arrival order, like a FIFO: ``append``
   clusters the chunk (``ClusterIndex.assign``) and writes it at the ring's head with one copy,
-  so ingest costs one assignment and one contiguous write per layer and the local window is
-  one or two runs of the ring, always.
+  cluster by cluster (a cluster's tokens of one chunk are one run), so ingest costs one
+  assignment and one contiguous write per layer and the local window is one or two runs of
+  the ring plus part of the chunk it starts in.
 - Sealing (in ``maintain``): a cluster none of whose tokens arrived in the last window plus
   ``hold_windows`` windows is finished for now; its ring tokens (and its old extent, if it had
   one) move to a fresh extent at the tail of the sealed log, members in id order. The
@@ -355,14 +356,21 @@ class MosaicPolicy(StoreBackedPolicy):
         st.grow()
         st.newest.scatter_reduce_(0, cid, ids, "amax")
         pinned = ids < self.config.sink_tokens
-        rows = torch.empty_like(ids)
-        if bool(pinned.any()):
-            rows[pinned] = self._alloc(layer, int(pinned.sum()))
         loose = ~pinned
-        if bool(loose.any()):
-            rows[loose] = self._ring_rows(layer, int(loose.sum()))
+        # the chunk's ring rows go cluster by cluster (ids ascending within one): a cluster's
+        # tokens of one frame form one run, so fetching a still-open cluster and sealing it read
+        # runs instead of rows scattered over the ring
+        loose_at = torch.nonzero(loose).flatten()
+        order = torch.cat((torch.nonzero(pinned).flatten(), loose_at[torch.argsort(cid[loose], stable=True)]))
+        rows = torch.empty_like(ids)
+        n_pinned = ids.numel() - loose_at.numel()
+        if n_pinned:
+            rows[:n_pinned] = self._alloc(layer, n_pinned)
+        if loose_at.numel():
+            rows[n_pinned:] = self._ring_rows(layer, loose_at.numel())
             st.nursery = torch.cat((st.nursery, ids[loose]))
-        self.store.place(layer, ids, rows, keys, values)
+        dev_order = order.to(keys.device)
+        self.store.place(layer, ids[order], rows, keys[dev_order], values[dev_order])
 
     def _alloc(self, layer: int, n: int) -> Tensor:
         """``n`` fresh rows at the tail; if the store had to compact (host cap), re-derive the layout."""
