@@ -140,10 +140,7 @@ def test_fetch_by_runs_or_gather_gives_the_same_context(run_min_rows):
     fs = store.fetch(0, store.rows_of(0, sel), buf)
     ctx = buf.context()
     ids = ctx.token_ids[0]
-    if run_min_rows == 5:  # the runs take the first slots, the gathered rows the next ones
-        assert ids.tolist() == [*range(10, 30), 0, 1, 2, 3, 41, 43, 59]
-    else:
-        assert ids.tolist() == sel.tolist()
+    assert ids.tolist() == sel.tolist()
     assert torch.equal(ctx.keys, truth[0][ids][:, 0].permute(1, 0, 2))
     assert torch.equal(ctx.values, truth[0][ids][:, 1].permute(1, 0, 2))
     assert torch.equal(ctx.positions[0, 0], ids)
@@ -183,7 +180,8 @@ def test_fetch_into_fragmented_free_slots_copies_long_and_short_runs_exactly():
     assert fs.tokens_reused == 80 and fs.device_moves == 3
     assert fs.tokens_copied == long_run.numel() + 40 + 3
     assert fs.copies == 4  # the two runs, then one gather per page (0 and 2)
-    assert ids[40 : 40 + long_run.numel()].tolist() == long_run.tolist()  # one copy, in the hole
+    # the missing rows fill the hole in row order: 100, 200, the three moved rows, then the run
+    assert ids[45 : 45 + long_run.numel()].tolist() == long_run.tolist()
 
 
 def test_fetch_skips_rows_already_resident():

@@ -648,48 +648,27 @@ class HostKVStore:
         occupied[slot[keep]] = True
         free = np.flatnonzero(~occupied)  # slots in [0, n) to fill, ascending
         need = np.flatnonzero(~keep)  # positions in ``want`` without a slot yet, rows ascending
+        need_rows = want[need]
         moved = hit[need]
-        # which free slot takes which row is free to choose (a context is a set of tokens): the
-        # copied rows take the first free slots, rows of long runs ahead of the scattered ones,
-        # so that both runs and the gathered rest land on consecutive slots
-        rows_in = self._runs_first(layer, want[need[~moved]])
-        k = rows_in.size
-        slots_in = free[:k]
         held = into.slot_rows.numpy()[0]
         evicted = held[free]
         rmap[evicted[evicted >= 0]] = -1  # whatever sat in a free slot is not wanted
         stats.tokens_reused = int(hit.sum())
         with self._copy_session(into, stats, wait):
-            if k < need.size:
+            if moved.any():
                 src = slot[need[moved]].astype(np.int64)
-                dst = free[k:]
-                self._device_move(into, src, dst)
+                self._device_move(into, src, free[moved])
                 held[src] = -1
-                held[dst] = want[need[moved]]
-                rmap[held[dst]] = dst
                 stats.device_moves = int(src.size)
-            if k:
-                held[slots_in] = rows_in
-                rmap[rows_in] = slots_in
+            held[free] = need_rows
+            rmap[need_rows] = free
+            miss = ~moved
+            if miss.any():
+                rows_in, slots_in = need_rows[miss], free[miss]
                 self._copy_in(layer, into, rows_in, slots_in, stats)
                 self._write_slot_meta(layer, into, rows_in, slots_in)
         into.count = n
-        stats.tokens_copied = k
-
-    def _runs_first(self, layer: int, rows: np.ndarray) -> np.ndarray:
-        """Ascending ``rows`` reordered: rows of runs of at least ``run_min_rows`` (within a page)
-        first, then the rest, each part ascending."""
-        if rows.size < 2:
-            return rows
-        pr = self._page_rows_of(layer)
-        brk = (np.diff(rows) != 1) | (rows[1:] % pr == 0)  # rows ascending: a page starts a run
-        idx = np.flatnonzero(np.concatenate(([True], brk)))
-        lengths = np.diff(idx, append=rows.size)
-        long = lengths >= self.run_min_rows
-        if long.all() or not long.any():
-            return rows
-        long = np.repeat(long, lengths)
-        return np.concatenate((rows[long], rows[~long]))
+        stats.tokens_copied = int(miss.sum())
 
     def copy_to_slots(
         self, layer: int, rows: torch.Tensor, into: DeviceBuffer, slots: torch.Tensor
