@@ -153,9 +153,18 @@ def test_fetch_by_runs_or_gather_gives_the_same_context(run_min_rows):
         assert fs.copies == 4  # one gather per page touched
 
 
-def test_fetch_into_fragmented_free_slots_copies_long_and_short_runs_exactly():
-    """Long runs (torch copies, >= HOST_PARALLEL_ROWS rows), shorter runs (numpy) and scattered
-    rows fill the free slots a previous question left around its rows that stay resident."""
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def torch_threads(request):
+    """Runs a test with torch using 1 and 2 intra-op threads (host copies pick their path by it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def test_fetch_into_fragmented_free_slots_copies_long_and_short_runs_exactly(torch_threads):
+    """Long runs (torch copies, >= HOST_PARALLEL_ROWS rows, with 2 threads), shorter runs (numpy)
+    and scattered rows fill the free slots a previous question left around its resident rows."""
     store, truth = filled_store(600, page_rows=256, chunk=50)
     buf = DeviceBuffer(GEOM, 400, "cpu")
     first = torch.cat((torch.arange(0, 100), torch.arange(300, 400)))  # slots 0..199

@@ -805,14 +805,15 @@ class HostKVStore:
         data = into.data
         non_blocking = into.device.type == "cuda"
         # On a CPU, torch's copy_ of a long slice splits it across the intra-op threads (about
-        # twice a single-threaded copy's bandwidth), but costs microseconds per call: short
-        # runs go through numpy row views instead.
+        # twice a single-threaded copy's bandwidth), but costs microseconds more per call than a
+        # numpy copy: short runs, and every run when torch has one thread, go through numpy.
         host = self._host_to_host(into)
         buf = row_view(data) if host else None
+        numpy_below = HOST_PARALLEL_ROWS if torch.get_num_threads() > 1 else 1 << 62  # one thread: numpy
         views: dict[int, np.ndarray] = {}
         for r, s, ln in zip(starts.tolist(), dst.tolist(), lengths.tolist(), strict=True):
             p, off = divmod(r, pr)
-            if host and ln < HOST_PARALLEL_ROWS:
+            if host and ln < numpy_below:
                 src = views.get(p)
                 if src is None:
                     src = views[p] = row_view(pages[p])
