@@ -809,11 +809,11 @@ class HostKVStore:
         # numpy copy: short runs, and every run when torch has one thread, go through numpy.
         host = self._host_to_host(into)
         buf = row_view(data) if host else None
-        numpy_below = HOST_PARALLEL_ROWS if torch.get_num_threads() > 1 else 1 << 62  # one thread: numpy
+        parallel = torch.get_num_threads() > 1
         views: dict[int, np.ndarray] = {}
         for r, s, ln in zip(starts.tolist(), dst.tolist(), lengths.tolist(), strict=True):
             p, off = divmod(r, pr)
-            if host and ln < numpy_below:
+            if host and (ln < HOST_PARALLEL_ROWS or not parallel):
                 src = views.get(p)
                 if src is None:
                     src = views[p] = row_view(pages[p])
