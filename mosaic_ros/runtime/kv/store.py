@@ -94,6 +94,19 @@ def contiguous_runs(rows: torch.Tensor, break_every: int = 0) -> tuple[torch.Ten
     return starts, ends - idx
 
 
+def _page_views(pages: list[torch.Tensor]):
+    """``view(p)``: ``row_view`` of ``pages[p]``, made once per page on first use."""
+    views: dict[int, np.ndarray] = {}
+
+    def view(p: int) -> np.ndarray:
+        v = views.get(p)
+        if v is None:
+            v = views[p] = row_view(pages[p])
+        return v
+
+    return view
+
+
 def _consecutive(values: np.ndarray) -> bool:
     """Whether ``values`` (k >= 1,) are v, v + 1, ..., v + k - 1 in this order."""
     return values.size == 1 or bool((np.diff(values) == 1).all())
@@ -508,14 +521,7 @@ class HostKVStore:
         order = np.argsort(key, kind="stable")
         key, src, dst = key[order], src[order], dst[order]
         bounds = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1], [True])))
-        views: dict[int, np.ndarray] = {}
-
-        def view(p: int) -> np.ndarray:
-            v = views.get(p)
-            if v is None:
-                v = views[p] = row_view(self.pages[layer][p])
-            return v
-
+        view = _page_views(self.pages[layer])
         for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
             d, s = int(dst[a]) // pr, int(src[a]) // pr
             view(d)[dst[a:b] % pr] = view(s)[src[a:b] % pr]
@@ -810,14 +816,11 @@ class HostKVStore:
         host = self._host_to_host(into)
         buf = row_view(data) if host else None
         parallel = torch.get_num_threads() > 1
-        views: dict[int, np.ndarray] = {}
+        view = _page_views(pages)
         for r, s, ln in zip(starts.tolist(), dst.tolist(), lengths.tolist(), strict=True):
             p, off = divmod(r, pr)
             if host and (ln < HOST_PARALLEL_ROWS or not parallel):
-                src = views.get(p)
-                if src is None:
-                    src = views[p] = row_view(pages[p])
-                buf[s : s + ln] = src[off : off + ln]
+                buf[s : s + ln] = view(p)[off : off + ln]
             else:
                 data[s : s + ln].copy_(pages[p][off : off + ln], non_blocking=non_blocking)
 
@@ -832,24 +835,13 @@ class HostKVStore:
         rows, dst, pages = rows[order], dst[order], pages[order]
         bounds = np.flatnonzero(np.concatenate(([True], pages[1:] != pages[:-1], [True])))
         stats.copies += len(bounds) - 1
-        if self._host_to_host(into):
-            buf = None
-            for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-                page = self.pages[layer][int(pages[a])]
-                s0, c = int(dst[a]), b - a
-                if _consecutive(dst[a:b]):  # a parallel gather straight into the slots
-                    loc = torch.from_numpy(rows[a:b] % pr)
-                    torch.index_select(page, 0, loc, out=into.data[s0 : s0 + c])
-                    continue
-                buf = row_view(into.data) if buf is None else buf
-                buf[dst[a:b]] = row_view(page)[rows[a:b] % pr]
-            return
         cross_device = self.device != into.device
         k = rows.size
         unit_shape = into.data.shape[1:] if into.groups == 1 else (2, into.data.shape[3])
         staged = self._staging(into, (k, *unit_shape)) if cross_device else None
         groups, slots = np.divmod(dst, cap)
         local = torch.from_numpy(rows % pr)
+        host = self._host_to_host(into)
         for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
             page = self.pages[layer][int(pages[a])]
             loc = local[a:b].to(page.device)
@@ -857,9 +849,11 @@ class HostKVStore:
             if into.groups == 1:
                 if staged is not None:
                     torch.index_select(page, 0, loc, out=staged[a:b])
-                elif _consecutive(dst[a:b]):
+                elif _consecutive(dst[a:b]):  # straight into the slots (parallel on a CPU)
                     s0 = int(slots[a])
                     torch.index_select(page, 0, loc, out=into.data[s0 : s0 + c])
+                elif host:  # scattered slots: numpy row copies, no intermediate tensor
+                    row_view(into.data)[slots[a:b]] = row_view(page)[local[a:b].numpy()]
                 else:
                     into.data.index_copy_(0, self._index(slots[a:b], into.device), page.index_select(0, loc))
             else:
