@@ -153,6 +153,55 @@ def test_tokens_join_their_exactly_nearest_cluster():
         assert torch.equal(cid[joined], nearest[joined])
 
 
+def scene_stream(scenes=12, blobs=3, chunks=5, chunk=60, seed=21):
+    """Scenes of a few blobs each, shown one after the other: a list of (scene, keys) chunks."""
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(scenes, blobs, H, D, generator=gen)
+
+    def show(scene: int) -> torch.Tensor:
+        label = torch.randint(blobs, (chunk,), generator=gen)
+        return centers[scene, label] + 0.3 * torch.randn(chunk, H, D, generator=gen)
+
+    return [(k, show(k)) for k in range(scenes) for _ in range(chunks)], show
+
+
+def test_continuing_content_is_searched_among_recent_clusters_only():
+    chunks, _ = scene_stream()
+    index, bank = ClusterIndex(H, D), KeyBank()
+    widths = []
+    for i, (_, keys) in enumerate(chunks):
+        before = index.num_clusters
+        index.assign(keys, bank.add(keys))
+        if i % 5 >= 2:  # the scene's clusters exist: its tokens join them
+            assert index.num_clusters == before
+            widths.append(index.search_width)
+    assert index.num_clusters >= 30
+    # a scene's third chunk on compares each token with the clusters of the last few chunks
+    # (its own 3 blobs, at most the previous scene's too), not with every cluster made so far
+    assert max(widths) <= 6
+    index.check_invariants(bank)
+
+
+def test_revisited_content_joins_its_old_clusters():
+    chunks, show = scene_stream()
+    index, bank = ClusterIndex(H, D), KeyBank()
+    first = []
+    for scene, keys in chunks:
+        cid = index.assign(keys, bank.add(keys))
+        if scene == 0:
+            first.append(cid)
+    scene0 = set(torch.cat(first).tolist())
+    clusters = index.num_clusters
+    keys = show(0)  # back to the first scene, 55 chunks later
+    cid = index.assign(keys, bank.add(keys))
+    assert set(cid.tolist()) <= scene0 and index.num_clusters == clusters
+    assert index.search_width > clusters - 6  # no recent cluster took them: the older ones were searched
+    keys = show(0)
+    cid = index.assign(keys, bank.add(keys))
+    assert set(cid.tolist()) <= scene0 and index.search_width <= 6  # and they are recent again
+    index.check_invariants(bank)
+
+
 def test_cross_modal_tokens_share_clusters():
     gen = torch.Generator().manual_seed(4)
     centers = torch.randn(2, H, D, generator=gen)

@@ -31,10 +31,13 @@ Local scale ``s`` and cohesion threshold ``tau`` (adapt per layer; no per-model 
     (the first one) uses its own tokens' nearest neighbours; that sample does not enter the
     average.
 
-Assignment of a chunk (vectorized; one small matrix product against all centroids)
-    The nearest cluster of every token is found in two stages: a coarse ranking of all clusters
-    in a centred 64-dimensional random projection (one (T, 64) x (64, C) product), then exact
-    distances to the 4 best-ranked. A token joins its nearest cluster if
+Assignment of a chunk (vectorized; small matrix products against the centroids)
+    A token is first tested against the clusters the last 4 chunks added to (the content the
+    stream is showing now: a handful of clusters whatever the stream's length); only tokens
+    none of those accepts are tested against the older clusters, so a revisited scene still
+    joins its old clusters. Within each set the nearest cluster is found in two stages: a
+    coarse ranking in a centred 64-dimensional random projection (one (T, 64) x (64, K)
+    product), then exact distances to the 4 best-ranked. A token joins that nearest cluster if
     (a) the cluster's variance after the join stays ``<= tau`` (cohesion);
     (b) the token's squared distance to the centroid is at most
         ``join_radius * max(v, s) * (1 + 1/n)`` for a cluster of ``n`` tokens and variance ``v``
@@ -82,6 +85,7 @@ _REF_CHUNKS = 2  # the reference holds this many largest-chunk sizes of the most
 _SCALE_PROBES = 64  # tokens per chunk whose nearest reference distance is measured
 _PROJ_DIM = 64  # dimensions of the coarse nearest-cluster search
 _CANDIDATES = 4  # clusters per token whose exact distance the fine search evaluates
+_RECENT_CHUNKS = 4  # clusters touched by this many latest chunks are searched first
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,10 @@ class ClusterIndex:
             gen = torch.Generator().manual_seed(0)
             self._proj = (torch.randn(width, proj_dim, generator=gen) / math.sqrt(proj_dim)).to(self.device)
         self._sum_proj = torch.zeros(0, proj_dim, dtype=torch.float32, device=self.device)  # sum_unit @ proj
+        self._touched = torch.zeros(0, dtype=torch.int64, device=self.device)  # last chunk that added to it
+        self._chunks = 0  # chunks assigned so far
+        self._ranked = 0  # (token, cluster) pairs the coarse search of the last chunk ranked
+        self._ranked_tokens = 0
         self._free: list[int] = []  # heap of reusable ids
         self._members: list[list[Tensor]] = []
         self._queue: deque[int] = deque()
@@ -246,6 +254,11 @@ class ClusterIndex:
         return None if scale is None else self.config.cohesion * scale
 
     @property
+    def search_width(self) -> float:
+        """Clusters the last chunk's nearest-cluster search ranked per token (0 before any search)."""
+        return self._ranked / self._ranked_tokens if self._ranked_tokens else 0.0
+
+    @property
     def pending(self) -> list[int]:
         """Cluster ids queued for splitting, in queue order."""
         return list(self._queue)
@@ -282,6 +295,7 @@ class ClusterIndex:
     def state_bytes(self) -> int:
         """Bytes of tensor payload the index holds (statistics, bookkeeping, scale reference)."""
         tensors = [self._count, self._sum_unit, self._sum_raw, self._sum_norm2, self._sum_proj, self._proj]
+        tensors += [self._touched]
         tensors += [self._ref, self._ref_modality]
         tensors += [self._tok_cluster, self._tok_modality]
         if self._centroid_cache is not None:
@@ -312,6 +326,7 @@ class ClusterIndex:
         sample, from_reference = self._scale_sample(unit, tags)
         scale = self.local_scale if self._log_scale is not None else sample
         cid = torch.full((count,), -1, dtype=torch.int64, device=self.device)
+        self._ranked, self._ranked_tokens = 0, count
         if scale is not None and self.num_clusters > 0:
             cid = self._join_existing(unit, scale)
         rejected = (cid < 0).nonzero().squeeze(1)
@@ -321,6 +336,8 @@ class ClusterIndex:
             new_ids = torch.tensor(self._alloc(groups), dtype=torch.int64, device=self.device)
             cid[rejected] = new_ids[labels]
         self._add_stats(cid, unit, raw, sign=1.0)
+        self._chunks += 1
+        self._touched[cid] = self._chunks
         cid = cid.cpu()
         self._record(ids, cid, modality)
         if from_reference:
@@ -399,33 +416,52 @@ class ClusterIndex:
         return torch.where(count > 0, (1.0 - sum_norm2 / (n * n)).clamp_min(0.0), torch.zeros_like(n))
 
     def _join_existing(self, unit: Tensor, scale: float) -> Tensor:
-        """Nearest-cluster join test for every token at once: cluster id, or -1 where rejected.
+        """Join test for every token at once: cluster id, or -1 where rejected.
+
+        Recent clusters first: a chunk's tokens are tested against the clusters the last
+        ``_RECENT_CHUNKS`` chunks touched (consecutive frames mostly show the same content, so
+        these few clusters take most tokens). Only the tokens they reject are tested against the
+        older clusters, so content seen long ago (a revisited scene) still joins its clusters,
+        while a chunk that continues the recent content costs the same however many clusters
+        the stream has made.
+        """
+        live = self._count[: self._slots] > 0
+        recent = live & (self._touched[: self._slots] > self._chunks - _RECENT_CHUNKS)
+        older = live & ~recent
+        if not bool(recent.any()) or not bool(older.any()):
+            return self._nearest_join(unit, scale, live.nonzero().squeeze(1))
+        cid = self._nearest_join(unit, scale, recent.nonzero().squeeze(1))
+        rejected = (cid < 0).nonzero().squeeze(1)
+        if rejected.numel():
+            cid[rejected] = self._nearest_join(unit[rejected], scale, older.nonzero().squeeze(1))
+        return cid
+
+    def _nearest_join(self, unit: Tensor, scale: float, clusters: Tensor) -> Tensor:
+        """Nearest of ``clusters`` (live ids, (K,) K >= 1) for every row, if it may join: its id, else -1.
 
         Search in two stages. Coarse: rows and centroids, centred on the mean of the recent
         reference rows (keys share a large common direction; centring keeps the projection error
         proportional to the small differences that matter) and projected to ``P = min(F, 64)``
-        dimensions with a fixed random matrix, rank all clusters in one (T, P) x (P, C) product.
+        dimensions with a fixed random matrix, rank the clusters in one (T, P) x (P, K) product.
         Fine: the exact distances to the ``_CANDIDATES`` best-ranked clusters pick the nearest.
         The projection is linear, so per-cluster projected sums are kept alongside the sums.
         """
-        slots = self._slots
-        count = self._count[:slots]
-        dead = count == 0
-        inv_n = (1.0 / count.clamp_min(1).to(torch.float32)).masked_fill(dead, 0.0)
+        count = self._count[clusters]
+        self._ranked += unit.shape[0] * clusters.numel()
+        inv_n = 1.0 / count.to(torch.float32)
         center = self._ref.mean(dim=0) @ self._proj  # (P,)
-        mean_proj = self._sum_proj[:slots] * inv_n[:, None] - center  # (C, P) centred projected means
-        rank = (unit @ self._proj - center) @ mean_proj.T  # (T, C)
-        rank.sub_((0.5 * (mean_proj * mean_proj).sum(dim=1)).masked_fill(dead, math.inf))
-        cand = rank.topk(min(_CANDIDATES, slots), dim=1).indices  # (T, k)
-        cand_inv_n = inv_n[cand]
+        mean_proj = self._sum_proj[clusters] * inv_n[:, None] - center  # (K, P) centred projected means
+        rank = (unit @ self._proj - center) @ mean_proj.T  # (T, K)
+        rank.sub_(0.5 * (mean_proj * mean_proj).sum(dim=1))
+        cand = clusters[rank.topk(min(_CANDIDATES, clusters.numel()), dim=1).indices]  # (T, k) ids
+        cand_inv_n = 1.0 / self._count[cand].to(torch.float32)
         dots = torch.bmm(self._sum_unit[cand], unit[:, :, None])[:, :, 0]  # (T, k) x . sums
         dist = 1.0 - 2.0 * dots * cand_inv_n + self._sum_norm2[cand] * cand_inv_n * cand_inv_n
-        dist.masked_fill_(count[cand] == 0, math.inf)
         nearest_dist, pick = dist.min(dim=1)
         nearest = cand.gather(1, pick[:, None])[:, 0]
         nearest_dist = nearest_dist.clamp_min(0.0)
-        size = count[nearest].to(torch.float32)
-        var = self._variance(count[nearest], self._sum_norm2[nearest])
+        size = self._count[nearest].to(torch.float32)
+        var = self._variance(self._count[nearest], self._sum_norm2[nearest])
         var_after = (size * var + size / (size + 1.0) * nearest_dist) / (size + 1.0)
         ok = (
             (var_after <= self.config.cohesion * scale)
@@ -472,11 +508,11 @@ class ClusterIndex:
         if slots <= capacity:
             return
         capacity = max(slots, 2 * capacity, 16)
-        old = (self._count, self._sum_unit, self._sum_raw, self._sum_norm2, self._sum_proj)
+        old = (self._count, self._sum_unit, self._sum_raw, self._sum_norm2, self._sum_proj, self._touched)
         grown = [torch.zeros((capacity, *t.shape[1:]), dtype=t.dtype, device=self.device) for t in old]
         for new, t in zip(grown, old, strict=True):
             new[: t.shape[0]] = t
-        self._count, self._sum_unit, self._sum_raw, self._sum_norm2, self._sum_proj = grown
+        self._count, self._sum_unit, self._sum_raw, self._sum_norm2, self._sum_proj, self._touched = grown
 
     def _add_stats(self, cid: Tensor, unit: Tensor, raw: Tensor, sign: float) -> None:
         cid = cid.to(self.device)
@@ -617,6 +653,7 @@ class ClusterIndex:
         self._sum_raw[pair] = sums_raw
         self._sum_norm2[pair] = (sums_unit * sums_unit).sum(dim=1)
         self._sum_proj[pair] = sums_unit @ self._proj
+        self._touched[child] = self._touched[parent]
         side = side.cpu()
         halves = (members[~side], members[side])
         self._members[parent] = [halves[0]]
