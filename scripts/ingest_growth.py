@@ -3,7 +3,10 @@
 Streams the benchmark's synthetic KV (``--shape``) into the policy with the benchmark's own
 per-frame step (``runner.ingest_frame``) and prints
 the mean ingest and maintenance milliseconds per frame over consecutive blocks of frames,
-so growth with the stream shows in one run.
+so growth with the stream shows in one run. For policies that cluster (``mosaic``) it also
+prints the part of ingest spent in ``ClusterIndex.assign`` (all layers), the clusters per
+layer and the clusters the nearest-cluster search ranked per token (``search_width``, mean
+over layers): the cluster count grows with the stream, the search must not.
 
     .venv/bin/python scripts/ingest_growth.py --policy mosaic --shape qwen2.5-vl-3b --frames 1200
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the benchmark CLI does
 
@@ -21,7 +25,33 @@ import torch
 from mosaic_ros.runtime.bench.runner import ingest_frame
 from mosaic_ros.runtime.bench.shapes import SHAPES
 from mosaic_ros.runtime.bench.workloads import SyntheticSpec, SyntheticWorkload
+from mosaic_ros.runtime.kv.clusters import ClusterIndex
 from mosaic_ros.runtime.kv.policy import PolicyConfig, make_policy
+
+
+class AssignClock:
+    """Wall time spent in ``ClusterIndex.assign`` and the search width of each call."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.widths: list[float] = []
+        inner = ClusterIndex.assign
+        clock = self
+
+        def timed(index, keys, token_ids, modality=None):
+            t0 = time.perf_counter()
+            out = inner(index, keys, token_ids, modality)
+            clock.seconds += time.perf_counter() - t0
+            clock.widths.append(getattr(index, "search_width", float("nan")))
+            return out
+
+        ClusterIndex.assign = timed
+
+    def take(self) -> tuple[float, float]:
+        """(seconds, mean width) since the last take."""
+        out = (self.seconds, statistics.fmean(self.widths) if self.widths else 0.0)
+        self.seconds, self.widths = 0.0, []
+        return out
 
 
 def main() -> None:
@@ -41,15 +71,26 @@ def main() -> None:
     work = SyntheticWorkload(SHAPES[args.shape], spec, torch.float16)
     config = PolicyConfig(budget_tokens=args.budget, sink_tokens=args.sinks, window_tokens=args.window)
     policy = make_policy(args.policy, work.geometry, config, torch.device("cpu"))
+    clock = AssignClock()
+    layers = getattr(policy, "_layers", [])
     ingest, maintain = [], []
-    print(f"{args.policy} {args.shape}: frames, ingest ms/frame, maintain ms/frame (block means)")
+    print(f"{args.policy} {args.shape}: block means per frame")
+    print(" frame  ingest ms  maintain ms  assign ms  clusters/layer  search width")
     for i in range(work.num_chunks):
         frame_ingest, frame_maintain = ingest_frame(policy, work.chunk(i), args.maintain_ms)
-        if i:  # chunk 0 is the sink preamble
-            ingest.append(frame_ingest)
-            maintain.append(frame_maintain)
-        if i and i % args.block == 0:
-            print(f"{i:6d} {statistics.fmean(ingest):9.1f} {statistics.fmean(maintain):9.1f}", flush=True)
+        if i == 0:  # chunk 0 is the sink preamble
+            clock.take()
+            continue
+        ingest.append(frame_ingest)
+        maintain.append(frame_maintain)
+        if i % args.block == 0:
+            assign_s, width = clock.take()
+            clusters = statistics.fmean(st.index.num_clusters for st in layers) if layers else 0.0
+            print(
+                f"{i:6d} {statistics.fmean(ingest):10.1f} {statistics.fmean(maintain):12.1f}"
+                f" {assign_s * 1e3 / len(ingest):10.1f} {clusters:15.0f} {width:13.1f}",
+                flush=True,
+            )
             ingest, maintain = [], []
 
 

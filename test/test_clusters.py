@@ -158,8 +158,8 @@ def scene_stream(scenes=12, blobs=3, chunks=5, chunk=60, seed=21):
     gen = torch.Generator().manual_seed(seed)
     centers = torch.randn(scenes, blobs, H, D, generator=gen)
 
-    def show(scene: int) -> torch.Tensor:
-        label = torch.randint(blobs, (chunk,), generator=gen)
+    def show(scene: int, blob: int | None = None) -> torch.Tensor:
+        label = torch.randint(blobs, (chunk,), generator=gen) if blob is None else torch.full((chunk,), blob)
         return centers[scene, label] + 0.3 * torch.randn(chunk, H, D, generator=gen)
 
     return [(k, show(k)) for k in range(scenes) for _ in range(chunks)], show
@@ -199,6 +199,27 @@ def test_revisited_content_joins_its_old_clusters():
     keys = show(0)
     cid = index.assign(keys, bank.add(keys))
     assert set(cid.tolist()) <= scene0 and index.search_width <= 6  # and they are recent again
+    index.check_invariants(bank)
+
+
+def test_revisits_are_found_through_the_regions_of_older_clusters():
+    chunks, show = scene_stream(scenes=40)
+    index, bank = ClusterIndex(H, D, ClusterConfig(route_min_clusters=32)), KeyBank()
+    first = []
+    for scene, keys in chunks:
+        cid = index.assign(keys, bank.add(keys))
+        index.maintain(bank, budget_ms=50.0)
+        if scene == 0:
+            first.append(cid)
+    scene0 = set(torch.cat(first).tolist())
+    clusters = index.num_clusters
+    # rebuilt at 32 and 64+ clusters (each time ceil(sqrt(C)) regions), the later clusters routed
+    assert clusters == 120 and index.regions == 9
+    keys = show(0, blob=1)  # one object of the first scene again
+    cid = index.assign(keys, bank.add(keys))
+    assert len(set(cid.tolist())) == 1 and set(cid.tolist()) <= scene0 and index.num_clusters == clusters
+    # its tokens opened their 2 nearest of 9 regions: a fraction of the 117 older clusters
+    assert index.search_width < 0.4 * clusters
     index.check_invariants(bank)
 
 
@@ -386,7 +407,8 @@ def test_invariants_hold_over_ten_thousand_random_operations():
     gen = torch.Generator().manual_seed(10)
     heads, dim = 2, 8
     centers = torch.randn(12, heads, dim, generator=gen)
-    index = ClusterIndex(heads, dim, ClusterConfig(max_cluster_tokens=24))
+    # regions from 16 clusters on, so routing, re-routing and rebuilds run under removals too
+    index = ClusterIndex(heads, dim, ClusterConfig(max_cluster_tokens=24, route_min_clusters=16))
     bank = KeyBank(heads, dim, capacity=1 << 17)
     held: list[int] = []  # ascending
     for step in range(10_000):
@@ -415,4 +437,5 @@ def test_invariants_hold_over_ten_thousand_random_operations():
     index.maintain(bank, budget_ms=60_000.0)
     index.check_invariants(bank)
     assert index.num_tokens == len(held) and not index.pending
+    assert index.regions > 0
     assert index.state_bytes() > 0

@@ -35,7 +35,12 @@ Assignment of a chunk (vectorized; small matrix products against the centroids)
     A token is first tested against the clusters the last 4 chunks added to (the content the
     stream is showing now: a handful of clusters whatever the stream's length); only tokens
     none of those accepts are tested against the older clusters, so a revisited scene still
-    joins its old clusters. Within each set the nearest cluster is found in two stages: a
+    joins its old clusters. Once a layer has many clusters (``route_min_clusters``, 256),
+    ``maintain`` groups them into about ``sqrt(C)`` regions (k-means over cluster means; a
+    cluster is re-routed whenever it takes tokens, so an older cluster's region is where it
+    ended), and those tokens are compared only with the older clusters of their 2 nearest
+    regions: the search stays a small share of the clusters however long the stream. Within
+    each set the nearest cluster is found in two stages: a
     coarse ranking in a centred 64-dimensional random projection (one (T, 64) x (64, K)
     product), then exact distances to the 4 best-ranked. A token joins that nearest cluster if
     (a) the cluster's variance after the join stays ``<= tau`` (cohesion);
@@ -86,6 +91,8 @@ _SCALE_PROBES = 64  # tokens per chunk whose nearest reference distance is measu
 _PROJ_DIM = 64  # dimensions of the coarse nearest-cluster search
 _CANDIDATES = 4  # clusters per token whose exact distance the fine search evaluates
 _RECENT_CHUNKS = 4  # clusters touched by this many latest chunks are searched first
+_PROBE_REGIONS = 2  # regions of older clusters a rejected token's search opens
+_REGION_ITERS = 5  # k-means iterations when the regions are rebuilt
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,9 @@ class ClusterConfig:
     scale_momentum: weight of one chunk (of the largest chunk size seen) in the moving average of
         the log local scale; the first chunks are averaged evenly.
     split_iters: 2-means iterations per split.
+    route_min_clusters: from this many live clusters on, ``maintain`` groups the clusters into
+        about ``sqrt(C)`` regions, and a token no recent cluster accepts is compared with the
+        older clusters of its nearest regions only.
     """
 
     cohesion: float = 4.0
@@ -109,12 +119,13 @@ class ClusterConfig:
     max_cluster_tokens: int = 256
     scale_momentum: float = 0.2
     split_iters: int = 6
+    route_min_clusters: int = 256
 
     def __post_init__(self) -> None:
         if self.cohesion <= 0 or self.join_radius <= 0 or self.loose_factor < 1:
             raise ValueError("cohesion and join_radius must be > 0 and loose_factor >= 1")
-        if self.max_cluster_tokens < 1 or self.split_iters < 1:
-            raise ValueError("max_cluster_tokens and split_iters must be >= 1")
+        if self.max_cluster_tokens < 1 or self.split_iters < 1 or self.route_min_clusters < 1:
+            raise ValueError("max_cluster_tokens, split_iters and route_min_clusters must be >= 1")
         if not 0 < self.scale_momentum <= 1:
             raise ValueError(f"scale_momentum must be in (0, 1], got {self.scale_momentum}")
 
@@ -182,6 +193,11 @@ class ClusterIndex:
         self._sum_proj = torch.zeros(0, proj_dim, dtype=torch.float32, device=self.device)  # sum_unit @ proj
         self._touched = torch.zeros(0, dtype=torch.int64, device=self.device)  # last chunk that added to it
         self._chunks = 0  # chunks assigned so far
+        # regions over the clusters (rebuilt in maintain): region id per cluster (-1: none yet),
+        # centres (G, P) in the projected space, and the live clusters when last built
+        self._region = torch.zeros(0, dtype=torch.int64, device=self.device)
+        self._region_centers: Tensor | None = None
+        self._routed = 0
         self._ranked = 0  # (token, cluster) pairs the coarse search of the last chunk ranked
         self._ranked_tokens = 0
         self._free: list[int] = []  # heap of reusable ids
@@ -259,6 +275,11 @@ class ClusterIndex:
         return self._ranked / self._ranked_tokens if self._ranked_tokens else 0.0
 
     @property
+    def regions(self) -> int:
+        """Regions the older clusters are grouped into for the search (0: none built yet)."""
+        return 0 if self._region_centers is None else self._region_centers.shape[0]
+
+    @property
     def pending(self) -> list[int]:
         """Cluster ids queued for splitting, in queue order."""
         return list(self._queue)
@@ -295,7 +316,9 @@ class ClusterIndex:
     def state_bytes(self) -> int:
         """Bytes of tensor payload the index holds (statistics, bookkeeping, scale reference)."""
         tensors = [self._count, self._sum_unit, self._sum_raw, self._sum_norm2, self._sum_proj, self._proj]
-        tensors += [self._touched]
+        tensors += [self._touched, self._region]
+        if self._region_centers is not None:
+            tensors.append(self._region_centers)
         tensors += [self._ref, self._ref_modality]
         tensors += [self._tok_cluster, self._tok_modality]
         if self._centroid_cache is not None:
@@ -336,6 +359,7 @@ class ClusterIndex:
             new_ids = torch.tensor(self._alloc(groups), dtype=torch.int64, device=self.device)
             cid[rejected] = new_ids[labels]
         self._add_stats(cid, unit, raw, sign=1.0)
+        self._route(cid.unique())  # where they stand now: an older cluster's region stays current
         self._chunks += 1
         self._touched[cid] = self._chunks
         cid = cid.cpu()
@@ -433,8 +457,24 @@ class ClusterIndex:
         cid = self._nearest_join(unit, scale, recent.nonzero().squeeze(1))
         rejected = (cid < 0).nonzero().squeeze(1)
         if rejected.numel():
+            older = self._probe_regions(unit[rejected], older)
             cid[rejected] = self._nearest_join(unit[rejected], scale, older.nonzero().squeeze(1))
         return cid
+
+    def _probe_regions(self, unit: Tensor, older: Tensor) -> Tensor:
+        """The part of the ``older`` mask (C,) the rows' searches open: once regions exist, the
+        clusters of each row's ``_PROBE_REGIONS`` nearest regions (their union over the rows:
+        rows that start new content together are alike) plus clusters not routed yet."""
+        centers = self._region_centers
+        if centers is None:
+            return older
+        probe = min(_PROBE_REGIONS, centers.shape[0])
+        proj = unit @ self._proj
+        near = (proj @ centers.T - 0.5 * (centers * centers).sum(dim=1)).topk(probe, dim=1).indices
+        opened = torch.zeros(centers.shape[0] + 1, dtype=torch.bool, device=self.device)
+        opened[near.reshape(-1)] = True
+        opened[-1] = True  # region -1 (not routed) indexes the last entry
+        return older & opened[self._region[: self._slots]]
 
     def _nearest_join(self, unit: Tensor, scale: float, clusters: Tensor) -> Tensor:
         """Nearest of ``clusters`` (live ids, (K,) K >= 1) for every row, if it may join: its id, else -1.
@@ -492,6 +532,33 @@ class ClusterIndex:
             groups += 1
         return labels, groups
 
+    def _route(self, clusters: Tensor) -> None:
+        """Put ``clusters`` (ids, statistics set) into their nearest regions, if regions exist."""
+        centers = self._region_centers
+        if centers is None or clusters.numel() == 0:
+            return
+        mean = self._sum_proj[clusters] / self._count[clusters].clamp_min(1).to(torch.float32)[:, None]
+        near = (mean @ centers.T - 0.5 * (centers * centers).sum(dim=1)).argmax(dim=1)
+        self._region[clusters] = near
+
+    def _rebuild_regions(self) -> None:
+        """Group the live clusters into ``ceil(sqrt(C))`` regions: k-means over their projected means
+        (seeds: evenly spaced live clusters; deterministic)."""
+        live = (self._count[: self._slots] > 0).nonzero().squeeze(1)
+        mean = self._sum_proj[live] / self._count[live].to(torch.float32)[:, None]
+        k = math.isqrt(live.numel() - 1) + 1
+        centers = mean[torch.linspace(0, live.numel() - 1, k, device=self.device).round().long()].clone()
+        for _ in range(_REGION_ITERS):
+            near = (mean @ centers.T - 0.5 * (centers * centers).sum(dim=1)).argmax(dim=1)
+            sums = torch.zeros_like(centers).index_add_(0, near, mean)
+            sizes = torch.bincount(near, minlength=k).to(torch.float32)
+            centers = torch.where(sizes[:, None] > 0, sums / sizes.clamp_min(1)[:, None], centers)
+        near = (mean @ centers.T - 0.5 * (centers * centers).sum(dim=1)).argmax(dim=1)
+        self._region.fill_(-1)
+        self._region[live] = near
+        self._region_centers = centers
+        self._routed = live.numel()
+
     def _alloc(self, k: int) -> list[int]:
         """k cluster ids for new clusters: smallest unused first, then fresh ones."""
         ids = [heapq.heappop(self._free) for _ in range(min(k, len(self._free)))]
@@ -513,6 +580,9 @@ class ClusterIndex:
         for new, t in zip(grown, old, strict=True):
             new[: t.shape[0]] = t
         self._count, self._sum_unit, self._sum_raw, self._sum_norm2, self._sum_proj, self._touched = grown
+        region = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
+        region[: self._region.shape[0]] = self._region
+        self._region = region
 
     def _add_stats(self, cid: Tensor, unit: Tensor, raw: Tensor, sign: float) -> None:
         cid = cid.to(self.device)
@@ -628,9 +698,15 @@ class ClusterIndex:
         A split is started only while time is left, so the call may overrun the budget by one
         split (a few hundred member keys: well under a millisecond of work plus ``key_lookup``).
         ``budget_ms <= 0`` does nothing. Queued clusters that no longer violate are dropped.
+        First, once there are ``route_min_clusters`` live clusters and twice as many as when the
+        regions were last built, the regions are rebuilt (a few k-means passes over the cluster
+        means: about a millisecond per thousand clusters).
         """
         start = time.perf_counter()
         splits: list[Split] = []
+        live = self.num_clusters
+        if budget_ms > 0 and live >= self.config.route_min_clusters and live >= 2 * self._routed:
+            self._rebuild_regions()
         while self._queue and (time.perf_counter() - start) * 1e3 < budget_ms:
             c = self._queue.popleft()
             self._queued.discard(c)
@@ -654,6 +730,7 @@ class ClusterIndex:
         self._sum_norm2[pair] = (sums_unit * sums_unit).sum(dim=1)
         self._sum_proj[pair] = sums_unit @ self._proj
         self._touched[child] = self._touched[parent]
+        self._route(torch.tensor(pair, device=self.device))
         side = side.cpu()
         halves = (members[~side], members[side])
         self._members[parent] = [halves[0]]
@@ -787,6 +864,10 @@ class ClusterIndex:
             set(self._queue) == self._queued and len(self._queue) == len(self._queued),
             "split queue and its membership set disagree (or an id is queued twice)",
         )
+        regions = 0 if self._region_centers is None else self._region_centers.shape[0]
+        region = self._region[:slots].cpu()
+        stray = ((region < -1) | (region >= regions)).nonzero().flatten()[:10].tolist()
+        _require(not stray, f"region ids outside [-1, {regions}) at clusters {stray}")
         if held_ids.numel() == 0:
             return
         unit, raw = self._embed(key_lookup(held_ids))
