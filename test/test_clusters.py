@@ -131,14 +131,15 @@ def test_far_token_opens_a_cluster_even_next_to_a_big_one():
 
 def test_tokens_join_their_exactly_nearest_cluster():
     # the coarse projected search must hand the exact re-rank the nearest cluster; keys share a
-    # dominant common direction, as real pre-RoPE keys do
+    # dominant common direction, as real pre-RoPE keys do. 100 blobs, all of them in every
+    # chunk: more recent clusters than the exact stage takes (64), so the coarse ranking runs
     gen = torch.Generator().manual_seed(13)
     offset = 4.0 * torch.randn(H, D, generator=gen)
-    centers = offset + torch.randn(40, H, D, generator=gen)
+    centers = offset + torch.randn(100, H, D, generator=gen)
     index, bank = ClusterIndex(H, D), KeyBank()
     for step in range(13):
-        label = torch.randint(40, (100,), generator=gen)
-        keys = centers[label] + 0.2 * torch.randn(100, H, D, generator=gen)
+        label = torch.randint(100, (300,), generator=gen)
+        keys = centers[label] + 0.2 * torch.randn(300, H, D, generator=gen)
         placed = index.cluster_of(torch.arange(bank.next_id))
         live = (index.counts > 0).nonzero().flatten()
         unit = torch.nn.functional.normalize(bank.keys[: bank.next_id], dim=-1).flatten(1) / H**0.5
@@ -151,6 +152,7 @@ def test_tokens_join_their_exactly_nearest_cluster():
         assert step < 8 or joined.float().mean() > 0.9  # once every blob has been seen
         nearest = live[torch.cdist(new_unit, means).argmin(dim=1)]
         assert torch.equal(cid[joined], nearest[joined])
+    assert index.search_width > 64  # the two-stage search ran
 
 
 def scene_stream(scenes=12, blobs=3, chunks=5, chunk=60, seed=21):

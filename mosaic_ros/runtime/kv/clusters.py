@@ -40,7 +40,8 @@ Assignment of a chunk (vectorized; small matrix products against the centroids)
     cluster is re-routed whenever it takes tokens, so an older cluster's region is where it
     ended), and those tokens are compared only with the older clusters of their 2 nearest
     regions: the search stays a small share of the clusters however long the stream. Within
-    each set the nearest cluster is found in two stages: a
+    a set of up to 64 clusters the exact distances to all are computed; in a larger set the
+    nearest cluster is found in two stages: a
     coarse ranking in a centred 64-dimensional random projection (one (T, 64) x (64, K)
     product), then exact distances to the 4 best-ranked. A token joins that nearest cluster if
     (a) the cluster's variance after the join stays ``<= tau`` (cohesion);
@@ -90,6 +91,7 @@ _REF_CHUNKS = 2  # the reference holds this many largest-chunk sizes of the most
 _SCALE_PROBES = 64  # tokens per chunk whose nearest reference distance is measured
 _PROJ_DIM = 64  # dimensions of the coarse nearest-cluster search
 _CANDIDATES = 4  # clusters per token whose exact distance the fine search evaluates
+_EXACT_MAX = 64  # up to this many clusters, exact distances to all of them (no coarse stage)
 _RECENT_CHUNKS = 4  # clusters touched by this many latest chunks are searched first
 _PROBE_REGIONS = 2  # regions of older clusters a rejected token's search opens
 _REGION_ITERS = 5  # k-means iterations when the regions are rebuilt
@@ -344,6 +346,7 @@ class ClusterIndex:
         if count == 0:
             return ids.clone()
         unit, raw = self._embed(keys)
+        proj = unit @ self._proj  # (T, P): the coarse search, region routing and projected sums
         tags = torch.zeros(count, dtype=torch.uint8) if modality is None else modality.to("cpu", torch.uint8)
         tags = tags.to(self.device)
         sample, from_reference = self._scale_sample(unit, tags)
@@ -351,14 +354,14 @@ class ClusterIndex:
         cid = torch.full((count,), -1, dtype=torch.int64, device=self.device)
         self._ranked, self._ranked_tokens = 0, count
         if scale is not None and self.num_clusters > 0:
-            cid = self._join_existing(unit, scale)
+            cid = self._join_existing(unit, proj, scale)
         rejected = (cid < 0).nonzero().squeeze(1)
         if rejected.numel():
             radius = None if scale is None else 2.0 * self.config.join_radius * scale
             labels, groups = self._group(unit[rejected], radius)
             new_ids = torch.tensor(self._alloc(groups), dtype=torch.int64, device=self.device)
             cid[rejected] = new_ids[labels]
-        self._add_stats(cid, unit, raw, sign=1.0)
+        self._add_stats(cid, unit, raw, sign=1.0, proj=proj)
         self._route(cid.unique())  # where they stand now: an older cluster's region stays current
         self._chunks += 1
         self._touched[cid] = self._chunks
@@ -439,7 +442,7 @@ class ClusterIndex:
         n = count.clamp_min(1).to(torch.float32)
         return torch.where(count > 0, (1.0 - sum_norm2 / (n * n)).clamp_min(0.0), torch.zeros_like(n))
 
-    def _join_existing(self, unit: Tensor, scale: float) -> Tensor:
+    def _join_existing(self, unit: Tensor, proj: Tensor, scale: float) -> Tensor:
         """Join test for every token at once: cluster id, or -1 where rejected.
 
         Recent clusters first: a chunk's tokens are tested against the clusters the last
@@ -453,15 +456,16 @@ class ClusterIndex:
         recent = live & (self._touched[: self._slots] > self._chunks - _RECENT_CHUNKS)
         older = live & ~recent
         if not bool(recent.any()) or not bool(older.any()):
-            return self._nearest_join(unit, scale, live.nonzero().squeeze(1))
-        cid = self._nearest_join(unit, scale, recent.nonzero().squeeze(1))
+            return self._nearest_join(unit, proj, scale, live.nonzero().squeeze(1))
+        cid = self._nearest_join(unit, proj, scale, recent.nonzero().squeeze(1))
         rejected = (cid < 0).nonzero().squeeze(1)
         if rejected.numel():
-            older = self._probe_regions(unit[rejected], older)
-            cid[rejected] = self._nearest_join(unit[rejected], scale, older.nonzero().squeeze(1))
+            unit, proj = unit[rejected], proj[rejected]
+            older = self._probe_regions(proj, older)
+            cid[rejected] = self._nearest_join(unit, proj, scale, older.nonzero().squeeze(1))
         return cid
 
-    def _probe_regions(self, unit: Tensor, older: Tensor) -> Tensor:
+    def _probe_regions(self, proj: Tensor, older: Tensor) -> Tensor:
         """The part of the ``older`` mask (C,) the rows' searches open: once regions exist, the
         clusters of each row's ``_PROBE_REGIONS`` nearest regions (their union over the rows:
         rows that start new content together are alike) plus clusters not routed yet."""
@@ -469,36 +473,44 @@ class ClusterIndex:
         if centers is None:
             return older
         probe = min(_PROBE_REGIONS, centers.shape[0])
-        proj = unit @ self._proj
         near = (proj @ centers.T - 0.5 * (centers * centers).sum(dim=1)).topk(probe, dim=1).indices
         opened = torch.zeros(centers.shape[0] + 1, dtype=torch.bool, device=self.device)
         opened[near.reshape(-1)] = True
         opened[-1] = True  # region -1 (not routed) indexes the last entry
         return older & opened[self._region[: self._slots]]
 
-    def _nearest_join(self, unit: Tensor, scale: float, clusters: Tensor) -> Tensor:
+    def _nearest_join(self, unit: Tensor, proj: Tensor, scale: float, clusters: Tensor) -> Tensor:
         """Nearest of ``clusters`` (live ids, (K,) K >= 1) for every row, if it may join: its id, else -1.
 
-        Search in two stages. Coarse: rows and centroids, centred on the mean of the recent
-        reference rows (keys share a large common direction; centring keeps the projection error
-        proportional to the small differences that matter) and projected to ``P = min(F, 64)``
-        dimensions with a fixed random matrix, rank the clusters in one (T, P) x (P, K) product.
+        ``unit`` (T, F) rows and ``proj`` (T, P) their projections. Up to ``_EXACT_MAX`` clusters
+        (the recent ones, as a rule) the exact distances to all of them come from one (T, F) x
+        (F, K) product. Beyond, search in two stages. Coarse: rows and centroids, centred on
+        the mean of the recent reference rows (keys share a large common direction; centring
+        keeps the projection error proportional to the small differences that matter) and
+        projected to ``P = min(F, 64)`` dimensions with a fixed random matrix (``proj``), rank
+        the clusters in one (T, P) x (P, K) product.
         Fine: the exact distances to the ``_CANDIDATES`` best-ranked clusters pick the nearest.
         The projection is linear, so per-cluster projected sums are kept alongside the sums.
         """
-        count = self._count[clusters]
         self._ranked += unit.shape[0] * clusters.numel()
-        inv_n = 1.0 / count.to(torch.float32)
-        center = self._ref.mean(dim=0) @ self._proj  # (P,)
-        mean_proj = self._sum_proj[clusters] * inv_n[:, None] - center  # (K, P) centred projected means
-        rank = (unit @ self._proj - center) @ mean_proj.T  # (T, K)
-        rank.sub_(0.5 * (mean_proj * mean_proj).sum(dim=1))
-        cand = clusters[rank.topk(min(_CANDIDATES, clusters.numel()), dim=1).indices]  # (T, k) ids
-        cand_inv_n = 1.0 / self._count[cand].to(torch.float32)
-        dots = torch.bmm(self._sum_unit[cand], unit[:, :, None])[:, :, 0]  # (T, k) x . sums
-        dist = 1.0 - 2.0 * dots * cand_inv_n + self._sum_norm2[cand] * cand_inv_n * cand_inv_n
-        nearest_dist, pick = dist.min(dim=1)
-        nearest = cand.gather(1, pick[:, None])[:, 0]
+        if clusters.numel() > _EXACT_MAX:
+            inv_n = 1.0 / self._count[clusters].to(torch.float32)
+            center = self._ref.mean(dim=0) @ self._proj  # (P,)
+            mean_proj = self._sum_proj[clusters] * inv_n[:, None] - center  # (K, P) centred projected means
+            rank = (proj - center) @ mean_proj.T  # (T, K)
+            rank.sub_(0.5 * (mean_proj * mean_proj).sum(dim=1))
+            cand = clusters[rank.topk(_CANDIDATES, dim=1).indices]  # (T, k) ids
+            cand_inv_n = 1.0 / self._count[cand].to(torch.float32)
+            dots = torch.bmm(self._sum_unit[cand], unit[:, :, None])[:, :, 0]  # (T, k) x . sums
+            dist = 1.0 - 2.0 * dots * cand_inv_n + self._sum_norm2[cand] * cand_inv_n * cand_inv_n
+            nearest_dist, pick = dist.min(dim=1)
+            nearest = cand.gather(1, pick[:, None])[:, 0]
+        else:
+            inv_n = 1.0 / self._count[clusters].to(torch.float32)
+            dots = unit @ self._sum_unit[clusters].T  # (T, K)
+            dist = 1.0 - 2.0 * dots * inv_n + self._sum_norm2[clusters] * inv_n * inv_n
+            nearest_dist, pick = dist.min(dim=1)
+            nearest = clusters[pick]
         nearest_dist = nearest_dist.clamp_min(0.0)
         size = self._count[nearest].to(torch.float32)
         var = self._variance(self._count[nearest], self._sum_norm2[nearest])
@@ -584,12 +596,14 @@ class ClusterIndex:
         region[: self._region.shape[0]] = self._region
         self._region = region
 
-    def _add_stats(self, cid: Tensor, unit: Tensor, raw: Tensor, sign: float) -> None:
+    def _add_stats(
+        self, cid: Tensor, unit: Tensor, raw: Tensor, sign: float, proj: Tensor | None = None
+    ) -> None:
         cid = cid.to(self.device)
         self._count.index_add_(0, cid, torch.full_like(cid, int(sign)))
         self._sum_unit.index_add_(0, cid, unit, alpha=sign)
         self._sum_raw.index_add_(0, cid, raw, alpha=sign)
-        self._sum_proj.index_add_(0, cid, unit @ self._proj, alpha=sign)
+        self._sum_proj.index_add_(0, cid, unit @ self._proj if proj is None else proj, alpha=sign)
         touched = cid.unique()
         self._sum_norm2[touched] = (self._sum_unit[touched] ** 2).sum(dim=1)
         self._centroid_cache = None
