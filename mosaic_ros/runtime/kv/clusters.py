@@ -493,8 +493,8 @@ class ClusterIndex:
         The projection is linear, so per-cluster projected sums are kept alongside the sums.
         """
         self._ranked += unit.shape[0] * clusters.numel()
+        inv_n = 1.0 / self._count[clusters].to(torch.float32)
         if clusters.numel() > _EXACT_MAX:
-            inv_n = 1.0 / self._count[clusters].to(torch.float32)
             center = self._ref.mean(dim=0) @ self._proj  # (P,)
             mean_proj = self._sum_proj[clusters] * inv_n[:, None] - center  # (K, P) centred projected means
             rank = (proj - center) @ mean_proj.T  # (T, K)
@@ -506,7 +506,6 @@ class ClusterIndex:
             nearest_dist, pick = dist.min(dim=1)
             nearest = cand.gather(1, pick[:, None])[:, 0]
         else:
-            inv_n = 1.0 / self._count[clusters].to(torch.float32)
             dots = unit @ self._sum_unit[clusters].T  # (T, K)
             dist = 1.0 - 2.0 * dots * inv_n + self._sum_norm2[clusters] * inv_n * inv_n
             nearest_dist, pick = dist.min(dim=1)
