@@ -388,6 +388,8 @@ def test_rejects_bad_input():
         index.assign(keys, torch.tensor([2, 3, 4]))
     with pytest.raises(ValueError, match="keys must be"):
         index.assign(torch.randn(3, H, D + 1), torch.tensor([5, 6, 7]))
+    with pytest.raises(ValueError, match="route_min_clusters"):
+        ClusterConfig(route_min_clusters=0)
 
 
 def test_check_invariants_catches_corruption():
