@@ -473,7 +473,7 @@ class ClusterIndex:
         if centers is None:
             return older
         probe = min(_PROBE_REGIONS, centers.shape[0])
-        near = (proj @ centers.T - 0.5 * (centers * centers).sum(dim=1)).topk(probe, dim=1).indices
+        near = self._nearness(proj, centers).topk(probe, dim=1).indices
         opened = torch.zeros(centers.shape[0] + 1, dtype=torch.bool, device=self.device)
         opened[near.reshape(-1)] = True
         opened[-1] = True  # region -1 (not routed) indexes the last entry
@@ -543,13 +543,18 @@ class ClusterIndex:
             groups += 1
         return labels, groups
 
+    @staticmethod
+    def _nearness(points: Tensor, centers: Tensor) -> Tensor:
+        """(n, G) ``x . c - |c|^2 / 2``: for each point, larger means a nearer centre."""
+        return points @ centers.T - 0.5 * (centers * centers).sum(dim=1)
+
     def _route(self, clusters: Tensor) -> None:
         """Put ``clusters`` (ids, statistics set) into their nearest regions, if regions exist."""
         centers = self._region_centers
         if centers is None or clusters.numel() == 0:
             return
         mean = self._sum_proj[clusters] / self._count[clusters].clamp_min(1).to(torch.float32)[:, None]
-        near = (mean @ centers.T - 0.5 * (centers * centers).sum(dim=1)).argmax(dim=1)
+        near = self._nearness(mean, centers).argmax(dim=1)
         self._region[clusters] = near
 
     def _rebuild_regions(self) -> None:
@@ -560,11 +565,11 @@ class ClusterIndex:
         k = math.isqrt(live.numel() - 1) + 1
         centers = mean[torch.linspace(0, live.numel() - 1, k, device=self.device).round().long()].clone()
         for _ in range(_REGION_ITERS):
-            near = (mean @ centers.T - 0.5 * (centers * centers).sum(dim=1)).argmax(dim=1)
+            near = self._nearness(mean, centers).argmax(dim=1)
             sums = torch.zeros_like(centers).index_add_(0, near, mean)
             sizes = torch.bincount(near, minlength=k).to(torch.float32)
             centers = torch.where(sizes[:, None] > 0, sums / sizes.clamp_min(1)[:, None], centers)
-        near = (mean @ centers.T - 0.5 * (centers * centers).sum(dim=1)).argmax(dim=1)
+        near = self._nearness(mean, centers).argmax(dim=1)
         self._region.fill_(-1)
         self._region[live] = near
         self._region_centers = centers
