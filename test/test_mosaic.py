@@ -435,9 +435,12 @@ def test_invariants_hold_after_ten_thousand_random_operations():
                 window = (t0, t0 + rng.uniform(0, 20))
             policy.begin_question(window)
             for layer in range(GEOM.num_layers):
+                base = policy.base_ids(layer) if window is None else None
                 ctx = policy.retrieve(layer, torch.randn(4, rng.randint(1, 3), 16))
                 assert ctx.num_tokens <= budget
                 assert len(set(ctx.token_ids[0].tolist())) == ctx.num_tokens
+                if base is not None:  # sinks and the local window are always there
+                    assert set(base.tolist()) <= set(ctx.token_ids[0].tolist())
             policy.end_question()
             ops["question"] += 1
         if step % 50 == 0:
