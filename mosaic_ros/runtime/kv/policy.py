@@ -54,7 +54,7 @@ class KVGeometry:
     @property
     def token_row_bytes(self) -> int:
         """Bytes of K (or of V) for one token in one layer."""
-        return self.num_kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return self.num_kv_heads * self.head_dim * self.dtype.itemsize
 
     @property
     def bytes_per_token(self) -> int:
