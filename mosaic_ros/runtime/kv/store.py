@@ -16,7 +16,8 @@ them per layer (``release``). A token is *alive* while at least one layer holds 
 Fetching. ``fetch(layer, rows, into=DeviceBuffer)`` fills a reusable per-layer device
 buffer: rows already resident from the previous question stay (moved inside the buffer at
 most), the others are copied one copy per long run and with one gather per page for the
-rest (short runs and scattered rows). On CUDA the copies are
+rest (short runs and scattered rows); CPU to CPU every run is one copy. The residency plan
+for a selection shared by all heads is compiled (``plan``). On CUDA the copies are
 non-blocking, issued on a side stream from pinned memory, and the compute stream waits on
 an event before it reads the buffer.
 
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mosaic_ros.runtime.kv.plan import copy_runs, plan_shared, write_slot_meta
 from mosaic_ros.runtime.kv.policy import KVContext, KVGeometry, TokenMeta
 
 # host-to-host runs at least this long are copied by torch (split across its intra-op threads),
@@ -216,8 +218,9 @@ class HostKVStore:
     ``contiguous`` store. ``max_rows``: per-layer cap on rows (0 = none; ``alloc`` raises
     ``StoreFullError`` beyond it). ``pin``: page-lock the pages (for async copies to CUDA).
     ``device``: where the pages live (host ``cpu`` normally; the compute device for a
-    device-resident store). ``run_min_rows``: runs at least this long are copied one copy per
-    run, shorter ones gathered (one gather per page for all of them).
+    device-resident store). ``run_min_rows``: for copies to another device, runs at least this
+    long are copied one copy per run, shorter ones gathered (one gather per page for all of
+    them); CPU to CPU every run is one copy.
     """
 
     def __init__(
@@ -590,9 +593,10 @@ class HostKVStore:
         copies: the buffer may be read only after a later ``fetch`` into it with ``wait=True``
         (copies share one side stream, so that fetch's event orders both). No effect off CUDA.
 
-        Planning runs on numpy views of small index arrays: per fetch it is a stable sort of the
-        rows (linear on the run-structured selections policies hand over), one lookup in the
-        buffer's row -> slot map and a few masks, so its cost stays well below the copies'.
+        Planning: a stable sort of the rows (linear on the run-structured selections policies hand
+        over), then, for a selection shared by all heads, compiled passes over the buffer's
+        row -> slot map (``plan.plan_shared``, ``plan.copy_runs``, ``plan.write_slot_meta``); per
+        head it runs on numpy views of the same maps.
         """
         rows = rows.to("cpu", torch.int64)
         if rows.dim() == 1:
@@ -645,36 +649,24 @@ class HostKVStore:
         """``fetch`` for one selection shared by all heads: the same plan on flat arrays, with the
         row -> slot map updated in place (the generic ``track`` re-derives what is known here)."""
         n = rows.size
-        want = np.sort(rows, kind="stable")
+        # stable: a merge sort, linear on the run-structured selections policies hand over
+        want = np.sort(rows.astype(np.int64, copy=False), kind="stable")
         rmap = into.row_slots(int(want[-1]) + 1 if n else 0)[0]
-        slot = rmap[want]
-        hit = slot >= 0
-        keep = hit & (slot < n)
-        occupied = np.zeros(n, dtype=bool)
-        occupied[slot[keep]] = True
-        free = np.flatnonzero(~occupied)  # slots in [0, n) to fill, ascending
-        need = np.flatnonzero(~keep)  # positions in ``want`` without a slot yet, rows ascending
-        need_rows = want[need]
-        moved = hit[need]
         held = into.slot_rows.numpy()[0]
-        evicted = held[free]
-        rmap[evicted[evicted >= 0]] = -1  # whatever sat in a free slot is not wanted
-        stats.tokens_reused = int(hit.sum())
+        need_rows, free, move_from, n_moved = plan_shared(want, rmap, held)
+        stats.tokens_reused = n - need_rows.size + n_moved
+        rows_in, slots_in = need_rows, free
         with self._copy_session(into, stats, wait):
-            if moved.any():
-                src = slot[need[moved]].astype(np.int64)
-                self._device_move(into, src, free[moved])
-                held[src] = -1
-                stats.device_moves = int(src.size)
-            held[free] = need_rows
-            rmap[need_rows] = free
-            miss = ~moved
-            if miss.any():
-                rows_in, slots_in = need_rows[miss], free[miss]
+            if n_moved:
+                moved = move_from >= 0
+                self._device_move(into, move_from[moved], free[moved])
+                stats.device_moves = n_moved
+                rows_in, slots_in = need_rows[~moved], free[~moved]
+            if rows_in.size:
                 self._copy_in(layer, into, rows_in, slots_in, stats)
                 self._write_slot_meta(layer, into, rows_in, slots_in)
         into.count = n
-        stats.tokens_copied = int(miss.sum())
+        stats.tokens_copied = int(rows_in.size)
 
     def copy_to_slots(
         self, layer: int, rows: torch.Tensor, into: DeviceBuffer, slots: torch.Tensor
@@ -756,12 +748,18 @@ class HostKVStore:
         flat_pos[:, dev_dst] = flat_pos[:, dev_src]
 
     def _write_slot_meta(self, layer: int, into: DeviceBuffer, rows: np.ndarray, dst: np.ndarray) -> None:
+        if into.device.type == "cpu":
+            write_slot_meta(
+                np.ascontiguousarray(rows, dtype=np.int64),
+                np.ascontiguousarray(dst, dtype=np.int64),
+                np.ascontiguousarray(self.row_token[layer].numpy()),
+                self._positions.numpy(),
+                into.slot_ids.numpy().reshape(-1),
+                into.slot_pos.numpy().reshape(self._positions.shape[0], -1),
+            )
+            return
         ids = self.row_token[layer].numpy()[rows]
         pos = self._positions.numpy()[:, ids]
-        if into.device.type == "cpu":
-            into.slot_ids.numpy().reshape(-1)[dst] = ids
-            into.slot_pos.numpy().reshape(pos.shape[0], -1)[:, dst] = pos
-            return
         dev_dst = self._index(dst, into.device)
         into.slot_ids.view(-1)[dev_dst] = self._index(ids, into.device)
         dev_pos = torch.from_numpy(pos).to(into.device, non_blocking=True)
@@ -772,12 +770,16 @@ class HostKVStore:
     ) -> None:
         """Copy host ``rows`` (k,) into flat buffer slots ``dst`` (k,), group-major, rows sorted per group.
 
-        Whole rows (one group): runs of at least ``run_min_rows`` rows are copied one copy per run,
-        the rest gathered (one gather per page); per-head units are always gathered.
+        CPU to CPU, whole rows: every run is one copy (``_copy_segments``). Otherwise, whole rows
+        (one group): runs of at least ``run_min_rows`` rows are copied one copy per run, the rest
+        gathered (one gather per page); per-head units are always gathered.
         """
         pr = self._page_rows_of(layer)
         unit_bytes = (2 * self.geometry.token_row_bytes) // into.groups
         stats.bytes_moved += rows.size * unit_bytes
+        if self._host_to_host(into):
+            self._copy_segments(layer, into, rows, dst, stats)
+            return
         if into.groups == 1:
             page = rows // pr
             brk = (np.diff(rows) != 1) | (np.diff(dst) != 1) | (page[1:] != page[:-1])
@@ -796,6 +798,23 @@ class HostKVStore:
         t0 = time.perf_counter()
         self._gather(layer, into, rows, dst, stats)
         stats.copy_ms += (time.perf_counter() - t0) * 1e3
+
+    def _copy_segments(
+        self, layer: int, into: DeviceBuffer, rows: np.ndarray, dst: np.ndarray, stats: FetchStats
+    ) -> None:
+        """CPU to CPU, whole rows: every maximal run of consecutive rows into consecutive slots is
+        one copy, however short. On a CPU a row-by-row gather costs more than the few
+        microseconds a short run's copy does (it indexes row by row, and into scattered slots
+        through a temporary), so nothing is gathered here; runs crossing a page are split."""
+        first, slot0, lengths = copy_runs(
+            np.ascontiguousarray(rows, dtype=np.int64),
+            np.ascontiguousarray(dst, dtype=np.int64),
+            self._page_rows_of(layer),
+        )
+        t0 = time.perf_counter()
+        self._copy_runs(layer, into, first, slot0, lengths)
+        stats.copy_ms += (time.perf_counter() - t0) * 1e3
+        stats.copies += int(lengths.size)
 
     def _host_to_host(self, into: DeviceBuffer) -> bool:
         """Whether a fetch into ``into`` is a CPU-to-CPU copy of whole rows (numpy row views)."""
@@ -827,7 +846,8 @@ class HostKVStore:
     def _gather(
         self, layer: int, into: DeviceBuffer, rows: np.ndarray, dst: np.ndarray, stats: FetchStats
     ) -> None:
-        """One gather per page touched; across devices through one pinned staging copy."""
+        """One gather per page touched, for anything but CPU-to-CPU whole rows (``_copy_segments``):
+        across devices through one pinned staging copy."""
         cap = into.capacity
         pr = self._page_rows_of(layer)
         pages = rows // pr
@@ -841,7 +861,6 @@ class HostKVStore:
         staged = self._staging(into, (k, *unit_shape)) if cross_device else None
         groups, slots = np.divmod(dst, cap)
         local = torch.from_numpy(rows % pr)
-        host = self._host_to_host(into)
         for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
             page = self.pages[layer][int(pages[a])]
             loc = local[a:b].to(page.device)
@@ -849,11 +868,9 @@ class HostKVStore:
             if into.groups == 1:
                 if staged is not None:
                     torch.index_select(page, 0, loc, out=staged[a:b])
-                elif _consecutive(dst[a:b]):  # straight into the slots (parallel on a CPU)
+                elif _consecutive(dst[a:b]):  # straight into the slots
                     s0 = int(slots[a])
                     torch.index_select(page, 0, loc, out=into.data[s0 : s0 + c])
-                elif host:  # scattered slots: numpy row copies, no intermediate tensor
-                    row_view(into.data)[slots[a:b]] = row_view(page)[local[a:b].numpy()]
                 else:
                     into.data.index_copy_(0, self._index(slots[a:b], into.device), page.index_select(0, loc))
             else:

@@ -37,7 +37,7 @@ COMPRESSIONS = ("vsb", "drop_oldest")
 
 COMMON_OPTIONS: dict[str, Any] = {
     "page_rows": 8192,  # store rows per page
-    "run_min_rows": 32,  # runs at least this long are copied one by one, shorter ones gathered
+    "run_min_rows": 32,  # to another device: runs at least this long copied one by one, shorter ones gathered
     "compress_to": 0.75,  # at the host cap, compress live tokens to this fraction of the cap
     "vsb_buckets": 32,  # VSB timeline buckets (each keeps its own top tokens)
     "vsb_probe": 16,  # VSB probe tokens taken from the most recent vision tokens
