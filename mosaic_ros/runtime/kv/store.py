@@ -29,7 +29,7 @@ rows that hold a live token.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +41,8 @@ from mosaic_ros.runtime.kv.policy import KVContext, KVGeometry, TokenMeta
 # host-to-host runs at least this long are copied by torch (split across its intra-op threads),
 # shorter ones by numpy (a single thread, but about a microsecond less per call)
 HOST_PARALLEL_ROWS = 64
+
+_NO_SESSION = nullcontext()
 
 
 class StoreFullError(RuntimeError):
@@ -96,19 +98,6 @@ def contiguous_runs(rows: torch.Tensor, break_every: int = 0) -> tuple[torch.Ten
     return starts, ends - idx
 
 
-def _page_views(pages: list[torch.Tensor]):
-    """``view(p)``: ``row_view`` of ``pages[p]``, made once per page on first use."""
-    views: dict[int, np.ndarray] = {}
-
-    def view(p: int) -> np.ndarray:
-        v = views.get(p)
-        if v is None:
-            v = views[p] = row_view(pages[p])
-        return v
-
-    return view
-
-
 def _consecutive(values: np.ndarray) -> bool:
     """Whether ``values`` (k >= 1,) are v, v + 1, ..., v + k - 1 in this order."""
     return values.size == 1 or bool((np.diff(values) == 1).all())
@@ -148,6 +137,13 @@ class DeviceBuffer:
         # host row -> slot (G, rows) int32, -1 where not resident: the inverse of slot_rows, so
         # planning a fetch looks residency up instead of sorting and searching the buffer
         self._row_slot = np.full((g, 0), -1, dtype=np.int32)
+        self._host_rows: np.ndarray | None = None
+
+    def host_rows(self) -> np.ndarray:
+        """``row_view`` of ``data`` (a CPU buffer), made once."""
+        if self._host_rows is None:
+            self._host_rows = row_view(self.data)
+        return self._host_rows
 
     @property
     def per_head(self) -> bool:
@@ -261,6 +257,9 @@ class HostKVStore:
         self._frame = torch.zeros(0, dtype=torch.int64)
         self._layers_holding = torch.zeros(0, dtype=torch.int16)
         self._side_stream = torch.cuda.Stream() if self.device.type == "cpu" and self.pin else None
+        # per layer, (page, row_view(page)) pairs for host pages: building a view costs microseconds
+        # (tens of them right after attention has evicted the caches), a fetch touches a dozen pages
+        self._views: list[list[tuple[torch.Tensor, np.ndarray]]] = [[] for _ in range(n_layers)]
 
     # ------------------------------------------------------------------ token metadata
     @property
@@ -329,6 +328,13 @@ class HostKVStore:
         """Rows allocated for ``layer`` (used or not)."""
         return sum(p.shape[0] for p in self.pages[layer])
 
+    def _row_views(self, layer: int) -> list[np.ndarray]:
+        """``row_view`` of every page of ``layer`` (host pages), kept until the pages change."""
+        pages, cached = self.pages[layer], self._views[layer]
+        if len(cached) != len(pages) or (pages and cached[-1][0] is not pages[-1]):
+            cached[:] = [(p, row_view(p)) for p in pages]
+        return [v for _, v in cached]
+
     def _page_rows_of(self, layer: int) -> int:
         return self.pages[layer][0].shape[0] if self.contiguous and self.pages[layer] else self.page_rows
 
@@ -351,6 +357,7 @@ class HostKVStore:
             if cap:
                 page[: self.high[layer]] = self.pages[layer][0][: self.high[layer]]
             self.pages[layer] = [page]
+            self._views[layer] = []
         else:
             while self.capacity_rows(layer) < rows_needed:
                 self.pages[layer].append(self._new_page(self.page_rows))
@@ -524,10 +531,10 @@ class HostKVStore:
         order = np.argsort(key, kind="stable")
         key, src, dst = key[order], src[order], dst[order]
         bounds = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1], [True])))
-        view = _page_views(self.pages[layer])
+        views = self._row_views(layer)
         for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
             d, s = int(dst[a]) // pr, int(src[a]) // pr
-            view(d)[dst[a:b] % pr] = view(s)[src[a:b] % pr]
+            views[d][dst[a:b] % pr] = views[s][src[a:b] % pr]
 
     def release(self, layer: int, token_ids: torch.Tensor) -> None:
         """Drop tokens from ``layer``: their rows become free (reused after ``compact``)."""
@@ -569,6 +576,7 @@ class HostKVStore:
         if not self.contiguous:
             keep = -(-n // self.page_rows)
             del self.pages[layer][keep:]
+            self._views[layer] = []
             self.row_token[layer] = self.row_token[layer][: keep * self.page_rows].clone()
 
     # ------------------------------------------------------------------ accounting
@@ -599,9 +607,9 @@ class HostKVStore:
         head it runs on numpy views of the same maps.
         """
         rows = rows.to("cpu", torch.int64)
-        if rows.dim() == 1:
+        if rows.dim() == 1 and into.groups > 1:
             rows = rows[None].expand(into.groups, -1)
-        g_count, n = rows.shape
+        g_count, n = (1, rows.shape[0]) if rows.dim() == 1 else rows.shape
         if g_count != into.groups:
             raise ValueError(f"fetch: rows have {g_count} groups, buffer has {into.groups}")
         if n > into.capacity:
@@ -611,7 +619,7 @@ class HostKVStore:
             into.layout_version = self.layout_version[layer]
         stats = FetchStats()
         if g_count == 1:
-            self._fetch_shared(layer, rows.numpy()[0], into, stats, wait)
+            self._fetch_shared(layer, rows.numpy().reshape(-1), into, stats, wait)
             return stats
         cap = into.capacity
         want = np.sort(rows.numpy(), axis=1, kind="stable")
@@ -695,13 +703,15 @@ class HostKVStore:
         into.track(slots, rows)
         self._write_slot_meta(layer, into, rows, slots)
 
-    @contextmanager
     def _copy_session(self, into: DeviceBuffer, stats: FetchStats, wait: bool = True):
         """Run the enclosed copies on the side stream (CUDA from host) and, with ``wait``, make
-        compute wait for them."""
+        compute wait for them; nothing to set up otherwise."""
         if into.device.type != "cuda" or self.device.type == "cuda":
-            yield
-            return
+            return _NO_SESSION
+        return self._cuda_copy_session(into, stats, wait)
+
+    @contextmanager
+    def _cuda_copy_session(self, into: DeviceBuffer, stats: FetchStats, wait: bool):
         side = self._side_stream or torch.cuda.Stream(into.device)
         self._side_stream = side
         side.wait_stream(torch.cuda.current_stream(into.device))
@@ -730,7 +740,7 @@ class HostKVStore:
     def _device_move(self, into: DeviceBuffer, src: np.ndarray, dst: np.ndarray) -> None:
         cap = into.capacity
         if self._host_to_host(into):
-            buf = row_view(into.data)
+            buf = into.host_rows()
             buf[dst] = buf[src]
             ids = into.slot_ids.numpy().reshape(-1)
             ids[dst] = ids[src]
@@ -833,13 +843,13 @@ class HostKVStore:
         # twice a single-threaded copy's bandwidth), but costs microseconds more per call than a
         # numpy copy: short runs, and every run when torch has one thread, go through numpy.
         host = self._host_to_host(into)
-        buf = row_view(data) if host else None
+        buf = into.host_rows() if host else None
         parallel = torch.get_num_threads() > 1
-        view = _page_views(pages)
+        views = self._row_views(layer) if host else None
         for r, s, ln in zip(starts.tolist(), dst.tolist(), lengths.tolist(), strict=True):
             p, off = divmod(r, pr)
             if host and (ln < HOST_PARALLEL_ROWS or not parallel):
-                buf[s : s + ln] = view(p)[off : off + ln]
+                buf[s : s + ln] = views[p][off : off + ln]
             else:
                 data[s : s + ln].copy_(pages[p][off : off + ln], non_blocking=non_blocking)
 
