@@ -22,7 +22,7 @@ _I32 = "int32[::1]"
 
 
 @njit(f"Tuple((int64[::1], int64[::1], int64[::1], int64))({_I64}, {_I32}, {_I64})", cache=True, nogil=True)
-def plan_shared(want, rmap, held):  # pragma: no cover - compiled; tested through HostKVStore.fetch
+def plan_shared(want, rmap, held):
     """Residency plan for n unique rows shared by all heads, updating the maps in place.
 
     want (n,): wanted host rows, ascending (numpy's vectorised sort is several times faster
@@ -74,7 +74,7 @@ def plan_shared(want, rmap, held):  # pragma: no cover - compiled; tested throug
 
 
 @njit(f"Tuple((int64[::1], int64[::1], int64[::1]))({_I64}, {_I64}, int64)", cache=True, nogil=True)
-def copy_runs(rows, slots, page_rows):  # pragma: no cover - compiled; tested through HostKVStore.fetch
+def copy_runs(rows, slots, page_rows):
     """Maximal runs of rows (k,) that are consecutive in both ``rows`` and ``slots`` and stay
     within one page of ``page_rows``: (first row, first slot, length) per run."""
     k = rows.size
@@ -97,7 +97,7 @@ def copy_runs(rows, slots, page_rows):  # pragma: no cover - compiled; tested th
 
 
 @njit(f"void({_I64}, {_I64}, {_I64}, int64[:, ::1], {_I64}, int64[:, ::1])", cache=True, nogil=True)
-def write_slot_meta(rows, slots, row_token, positions, slot_ids, slot_pos):  # pragma: no cover
+def write_slot_meta(rows, slots, row_token, positions, slot_ids, slot_pos):
     """slot_ids[slots] = row_token[rows] and slot_pos[:, slots] = positions[:, those tokens]."""
     p = positions.shape[0]
     for i in range(rows.size):
