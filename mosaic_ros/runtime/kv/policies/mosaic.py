@@ -36,8 +36,9 @@ share of the question's attention; Triton on CUDA). Clusters are taken as in a f
 knapsack, by estimated share per token, and the first cluster that no longer fits is cut to
 fill the budget (``choose_clusters``). A cluster's value counts the copies it adds: one whose
 extent touches an extent already taken extends that run and pays nothing, one that bridges
-two runs earns a copy back, ring tokens of a still-open cluster cost one copy (the store
-gathers short runs together). A copy costs ``run_penalty`` times the share of the marginal
+two runs earns a copy back, ring tokens of a still-open cluster cost one copy (to a GPU the
+store gathers short runs together; CPU to CPU each is a copy of its own, a microsecond or
+two, which this model leaves out). A copy costs ``run_penalty`` times the share of the marginal
 cluster, so it only reorders choices of about marginal value. The rows go to the store's
 ``fetch`` into the layer's device buffer, which keeps rows resident from the previous
 question; a question's time window filters candidates token by token instead.
@@ -145,11 +146,12 @@ def choose_clusters(
     A greedy fractional knapsack: clusters are taken by value per token, and the first one that
     no longer fits is taken in part to fill the room (a cluster is a group of near-identical
     keys, so part of it keeps about its share per token). A cluster's value is its share minus
-    ``penalty x`` the copies it adds: one if it has ring tokens (the store gathers the short runs
-    of a page in one call), plus one for its extent unless a touching extent is already taken,
-    minus one if it joins two taken runs. ``penalty = run_penalty x`` the share of the last
-    cluster taken whole when copies are ignored (the marginal cluster), so it only reorders
-    choices of about marginal value; ``run_penalty = 0`` ignores copies.
+    ``penalty x`` the copies it adds: one if it has ring tokens (to a GPU the store gathers the
+    short runs of a page in one call; CPU to CPU each is a short copy, not counted), plus one
+    for its extent unless a touching extent is already taken, minus one if it joins two taken
+    runs. ``penalty = run_penalty x`` the share of the last cluster taken whole when copies are
+    ignored (the marginal cluster), so it only reorders choices of about marginal value;
+    ``run_penalty = 0`` ignores copies.
     """
     usable = (sizes > 0) & (share > 0)
     if not bool(usable.any()) or room <= 0:
