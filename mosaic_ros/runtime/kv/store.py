@@ -780,25 +780,24 @@ class HostKVStore:
     ) -> None:
         """Copy host ``rows`` (k,) into flat buffer slots ``dst`` (k,), group-major, rows sorted per group.
 
-        CPU to CPU, whole rows: every run is one copy (``_copy_segments``). Otherwise, whole rows
-        (one group): runs of at least ``run_min_rows`` rows are copied one copy per run, the rest
-        gathered (one gather per page); per-head units are always gathered.
+        Whole rows (one group): runs (``plan.copy_runs``) of at least ``run_min_rows`` rows are
+        copied one copy per run, the rest gathered (one gather per page); CPU to CPU every run is
+        one copy. Per-head units are always gathered.
         """
-        pr = self._page_rows_of(layer)
         unit_bytes = (2 * self.geometry.token_row_bytes) // into.groups
         stats.bytes_moved += rows.size * unit_bytes
-        if self._host_to_host(into):
-            self._copy_segments(layer, into, rows, dst, stats)
-            return
         if into.groups == 1:
-            page = rows // pr
-            brk = (np.diff(rows) != 1) | (np.diff(dst) != 1) | (page[1:] != page[:-1])
-            idx = np.flatnonzero(np.concatenate(([True], brk)))
-            lengths = np.diff(idx, append=rows.size)
-            long = lengths >= self.run_min_rows
+            starts, slots, lengths = copy_runs(
+                np.ascontiguousarray(rows, dtype=np.int64),
+                np.ascontiguousarray(dst, dtype=np.int64),
+                self._page_rows_of(layer),
+            )
+            # CPU to CPU a row-by-row gather (rows indexed one by one, into scattered slots through a
+            # temporary) costs more than the microsecond or two of a short run's copy
+            long = lengths >= (1 if self._host_to_host(into) else self.run_min_rows)
             if long.any():
                 t0 = time.perf_counter()
-                self._copy_runs(layer, into, rows[idx[long]], dst[idx[long]], lengths[long])
+                self._copy_runs(layer, into, starts[long], slots[long], lengths[long])
                 stats.copy_ms += (time.perf_counter() - t0) * 1e3
                 stats.copies += int(long.sum())
                 if long.all():
@@ -808,23 +807,6 @@ class HostKVStore:
         t0 = time.perf_counter()
         self._gather(layer, into, rows, dst, stats)
         stats.copy_ms += (time.perf_counter() - t0) * 1e3
-
-    def _copy_segments(
-        self, layer: int, into: DeviceBuffer, rows: np.ndarray, dst: np.ndarray, stats: FetchStats
-    ) -> None:
-        """CPU to CPU, whole rows: every maximal run of consecutive rows into consecutive slots is
-        one copy, however short. On a CPU a row-by-row gather costs more than the few
-        microseconds a short run's copy does (it indexes row by row, and into scattered slots
-        through a temporary), so nothing is gathered here; runs crossing a page are split."""
-        first, slot0, lengths = copy_runs(
-            np.ascontiguousarray(rows, dtype=np.int64),
-            np.ascontiguousarray(dst, dtype=np.int64),
-            self._page_rows_of(layer),
-        )
-        t0 = time.perf_counter()
-        self._copy_runs(layer, into, first, slot0, lengths)
-        stats.copy_ms += (time.perf_counter() - t0) * 1e3
-        stats.copies += int(lengths.size)
 
     def _host_to_host(self, into: DeviceBuffer) -> bool:
         """Whether a fetch into ``into`` is a CPU-to-CPU copy of whole rows (numpy row views)."""
@@ -856,7 +838,7 @@ class HostKVStore:
     def _gather(
         self, layer: int, into: DeviceBuffer, rows: np.ndarray, dst: np.ndarray, stats: FetchStats
     ) -> None:
-        """One gather per page touched, for anything but CPU-to-CPU whole rows (``_copy_segments``):
+        """One gather per page touched (never for CPU-to-CPU whole rows, which are all runs):
         across devices through one pinned staging copy."""
         cap = into.capacity
         pr = self._page_rows_of(layer)
