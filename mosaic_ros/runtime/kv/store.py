@@ -80,22 +80,14 @@ def row_view(t: torch.Tensor) -> np.ndarray:
 
 
 def contiguous_runs(rows: torch.Tensor, break_every: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Maximal runs of consecutive values in sorted unique ``rows`` (n,) int64.
+    """Maximal runs of consecutive values in sorted unique ``rows`` (n,) int64 (CPU).
 
     Returns (starts, lengths), each (R,) int64. With ``break_every`` > 0 a run never crosses a
-    multiple of it (a page boundary).
+    multiple of it (a page boundary). The same cut as a fetch's (``plan.copy_runs``).
     """
-    if rows.numel() == 0:
-        empty = torch.zeros(0, dtype=torch.int64)
-        return empty, empty
-    brk = rows[1:] - rows[:-1] != 1
-    if break_every > 0:
-        brk |= (rows[1:] // break_every) != (rows[:-1] // break_every)
-    first = torch.cat((torch.ones(1, dtype=torch.bool), brk))
-    idx = torch.nonzero(first).flatten()
-    starts = rows[idx]
-    ends = torch.cat((idx[1:], torch.tensor([rows.numel()])))
-    return starts, ends - idx
+    r = np.ascontiguousarray(rows.numpy(), dtype=np.int64)
+    starts, _, lengths = copy_runs(r, r, break_every if break_every > 0 else np.iinfo(np.int64).max)
+    return torch.from_numpy(starts), torch.from_numpy(lengths)
 
 
 def _consecutive(values: np.ndarray) -> bool:
