@@ -4,7 +4,8 @@ Streams the benchmark's synthetic KV (``--shape``) into each policy with the ben
 per-frame step, then asks the workload's questions twice (the first round warms the buffers;
 the second is measured). Between layers a 64 MiB write stands in for attention, which would
 evict the caches. Prints, per policy, transfer / copy / planning ms per question, the rows
-copied as runs (by run length) and gathered row by row, and the bandwidth of each kind.
+copied as runs (by run length) and gathered row by row, the bandwidth of each kind, and how
+much of the planning the compiled planning kernels (``runtime/kv/plan.py``) take.
 
     .venv/bin/python scripts/fetch_profile.py --shape qwen2.5-vl-7b --frames 300 --policies mosaic,rekv
 
@@ -25,6 +26,7 @@ import torch
 from mosaic_ros.runtime.bench.runner import ingest_frame
 from mosaic_ros.runtime.bench.shapes import SHAPES
 from mosaic_ros.runtime.bench.workloads import SyntheticSpec, SyntheticWorkload
+from mosaic_ros.runtime.kv import store as store_module
 from mosaic_ros.runtime.kv.policy import PolicyConfig, make_policy
 from mosaic_ros.runtime.kv.store import HostKVStore
 
@@ -64,6 +66,26 @@ class CopyLog:
         self.gathered = [0, 0.0]
 
 
+class KernelLog:
+    """Times the store's calls of the planning kernels while ``active``."""
+
+    def __init__(self):
+        self.active = False
+        self.seconds = 0.0
+        for name in ("plan_shared", "copy_runs", "write_slot_meta"):
+            setattr(store_module, name, self._timed(getattr(store_module, name)))
+
+    def _timed(self, kernel):
+        def call(*args):
+            t0 = time.perf_counter()
+            out = kernel(*args)
+            if self.active:
+                self.seconds += time.perf_counter() - t0
+            return out
+
+        return call
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="qwen2.5-vl-7b", choices=sorted(SHAPES))
@@ -79,6 +101,7 @@ def main() -> None:
     row_bytes = 2 * work.geometry.token_row_bytes
     flush = torch.empty(64 * 2**20, dtype=torch.uint8)
     log = CopyLog(args.budget)
+    kernels = KernelLog()
     print(f"{args.shape}, {args.frames} frames, {args.threads} torch threads")
     for name in args.policies.split(","):
         config = PolicyConfig(budget_tokens=args.budget, sink_tokens=32, window_tokens=1024)
@@ -86,8 +109,10 @@ def main() -> None:
         for i in range(work.num_chunks):
             ingest_frame(policy, work.chunk(i), 5.0)
         totals = [0.0, 0.0, 0]
+        kernels.seconds = 0.0
         for measured in (False, True):
             log.reset()
+            kernels.active = measured
             for q in work.questions():
                 policy.begin_question(q.window)
                 for layer in range(work.geometry.num_layers):
@@ -98,6 +123,7 @@ def main() -> None:
                     totals[0] += stats.transfer_ms
                     totals[1] += stats.copy_ms
                     totals[2] += stats.bytes_moved
+        kernels.active = False
         nq = len(work.questions())
         tr, cp = totals[0] / nq, totals[1] / nq
         print(
@@ -110,6 +136,10 @@ def main() -> None:
                 print(f"  {kind}: {rows / nq:.0f} rows/q at {gbps:.2f} GB/s")
         by_length = ", ".join(f"{b}+: {rows / nq:.0f}" for b, rows in sorted(log.runs.items()))
         print(f"  rows/q by run length: {by_length}")
+        fetches = nq * work.geometry.num_layers
+        plan_us = (tr - cp) / work.geometry.num_layers * 1e3
+        kernel_us = kernels.seconds / fetches * 1e6
+        print(f"  planning per fetch: {plan_us:.0f} us, of which the planning kernels {kernel_us:.0f} us")
         del policy
 
 
