@@ -6,7 +6,10 @@ the mean ingest and maintenance milliseconds per frame over consecutive blocks o
 so growth with the stream shows in one run. For policies that cluster (``mosaic``) it also
 prints the part of ingest spent in ``ClusterIndex.assign`` (all layers), the clusters per
 layer and the clusters the nearest-cluster search ranked per token (``search_width``, mean
-over layers): the cluster count grows with the stream, the search must not.
+over layers): the cluster count grows with the stream, the search must not. For every policy
+it prints the rows the store relocated per frame (``HostKVStore.move``: mosaic's sealing,
+splits and compaction) with the milliseconds those moves took, and the kernel (system) CPU
+time per frame, mostly first-touch page faults of new store pages.
 
     .venv/bin/python scripts/ingest_growth.py --policy mosaic --shape qwen2.5-vl-3b --frames 1200
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import time
 
@@ -27,6 +31,7 @@ from mosaic_ros.runtime.bench.shapes import SHAPES
 from mosaic_ros.runtime.bench.workloads import SyntheticSpec, SyntheticWorkload
 from mosaic_ros.runtime.kv.clusters import ClusterIndex
 from mosaic_ros.runtime.kv.policy import PolicyConfig, make_policy
+from mosaic_ros.runtime.kv.store import HostKVStore
 
 
 class AssignClock:
@@ -54,6 +59,34 @@ class AssignClock:
         return out
 
 
+class MoveClock:
+    """Rows relocated by ``HostKVStore.move`` and the wall time of those moves."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.seconds = 0.0
+        inner = HostKVStore.move
+        clock = self
+
+        def timed(store, layer, token_ids, rows):
+            t0 = time.perf_counter()
+            inner(store, layer, token_ids, rows)
+            clock.seconds += time.perf_counter() - t0
+            clock.rows += int(rows.numel())
+
+        HostKVStore.move = timed
+
+    def take(self) -> tuple[int, float]:
+        """(rows, seconds) since the last take."""
+        out = (self.rows, self.seconds)
+        self.rows, self.seconds = 0, 0.0
+        return out
+
+
+def _system_seconds() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policy", default="mosaic")
@@ -72,25 +105,37 @@ def main() -> None:
     config = PolicyConfig(budget_tokens=args.budget, sink_tokens=args.sinks, window_tokens=args.window)
     policy = make_policy(args.policy, work.geometry, config, torch.device("cpu"))
     clock = AssignClock()
+    moves = MoveClock()
     layers = getattr(policy, "_layers", [])
     ingest, maintain = [], []
     print(f"{args.policy} {args.shape}: block means per frame")
-    print(" frame  ingest ms  maintain ms  assign ms  clusters/layer  search width")
+    print(
+        " frame  ingest ms  maintain ms  assign ms  clusters/layer  search width"
+        "  moved rows  move ms  system ms"
+    )
+    system = _system_seconds()
     for i in range(work.num_chunks):
         frame_ingest, frame_maintain = ingest_frame(policy, work.chunk(i), args.maintain_ms)
         if i == 0:  # chunk 0 is the sink preamble
             clock.take()
+            moves.take()
+            system = _system_seconds()
             continue
         ingest.append(frame_ingest)
         maintain.append(frame_maintain)
         if i % args.block == 0:
             assign_s, width = clock.take()
+            moved, move_s = moves.take()
+            now = _system_seconds()
+            n = len(ingest)
             clusters = statistics.fmean(st.index.num_clusters for st in layers) if layers else 0.0
             print(
                 f"{i:6d} {statistics.fmean(ingest):10.1f} {statistics.fmean(maintain):12.1f}"
-                f" {assign_s * 1e3 / len(ingest):10.1f} {clusters:15.0f} {width:13.1f}",
+                f" {assign_s * 1e3 / n:10.1f} {clusters:15.0f} {width:13.1f}"
+                f" {moved / n:11.0f} {move_s * 1e3 / n:8.1f} {(now - system) * 1e3 / n:10.1f}",
                 flush=True,
             )
+            system = now
             ingest, maintain = [], []
 
 
