@@ -324,3 +324,19 @@ def test_moves_across_pages_keep_every_tokens_data():
     for layer in range(GEOM.num_layers):
         every = torch.arange(90)
         assert torch.equal(store.read(layer, store.rows_of(layer, every)), truth[layer][every])
+
+
+def test_move_of_runs_across_source_and_destination_page_ends():
+    """Runs of consecutive rows whose source and destination cross page ends at different
+    offsets, handed over out of order: every row lands where asked, with its own data."""
+    store, truth = filled_store(90, page_rows=16)
+    ids = torch.cat((torch.arange(40, 60), torch.arange(5, 25)))  # cross rows 48 and 16
+    rows = store.alloc(0, 40)  # 90..129: crosses 96, 112, 128
+    assert rows.tolist() == list(range(90, 130))
+    dest = torch.cat((rows[20:], rows[:20]))  # ids 40.. go to 110.., ids 5.. to 90..
+    store.move(0, ids, dest)
+    assert torch.equal(store.rows_of(0, ids), dest)
+    assert bool((store.row_token[0][ids] == -1).all())  # the old rows are free
+    every = torch.arange(90)
+    assert torch.equal(store.read(0, store.rows_of(0, every)), truth[0][every])
+    assert torch.equal(store.read(0, dest), truth[0][ids])
