@@ -98,11 +98,15 @@ def main() -> None:
     ap.add_argument("--sinks", type=int, default=32)
     ap.add_argument("--maintain-ms", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--spare-pages", type=int, default=None, help="the policy's spare_pages option")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     spec = SyntheticSpec(frames=args.frames, questions=1, seed=0, sink_tokens=args.sinks)
     work = SyntheticWorkload(SHAPES[args.shape], spec, torch.float16)
-    config = PolicyConfig(budget_tokens=args.budget, sink_tokens=args.sinks, window_tokens=args.window)
+    options = {} if args.spare_pages is None else {"spare_pages": args.spare_pages}
+    config = PolicyConfig(
+        budget_tokens=args.budget, sink_tokens=args.sinks, window_tokens=args.window, options=options
+    )
     policy = make_policy(args.policy, work.geometry, config, torch.device("cpu"))
     clock = AssignClock()
     moves = MoveClock()
@@ -137,6 +141,12 @@ def main() -> None:
             )
             system = now
             ingest, maintain = [], []
+    reserve = getattr(getattr(policy, "store", None), "page_reserve", None)
+    if reserve is not None:
+        print(
+            f"page reserve (spare {reserve.spare}): {reserve.ready_taken} pages taken ready, "
+            f"{reserve.cold} allocated on the frame's path, {reserve.given} given back"
+        )
 
 
 if __name__ == "__main__":

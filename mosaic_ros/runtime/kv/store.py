@@ -22,19 +22,23 @@ non-blocking, issued on a side stream from pinned memory, and the compute stream
 an event before it reads the buffer.
 
 Accounting. ``host_kv_bytes`` counts CAPACITY: the bytes of every page tensor allocated
-(used or not), i.e. exactly what the process holds for KV. ``used_kv_bytes`` counts the
+(used or not, the page reserve's ready pages included), i.e. exactly what the process holds
+for KV. ``used_kv_bytes`` counts the
 rows that hold a live token.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
+from mosaic_ros.runtime.kv.pages import PageReserve
 from mosaic_ros.runtime.kv.plan import copy_runs, plan_shared, write_slot_meta
 from mosaic_ros.runtime.kv.policy import KVContext, KVGeometry, TokenMeta
 
@@ -208,7 +212,9 @@ class HostKVStore:
     ``device``: where the pages live (host ``cpu`` normally; the compute device for a
     device-resident store). ``run_min_rows``: for copies to another device, runs at least this
     long are copied one copy per run, shorter ones gathered (one gather per page for all of
-    them); CPU to CPU every run is one copy.
+    them); CPU to CPU every run is one copy. ``spare_pages``: for a paged host store, pages kept
+    allocated and faulted in ahead of need by a worker thread (``PageReserve``), so growing
+    does not take the first-touch page faults on the caller's path (0: none, no thread).
     """
 
     def __init__(
@@ -221,6 +227,7 @@ class HostKVStore:
         device: torch.device | str = "cpu",
         contiguous: bool = False,
         run_min_rows: int = 32,
+        spare_pages: int = 0,
     ):
         if page_rows <= 0:
             raise ValueError(f"page_rows must be positive, got {page_rows}")
@@ -252,6 +259,13 @@ class HostKVStore:
         # per layer, (page, row_view(page)) pairs for host pages: building a view costs microseconds
         # (tens of them right after attention has evicted the caches), a fetch touches a dozen pages
         self._views: list[list[tuple[torch.Tensor, np.ndarray]]] = [[] for _ in range(n_layers)]
+        self._reserve: PageReserve | None = None
+        if spare_pages > 0 and not contiguous and self.device.type == "cpu":
+            shape = (page_rows, 2, geometry.num_kv_heads, geometry.head_dim)
+            make = partial(torch.empty, shape, dtype=geometry.dtype, device=self.device, pin_memory=self.pin)
+            self._reserve = PageReserve(make, spare_pages)  # the factory holds no reference to the store
+            self._update_allowance()
+            weakref.finalize(self, self._reserve.close)
 
     # ------------------------------------------------------------------ token metadata
     @property
@@ -352,7 +366,9 @@ class HostKVStore:
             self._views[layer] = []
         else:
             while self.capacity_rows(layer) < rows_needed:
-                self.pages[layer].append(self._new_page(self.page_rows))
+                page = self._reserve.take() if self._reserve is not None else self._new_page(self.page_rows)
+                self.pages[layer].append(page)
+            self._update_allowance()
         new_cap = self.capacity_rows(layer)
         grown = torch.full((new_cap,), -1, dtype=torch.int64)
         grown[:cap] = self.row_token[layer]
@@ -575,15 +591,34 @@ class HostKVStore:
             self.layout_version[layer] += 1
         if not self.contiguous:
             keep = -(-n // self.page_rows)
+            spare = self.pages[layer][keep:]
             del self.pages[layer][keep:]
+            if self._reserve is not None and spare:
+                self._update_allowance()
+                for page in spare:  # already faulted in: the next growth takes them first
+                    self._reserve.give(page)
             self._views[layer] = []
             self.row_token[layer] = self.row_token[layer][: keep * self.page_rows].clone()
+
+    def _update_allowance(self) -> None:
+        """Under ``max_rows`` the reserve holds no more pages than the layers may still add."""
+        if self._reserve is None or not self.max_rows:
+            return
+        per_layer = -(-self.max_rows // self.page_rows)
+        self._reserve.set_allowance(sum(max(per_layer - len(p), 0) for p in self.pages))
+
+    @property
+    def page_reserve(self) -> PageReserve | None:
+        """The reserve of pages faulted in ahead of need (None when ``spare_pages`` is 0)."""
+        return self._reserve
 
     # ------------------------------------------------------------------ accounting
     @property
     def host_kv_bytes(self) -> int:
-        """Bytes of every page tensor allocated, all layers (capacity, not used rows)."""
-        return sum(p.numel() * p.element_size() for pages in self.pages for p in pages)
+        """Bytes of every page tensor allocated, all layers (capacity, not used rows), and of the
+        reserve's ready pages."""
+        held = sum(p.numel() * p.element_size() for pages in self.pages for p in pages)
+        return held + (self._reserve.ready_bytes if self._reserve is not None else 0)
 
     @property
     def used_kv_bytes(self) -> int:

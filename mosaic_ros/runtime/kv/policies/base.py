@@ -37,6 +37,7 @@ COMPRESSIONS = ("vsb", "drop_oldest")
 
 COMMON_OPTIONS: dict[str, Any] = {
     "page_rows": 8192,  # store rows per page
+    "spare_pages": 4,  # host pages faulted in ahead of need by a worker thread (0: none)
     "run_min_rows": 32,  # to another device: runs at least this long copied one by one, shorter ones gathered
     "compress_to": 0.75,  # at the host cap, compress live tokens to this fraction of the cap
     "vsb_buckets": 32,  # VSB timeline buckets (each keeps its own top tokens)
@@ -74,6 +75,8 @@ class StoreBackedPolicy(KVPolicy):
         for key in ("page_rows", "run_min_rows", "vsb_buckets", "vsb_probe"):
             if int(self.options[key]) <= 0:
                 raise ValueError(f"option {key} must be positive, got {self.options[key]}")
+        if int(self.options["spare_pages"]) < 0:
+            raise ValueError(f"option spare_pages must be >= 0, got {self.options['spare_pages']}")
         self.page_rows, self.max_rows = self._cap_layout()
         self.reset()
 
@@ -102,6 +105,7 @@ class StoreBackedPolicy(KVPolicy):
             max_rows=self.max_rows,
             pin=self.device.type == "cuda",
             run_min_rows=int(self.options["run_min_rows"]),
+            spare_pages=int(self.options["spare_pages"]),
         )
 
     def reset(self) -> None:
