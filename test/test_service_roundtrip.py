@@ -29,10 +29,10 @@ DISCOVERY_TIMEOUT_S = 30.0
 CALL_TIMEOUT_S = 30.0
 
 
-
 def start_server(namespace: str, log_dir) -> PythonProcess:
     """The AskVideo test server under ``namespace``, in its own OS process."""
     return PythonProcess([str(TEST_DIR / "ask_video_server.py"), "--namespace", namespace], log_dir, "server")
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):

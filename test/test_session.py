@@ -136,8 +136,10 @@ def test_remembered_dialogue_becomes_stream_tokens(qwen):
 def test_concurrent_ingest_and_ask_keep_consistent_counts(qwen):
     """An ingest thread and an ask thread run together; nothing raises, token counts add up."""
     session = StreamSession(
-        qwen, SessionConfig(policy="window", budget_tokens=512, window_tokens=256, max_new_tokens=3,
-                            remember_dialogue=False)
+        qwen,
+        SessionConfig(
+            policy="window", budget_tokens=512, window_tokens=256, max_new_tokens=3, remember_dialogue=False
+        ),
     )
     session.ingest(_frames(1)[0], 0.0)
     errors: list[BaseException] = []
