@@ -23,8 +23,7 @@ an event before it reads the buffer.
 
 Accounting. ``host_kv_bytes`` counts CAPACITY: the bytes of every page tensor allocated
 (used or not, the page reserve's ready pages included), i.e. exactly what the process holds
-for KV. ``used_kv_bytes`` counts the
-rows that hold a live token.
+for KV. ``used_kv_bytes`` counts the rows that hold a live token.
 """
 
 from __future__ import annotations
@@ -81,6 +80,12 @@ def row_view(t: torch.Tensor) -> np.ndarray:
     nbytes = t[0].numel() * t.element_size() if rows else t.element_size()
     raw = t.reshape(rows, -1).view(torch.uint8).numpy()
     return raw.view(np.dtype((np.void, nbytes))).reshape(rows)
+
+
+def new_page(geometry: KVGeometry, rows: int, device: torch.device, pin: bool) -> torch.Tensor:
+    """An uninitialised page of ``rows`` rows (rows, 2, H_kv, D) in the geometry's dtype."""
+    g = geometry
+    return torch.empty(rows, 2, g.num_kv_heads, g.head_dim, dtype=g.dtype, device=device, pin_memory=pin)
 
 
 def contiguous_runs(rows: torch.Tensor, break_every: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,8 +266,7 @@ class HostKVStore:
         self._views: list[list[tuple[torch.Tensor, np.ndarray]]] = [[] for _ in range(n_layers)]
         self._reserve: PageReserve | None = None
         if spare_pages > 0 and not contiguous and self.device.type == "cpu":
-            shape = (page_rows, 2, geometry.num_kv_heads, geometry.head_dim)
-            make = partial(torch.empty, shape, dtype=geometry.dtype, device=self.device, pin_memory=self.pin)
+            make = partial(new_page, geometry, page_rows, self.device, self.pin)
             self._reserve = PageReserve(make, spare_pages)  # the factory holds no reference to the store
             self._update_allowance()
             weakref.finalize(self, self._reserve.close)
@@ -345,10 +349,7 @@ class HostKVStore:
         return self.pages[layer][0].shape[0] if self.contiguous and self.pages[layer] else self.page_rows
 
     def _new_page(self, rows: int) -> torch.Tensor:
-        g = self.geometry
-        return torch.empty(
-            rows, 2, g.num_kv_heads, g.head_dim, dtype=g.dtype, device=self.device, pin_memory=self.pin
-        )
+        return new_page(self.geometry, rows, self.device, self.pin)
 
     def _ensure_rows(self, layer: int, rows_needed: int) -> None:
         """Grow ``layer`` so that rows [0, rows_needed) exist."""
