@@ -3,9 +3,9 @@
 A new host page costs more than its allocation: the first write to each of its memory pages
 traps into the kernel, which finds and zeroes physical memory for it. A growing store pays
 that on the frame's path, in whichever write first lands on the page (an append, a sealing
-move). On a virtual machine with transparent huge pages that first touch ran at well under
-1 GB/s, slower than copying the same bytes, so a stream that adds ~10 MB per frame spent
-10-25 ms of each frame in page faults (docs/INGEST.md).
+move). On a virtual machine with transparent huge pages that first touch ran at 0.5-1.2
+GB/s (``scripts/first_touch.py``), slower than copying the same bytes, so a stream that adds
+~10 MB per frame spent 10-25 ms of each frame in page faults (docs/INGEST.md).
 
 The reserve keeps up to ``spare`` pages ready: a worker thread allocates each with the
 page factory and writes one byte per 4 KiB (numpy releases the GIL for that write, so the
