@@ -340,3 +340,21 @@ def test_move_of_runs_across_source_and_destination_page_ends():
     every = torch.arange(90)
     assert torch.equal(store.read(0, store.rows_of(0, every)), truth[0][every])
     assert torch.equal(store.read(0, dest), truth[0][ids])
+
+
+def test_host_pages_of_a_huge_page_or_more_start_on_a_huge_page_boundary():
+    from mosaic_ros.runtime.kv.store import HUGE_PAGE_BYTES, new_page
+
+    rows = HUGE_PAGE_BYTES // (2 * GEOM.token_row_bytes)  # exactly one huge page
+    for n in (rows, 3 * rows + 5):
+        page = new_page(GEOM, n, torch.device("cpu"), False)
+        assert page.shape == (n, 2, GEOM.num_kv_heads, GEOM.head_dim) and page.dtype == GEOM.dtype
+        assert page.is_contiguous() and page.data_ptr() % HUGE_PAGE_BYTES == 0
+    small = new_page(GEOM, 16, torch.device("cpu"), False)
+    assert small.shape == (16, 2, GEOM.num_kv_heads, GEOM.head_dim)
+    # a store on such pages keeps every row's data, across the page end
+    store, truth = filled_store(rows + 40, page_rows=rows, chunk=rows // 4 + 3)
+    assert all(p.data_ptr() % HUGE_PAGE_BYTES == 0 for pages in store.pages for p in pages)
+    every = torch.arange(rows + 40)
+    for layer in range(GEOM.num_layers):
+        assert torch.equal(store.read(layer, store.rows_of(layer, every)), truth[layer][every])

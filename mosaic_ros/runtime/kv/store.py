@@ -82,10 +82,26 @@ def row_view(t: torch.Tensor) -> np.ndarray:
     return raw.view(np.dtype((np.void, nbytes))).reshape(rows)
 
 
+HUGE_PAGE_BYTES = 2 * 2**20  # an x86-64 transparent huge page
+
+
 def new_page(geometry: KVGeometry, rows: int, device: torch.device, pin: bool) -> torch.Tensor:
-    """An uninitialised page of ``rows`` rows (rows, 2, H_kv, D) in the geometry's dtype."""
+    """An uninitialised page of ``rows`` rows (rows, 2, H_kv, D) in the geometry's dtype.
+
+    A host page of at least a huge page starts on a huge-page boundary: torch's allocator aligns
+    large blocks to 64 bytes only, so an 8 MB page used to straddle five 2 MB frames and its two
+    partial ones could never be huge pages (a quarter of the store at the 3B shape, an eighth at
+    7B, read through 4 KiB pages). The page is a view into a block one huge page larger; the
+    slack before and after it is never written, so it takes address space, not memory.
+    """
     g = geometry
-    return torch.empty(rows, 2, g.num_kv_heads, g.head_dim, dtype=g.dtype, device=device, pin_memory=pin)
+    shape = (rows, 2, g.num_kv_heads, g.head_dim)
+    nbytes = rows * 2 * g.num_kv_heads * g.head_dim * g.dtype.itemsize
+    if torch.device(device).type != "cpu" or pin or nbytes < HUGE_PAGE_BYTES:
+        return torch.empty(shape, dtype=g.dtype, device=device, pin_memory=pin)
+    block = torch.empty(nbytes + HUGE_PAGE_BYTES, dtype=torch.uint8)
+    start = -block.data_ptr() % HUGE_PAGE_BYTES
+    return block[start : start + nbytes].view(g.dtype).view(shape)
 
 
 def contiguous_runs(rows: torch.Tensor, break_every: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
