@@ -96,7 +96,7 @@ def new_page(geometry: KVGeometry, rows: int, device: torch.device, pin: bool) -
     """
     g = geometry
     shape = (rows, 2, g.num_kv_heads, g.head_dim)
-    nbytes = rows * 2 * g.num_kv_heads * g.head_dim * g.dtype.itemsize
+    nbytes = rows * 2 * g.token_row_bytes
     if torch.device(device).type != "cpu" or pin or nbytes < HUGE_PAGE_BYTES:
         return torch.empty(shape, dtype=g.dtype, device=device, pin_memory=pin)
     block = torch.empty(nbytes + HUGE_PAGE_BYTES, dtype=torch.uint8)
