@@ -406,6 +406,57 @@ def test_check_invariants_catches_corruption():
         index.check_invariants(bank)
 
 
+def long_text_stream(index: ClusterIndex, bank: KeyBank, steps: int, seed: int) -> None:
+    """Random operations on ``index``: frame chunks of 1-24 tokens near 12 objects, long text
+    chunks of 100-600 tokens drawn from a few new "words" each, and maintenance."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    heads, dim = index.num_kv_heads, index.head_dim
+    centers = torch.randn(12, heads, dim, generator=gen)
+    for _ in range(steps):
+        if rng.random() < 0.6:
+            if rng.random() < 0.2:
+                n = rng.randint(100, 600)
+                vocab = 2 * torch.randn(rng.randint(3, 30), heads, dim, generator=gen)
+                keys = vocab[torch.randint(len(vocab), (n,), generator=gen)]
+                keys = keys + 0.05 * torch.randn(n, heads, dim, generator=gen)
+                modality = torch.zeros(n, dtype=torch.uint8)
+            else:
+                n = rng.randint(1, 24)
+                label = torch.randint(len(centers), (n,), generator=gen)
+                keys = centers[label] + rng.choice((0.05, 0.3, 1.0)) * torch.randn(
+                    n, heads, dim, generator=gen
+                )
+                modality = torch.ones(n, dtype=torch.uint8)
+            ids = bank.add(keys)
+            cid = index.assign(keys, ids, modality=modality)
+            assert bool((cid >= 0).all()) and bool((index.cluster_of(ids) == cid).all())
+        else:
+            index.maintain(bank, budget_ms=rng.choice((0.0, 0.5, 5.0)))
+
+
+def test_long_text_whose_regions_hold_no_older_cluster_opens_clusters():
+    """Seed 7 of ``long_text_stream``: at its 9th step a long text chunk's tokens, rejected by the
+    recent clusters, open regions that hold no older cluster (only the previous text chunk's
+    recent ones). They must open clusters of their own, not search an empty set."""
+    index = ClusterIndex(2, 8, ClusterConfig(max_cluster_tokens=24, route_min_clusters=16))
+    bank = KeyBank(2, 8)
+    long_text_stream(index, bank, steps=9, seed=7)
+    assert index.regions > 0
+    index.check_invariants(bank)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_invariants_hold_over_streams_with_long_text_chunks(seed):
+    index = ClusterIndex(2, 8, ClusterConfig(max_cluster_tokens=24, route_min_clusters=16))
+    bank = KeyBank(2, 8, capacity=1 << 18)
+    long_text_stream(index, bank, steps=300, seed=seed)
+    index.check_invariants(bank)
+    index.maintain(bank, budget_ms=60_000.0)
+    index.check_invariants(bank)
+    assert not index.pending
+
+
 def test_invariants_hold_over_ten_thousand_random_operations():
     rng = random.Random(10)
     gen = torch.Generator().manual_seed(10)
@@ -413,16 +464,26 @@ def test_invariants_hold_over_ten_thousand_random_operations():
     centers = torch.randn(12, heads, dim, generator=gen)
     # regions from 16 clusters on, so routing, re-routing and rebuilds run under removals too
     index = ClusterIndex(heads, dim, ClusterConfig(max_cluster_tokens=24, route_min_clusters=16))
-    bank = KeyBank(heads, dim, capacity=1 << 17)
+    bank = KeyBank(heads, dim, capacity=1 << 18)
     held: list[int] = []  # ascending
     for step in range(10_000):
         op = rng.random()
         if op < 0.5:
-            n = rng.randint(1, 24)
-            label = torch.randint(len(centers), (n,), generator=gen)
-            keys = centers[label] + rng.choice((0.05, 0.3, 1.0)) * torch.randn(n, heads, dim, generator=gen)
+            if rng.random() < 0.05:  # a long text chunk (a question or answer): few distinct words
+                n = rng.randint(100, 400)
+                vocab = 2 * torch.randn(rng.randint(3, 30), heads, dim, generator=gen)
+                keys = vocab[torch.randint(len(vocab), (n,), generator=gen)]
+                keys = keys + 0.05 * torch.randn(n, heads, dim, generator=gen)
+                modality = torch.zeros(n, dtype=torch.uint8)
+            else:
+                n = rng.randint(1, 24)
+                label = torch.randint(len(centers), (n,), generator=gen)
+                keys = centers[label] + rng.choice((0.05, 0.3, 1.0)) * torch.randn(
+                    n, heads, dim, generator=gen
+                )
+                modality = torch.randint(2, (n,), generator=gen).to(torch.uint8)
             ids = bank.add(keys)
-            cid = index.assign(keys, ids, modality=torch.randint(2, (n,), generator=gen).to(torch.uint8))
+            cid = index.assign(keys, ids, modality=modality)
             assert bool((cid >= 0).all()) and bool((index.cluster_of(ids) == cid).all())
             held.extend(ids.tolist())
         elif op < 0.75 and held:

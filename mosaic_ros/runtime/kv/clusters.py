@@ -461,8 +461,12 @@ class ClusterIndex:
         rejected = (cid < 0).nonzero().squeeze(1)
         if rejected.numel():
             unit, proj = unit[rejected], proj[rejected]
+            # The opened regions may hold no older cluster (only the recent ones, or none: a
+            # long run of new content routes its own clusters there): then nothing older is
+            # near, and the rejected tokens open clusters of their own.
             older = self._probe_regions(proj, older)
-            cid[rejected] = self._nearest_join(unit, proj, scale, older.nonzero().squeeze(1))
+            if bool(older.any()):
+                cid[rejected] = self._nearest_join(unit, proj, scale, older.nonzero().squeeze(1))
         return cid
 
     def _probe_regions(self, proj: Tensor, older: Tensor) -> Tensor:
