@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import cv2
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ import pytest
 from mosaic_ros.nodes.image_codec import (
     ENCODINGS,
     ImageDecodeError,
+    compressed_size,
     decode_compressed,
     decode_image,
     fit_longest_side,
@@ -137,6 +141,60 @@ def test_compressed_jpeg_decodes_close_to_the_original():
 def test_corrupt_compressed_images_are_rejected(data, reason):
     with pytest.raises(ImageDecodeError, match=reason):
         decode_compressed(data)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid PNG header declaring ``width`` x ``height`` RGB pixels, with almost no pixel data:
+    a decompression bomb's shape (under 100 bytes, whatever size it declares)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(bytes(16)))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "reason"),
+    [
+        # over OpenCV's own limit: cv2.imdecode raises cv2.error, which once escaped the callback
+        (100_000, 100_000, r"declares more than \d+ pixels; max_image_pixels is 16777216"),
+        # under OpenCV's limit: it would allocate 432 MB of zeros
+        (12_000, 12_000, r"image of 12000x12000 pixels is above max_image_pixels \(16777216\)"),
+    ],
+)
+def test_compressed_images_larger_than_the_limit_are_refused_from_their_header(width, height, reason):
+    bomb = png_declaring(width, height)
+    assert len(bomb) < 100
+    with pytest.raises(ImageDecodeError, match=reason):
+        decode_compressed(bomb)
+
+
+def test_the_pixel_limit_is_the_callers_and_real_sizes_are_read_from_the_header():
+    _, png = cv2.imencode(".png", rgb_frame())
+    assert compressed_size(png.tobytes()) == (W, H)
+    assert decode_compressed(png.tobytes(), max_pixels=W * H).shape == (H, W, 3)
+    with pytest.raises(ImageDecodeError, match=f"image of {W}x{H} pixels is above max_image_pixels \\(34\\)"):
+        decode_compressed(png.tobytes(), max_pixels=W * H - 1)
+
+
+def test_raw_images_larger_than_the_limit_are_refused_before_any_copy():
+    with pytest.raises(ImageDecodeError, match="image of 7x5 pixels is above max_image_pixels"):
+        decode_image("rgb8", H, W, W * 3, False, rgb_frame().tobytes(), max_pixels=W * H - 1)
+    # a header that declares a huge image over a tiny buffer is refused for its size first
+    with pytest.raises(ImageDecodeError, match="image of 100000x100000 pixels"):
+        decode_image("rgb8", 100_000, 100_000, 300_000, False, bytes(10))
+
+
+def test_a_truncated_png_is_refused_not_raised_from_opencv():
+    _, png = cv2.imencode(".png", rgb_frame())
+    with pytest.raises(ImageDecodeError, match="could not be decoded"):
+        decode_compressed(png.tobytes()[:40])
 
 
 @pytest.mark.parametrize(
