@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from mosaic_ros.runtime.models import load_model
+from mosaic_ros.runtime.models.smollm2 import SMOLLM2_PREFIX
 from mosaic_ros.runtime.session import SessionConfig, StreamSession, TimeWindow
 from mosaic_ros.runtime.video import sampled_frames, video_info
 
@@ -24,7 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mosaic-ros-run", description=__doc__.split("\n\n")[0])
     p.add_argument("--video", required=True, help="video file OpenCV can read")
     p.add_argument(
-        "--model", default="tiny-random:qwen2.5-vl", help="HF id, local folder or tiny-random:<family>"
+        "--model",
+        default="tiny-random:qwen2.5-vl",
+        help="HF id, local folder, tiny-random:<family> or smollm2-llava:135m-instruct "
+        "(real LM, random vision tower)",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
@@ -111,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.model.startswith("tiny-random:"):
         report["note"] = "tiny-random model: answers are not meaningful, every stage is real"
+    elif args.model.startswith(SMOLLM2_PREFIX):
+        report["note"] = (
+            "real SmolLM2-135M-Instruct language model with a random vision tower: "
+            "it answers text questions, the pixels mean nothing to it"
+        )
     if args.json:
         print(json.dumps(report, indent=2))
     else:

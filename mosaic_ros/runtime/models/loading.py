@@ -1,4 +1,5 @@
-"""``load_model``: a model spec (hub id, local folder or ``tiny-random:<family>``) -> an adapter.
+"""``load_model``: a model spec (hub id, local folder, ``tiny-random:<family>`` or
+``smollm2-llava:135m-instruct``) -> an adapter.
 
 Loading never waits on an unreachable hub: a spec that is not a folder is looked up in the
 local Hugging Face cache first; only if it is missing there, and offline mode is off, is the hub
@@ -20,6 +21,8 @@ from mosaic_ros.runtime.models.base import ModelLoadError, VLMAdapter
 from mosaic_ros.runtime.models.llava_onevision import LlavaOnevisionAdapter
 from mosaic_ros.runtime.models.preprocess import CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD
 from mosaic_ros.runtime.models.qwen_vl import Qwen3VLAdapter, Qwen25VLAdapter
+from mosaic_ros.runtime.models.smollm2 import SMOLLM2_PREFIX
+from mosaic_ros.runtime.models.smollm2 import resolve as resolve_smollm2
 from mosaic_ros.runtime.models.tiny import TINY_FRAME_TOKENS, build_tiny
 
 TINY_PREFIX = "tiny-random:"
@@ -67,7 +70,10 @@ def load_model(
 
     spec: a Hugging Face model id, a local folder (``save_pretrained`` layout), or
         ``tiny-random:<family>`` (families: qwen2.5-vl, llava-ov, qwen3-vl) for a toy-size
-        random-weight model whose weights are drawn from ``seed`` (ignored otherwise).
+        random-weight model whose weights are drawn from ``seed`` (ignored otherwise), or
+        ``smollm2-llava:135m-instruct``: LLaVA-OneVision with the REAL SmolLM2-135M-Instruct
+        language model and a small RANDOM vision tower (``models.smollm2``; converted once by
+        scripts/setup): real attention over text, pixels that mean nothing to it.
     max_frame_tokens: Qwen families: at most this many vision tokens per frame (default 196,
         24 for tiny-random models); LLaVA-OneVision's count is fixed by its vision tower.
     Raises ``ModelLoadError`` (fast, with what to do) when the spec cannot be loaded.
@@ -86,6 +92,8 @@ def load_model(
             image_std=std,
             max_frame_tokens=TINY_FRAME_TOKENS if max_frame_tokens is None else max_frame_tokens,
         )
+    if spec.startswith(SMOLLM2_PREFIX):
+        spec = str(resolve_smollm2(spec))
     source, local_only = _locate(spec)
     try:
         config = AutoConfig.from_pretrained(source, local_files_only=local_only)
