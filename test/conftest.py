@@ -9,6 +9,9 @@
 
 These are environment variables, so processes that tests start inherit them. Helpers for
 waiting on real events live in ``helpers.py`` next to this file.
+
+Tests marked ``cuda`` need a CUDA device; where torch sees none they are skipped with that
+reason (``scripts/gpu_check`` runs them on a GPU machine and fails if any is skipped there).
 """
 
 from __future__ import annotations
@@ -43,6 +46,17 @@ def _isolate_ros() -> None:
 
 
 _isolate_ros()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device (run scripts/gpu_check on a GPU machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(no_gpu)
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="questions dense is timed on (its cost does not depend on the question; fidelity uses all)",
     )
+    p.add_argument(
+        "--no-prefetch", action="store_true", help="turn cross-layer prefetch off (policies that have it)"
+    )
+    p.add_argument(
+        "--wall-pass",
+        action="store_true",
+        help="time every question again end to end, without per-layer syncs (shows overlapped copies)",
+    )
     p.add_argument("--json", dest="json_path", help="write the results as JSON here")
     p.add_argument("--plot", dest="plot_path", help="write a PNG plot here")
     p.add_argument(
@@ -168,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             dense_questions=args.dense_questions,
             progress=not args.no_progress,
             maintain_ms=args.maintain_ms,
+            prefetch=not args.no_prefetch,
+            wall_pass=args.wall_pass,
         )
         t0 = time.perf_counter()
         workload = _workload(args)
@@ -195,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             "sinks": args.sinks,
             "window": args.window,
             "maintain_ms": args.maintain_ms,
+            "prefetch": not args.no_prefetch,
             "host_cap_bytes": cfg.host_cap_bytes,
             "dtype": args.dtype,
             "seed": args.seed,
