@@ -35,7 +35,7 @@ setup(
         "console_scripts": [
             "mosaic-ros-run=mosaic_ros.cli.run:main",
             "mosaic-ros-bench=mosaic_ros.cli.bench:main",
-            "mosaic-ros-stream=mosaic_ros.nodes.stream_node:main",
+            "mosaic-ros-stream=mosaic_ros.nodes.stream_main:main",
             "mosaic-ros-ask=mosaic_ros.nodes.ask_client:main",
             "mosaic-ros-bag=mosaic_ros.nodes.bag_tool:main",
             "mosaic-ros-demo=mosaic_ros.nodes.demo:main",

@@ -37,7 +37,8 @@ from mosaic_ros.nodes.demo import default_video
 from mosaic_ros.nodes.image_codec import ImageDecodeError
 from mosaic_ros.nodes.processes import READY_MARK, ModuleProcess, start_stream_node
 from mosaic_ros.nodes.sampling import FrameSampler
-from mosaic_ros.nodes.stream_node import camera_ids_for, ros_arguments
+from mosaic_ros.nodes.stream_main import ros_arguments
+from mosaic_ros.nodes.stream_node import camera_ids_for
 from mosaic_ros.nodes.stream_params import PARAMETERS, STANDARD_PARAMETERS
 from mosaic_ros.runtime.session import SessionStatus
 from mosaic_ros.runtime.stats import LatencyStats

@@ -4,11 +4,19 @@ The ROS callback calls ``CameraStream.offer`` and never waits: a frame due by th
 sampler is decoded and left in a latest-frame slot, overwriting (and counting) a frame the
 model has not taken yet. A worker thread per camera takes frames from the slot and ingests
 them. ``ModelGate`` lets one caller at a time use the model, questions before frames.
+``FrameClock`` gives each frame its stream time, once, at the edge.
+
+Nothing a message holds can stop a stream: a bad frame or stamp is counted
+(``dropped_invalid``) and warned about; a failure inside the model or the KV policy is
+counted (``failed``), logged with its reason and kept as ``last_error``, and the worker goes
+on with the next frame.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,7 +27,37 @@ import numpy as np
 from mosaic_ros.nodes.image_codec import ImageDecodeError, fit_longest_side
 from mosaic_ros.nodes.sampling import FrameSampler
 from mosaic_ros.runtime.models import FrameError
-from mosaic_ros.runtime.session import SessionError, SessionStatus, StreamSession
+from mosaic_ros.runtime.session import SessionError, SessionStatus, StreamFault, StreamSession
+
+
+class StampRefused(ValueError):
+    """A frame whose header stamp cannot be a stream time; the message says why."""
+
+
+class FrameClock:
+    """A camera's frame times, decided once per stream from the header stamps.
+
+    A stream whose first frame is stamped keeps header stamps: a later frame stamped 0 (no
+    stamp) is refused rather than given the receipt time, which on another clock would look
+    like a jump in time. A stream whose first frame is unstamped uses the time of receipt
+    (``now()``, s) for every frame. Negative or non-finite stamps are refused.
+    """
+
+    def __init__(self, now: Callable[[], float]):
+        self._now = now
+        self.uses_receipt_time: bool | None = None  # None until the first valid frame
+
+    def time_of(self, stamp: float) -> float:
+        """The stream time (s) of a frame with header ``stamp`` (s); ``StampRefused`` if none."""
+        if not (math.isfinite(stamp) and stamp >= 0.0):
+            raise StampRefused(f"frame stamp {stamp} s is not a finite time >= 0")
+        if self.uses_receipt_time is None:
+            self.uses_receipt_time = stamp == 0.0
+        if self.uses_receipt_time:
+            return self._now()
+        if stamp == 0.0:
+            raise StampRefused("frame has no header stamp (0) on a stream whose frames are stamped")
+        return stamp
 
 
 @dataclass
@@ -124,7 +162,10 @@ class StreamCounters:
     ingested: int = 0
     dropped_busy: int = 0
     dropped_invalid: int = 0
+    failed: int = 0
     ingest_lag_ms: float = 0.0
+    stamp_ahead_ms: float = 0.0
+    last_error: str = ""
 
 
 @dataclass
@@ -139,8 +180,9 @@ class CameraStream:
     """A camera's sampler, slot, ingest worker and session.
 
     ``now`` returns the node's clock in seconds (ROS time, simulated when ``use_sim_time``);
-    a frame's ingest lag is ``now()`` after ingestion minus its stamp. ``log`` has the
-    rclpy logger's ``info``/``warning`` methods.
+    a frame's ingest lag is ``now()`` after ingestion minus its stamp (0 when the stamp is
+    ahead of the clock; how far ahead is ``stamp_ahead_ms``). ``log`` has the rclpy logger's
+    ``info``/``warning``/``error`` methods.
     """
 
     def __init__(
@@ -162,6 +204,7 @@ class CameraStream:
         self._now = now
         self._log = log
         self._sampler = FrameSampler(sample_fps)
+        self._clock = FrameClock(now)
         self._slot = LatestFrameSlot()
         self._lock = threading.Lock()
         self._counters = StreamCounters()
@@ -195,9 +238,25 @@ class CameraStream:
     # ---- frames (ROS callback side: never blocks on the model) ---------------------------
 
     def offer(self, stamp: float, decode: Callable[[], np.ndarray]) -> None:
-        """A message arrived with header ``stamp`` (s); ``decode()`` gives its RGB pixels."""
+        """A message arrived with header ``stamp`` (s, 0 for none); ``decode()`` gives its RGB
+        pixels. Never raises: what cannot become a frame is counted and warned about."""
         with self._lock:
             self._counters.received += 1
+            try:
+                stamp = self._clock.time_of(stamp)
+            except StampRefused as error:
+                refused = str(error)
+            else:
+                refused = ""
+                first_receipt = self._clock.uses_receipt_time and self._last_stamp is None
+        if refused:
+            self._count_invalid(refused)
+            return
+        if first_receipt:
+            self._log.info(
+                f"camera '{self.camera_id}': frames carry no header stamp; using their time of receipt"
+            )
+        with self._lock:
             jumped_back = self._last_stamp is not None and stamp < self._last_stamp
             self._last_stamp = stamp
             if jumped_back:
@@ -214,6 +273,9 @@ class CameraStream:
             pixels = fit_longest_side(decode(), self.max_frame_side)
         except ImageDecodeError as error:
             self._count_invalid(str(error))
+            return
+        except Exception as error:  # a decoder's own error on input it does not expect
+            self._count_invalid(f"could not be decoded ({type(error).__name__}: {error})")
             return
         frame = Frame(pixels, stamp)
         with self._lock:
@@ -243,25 +305,46 @@ class CameraStream:
             frame = self._slot.take(timeout=0.2)
             if frame is None:
                 continue
-            with self._gate.frame(self._stop.is_set) as acquired:
-                if acquired:
-                    self._ingest(frame)
+            try:
+                with self._gate.frame(self._stop.is_set) as acquired:
+                    if acquired:
+                        self._ingest(frame)
+            except Exception as error:  # the worker must outlive any failure; the next frame may work
+                self.record_fault(f"ingesting the frame at {frame.stamp:.3f} s", error)
 
     def _ingest(self, frame: Frame) -> None:
         """Called holding the model gate."""
-        if frame.reset_before:
-            self.session.reset()
         try:
+            if frame.reset_before:
+                self.session.reset()
             self.session.ingest(frame.pixels, frame.stamp, channel_order="rgb")
         except (FrameError, SessionError) as error:
             self._count_invalid(str(error))
+        except StreamFault as error:
+            self.record_fault(f"ingesting the frame at {frame.stamp:.3f} s", error)
         else:
             with self._lock:
                 self._counters.ingested += 1
                 now = self._now()
                 if now > 0.0:  # on simulated time the clock reads 0 until the first /clock
-                    self._counters.ingest_lag_ms = (now - frame.stamp) * 1e3
-        self.refresh_memory()
+                    lag_ms = (now - frame.stamp) * 1e3
+                    self._counters.ingest_lag_ms = max(lag_ms, 0.0)
+                    self._counters.stamp_ahead_ms = max(-lag_ms, 0.0)
+        finally:
+            self.refresh_memory()
+
+    def record_fault(self, doing: str, error: BaseException | str) -> None:
+        """Count and log a failure that was not the input's fault (it shows as ERROR on
+        /diagnostics until a period passes without one)."""
+        reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        with self._lock:
+            self._counters.failed += 1
+            self._counters.last_error = f"{doing}: {reason}"
+            first = self._counters.failed == 1
+        detail = ""
+        if first and isinstance(error, BaseException):  # the first one with its stack, for a bug report
+            detail = "\n" + "".join(traceback.format_exception(error)).rstrip()
+        self._log.error(f"camera '{self.camera_id}': {doing} failed: {reason}{detail}")
 
     def refresh_memory(self) -> None:
         """Re-read the session's memory figures (call holding the model gate)."""

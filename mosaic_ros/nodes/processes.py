@@ -119,7 +119,7 @@ def start_stream_node(
     """The stream node with ``params`` (written to a params file in ``work_dir``);
     ``extra_args`` follow, e.g. ``("--ros-args", "-p", "sample_fps:=4.0")``."""
     params_file = write_params_file(work_dir / f"{name}.yaml", params)
-    return ModuleProcess("stream_node", ["--params", str(params_file), *extra_args], work_dir, name=name)
+    return ModuleProcess("stream_main", ["--params", str(params_file), *extra_args], work_dir, name=name)
 
 
 # What the stream node logs once it serves questions.

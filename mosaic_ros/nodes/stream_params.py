@@ -79,6 +79,15 @@ PARAMETERS: tuple[ParamSpec, ...] = (
         high=8192,
     ),
     ParamSpec(
+        "max_image_pixels",
+        P.PARAMETER_INTEGER,
+        1 << 24,
+        "Largest image decoded, pixels (width x height; a compressed image's header is read "
+        "first, so a decompression bomb is refused without decoding it).",
+        low=1,
+        high=1 << 30,
+    ),
+    ParamSpec(
         "model",
         P.PARAMETER_STRING,
         "tiny-random:qwen2.5-vl",
@@ -139,6 +148,15 @@ PARAMETERS: tuple[ParamSpec, ...] = (
         high=100000,
     ),
     ParamSpec(
+        "max_question_tokens",
+        P.PARAMETER_INTEGER,
+        512,
+        "Longest question accepted, tokens of the model's tokenizer (its prefill holds the model).",
+        live=True,
+        low=1,
+        high=100000,
+    ),
+    ParamSpec(
         "max_new_tokens",
         P.PARAMETER_INTEGER,
         64,
@@ -154,6 +172,15 @@ PARAMETERS: tuple[ParamSpec, ...] = (
         "Questions waiting or being answered at once; more are refused with a busy error.",
         low=1,
         high=1000,
+    ),
+    ParamSpec(
+        "action_result_timeout_s",
+        P.PARAMETER_INTEGER,
+        300,
+        "How long a finished action goal's result is kept for a client to fetch, seconds "
+        "(rclpy's own default is 10).",
+        low=1,
+        high=86400,
     ),
     ParamSpec(
         "status_period_s",

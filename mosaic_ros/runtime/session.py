@@ -9,7 +9,10 @@ interleave inside the model. A question holds the lock from its prefill to its l
 token: frames that arrive meanwhile wait in ``ingest`` (a caller that must not block, like
 the ROS node, keeps only the latest frame per camera and counts what it drops).
 ``reset`` takes the lock too. Errors in one call (a bad frame, a bad question) raise a
-clear exception and leave the session usable.
+clear exception (``SessionError``) and leave the session usable. An unexpected failure inside
+the model or the KV policy while the stream's memory is being written (it may have left some
+layers updated and others not) resets the stream and raises ``StreamFault``: the session
+stays usable, with an empty memory.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +42,12 @@ class QuestionError(SessionError):
 
 
 class StampError(SessionError):
-    """A frame's timestamp is not a finite number or goes backwards."""
+    """A frame's timestamp is not a finite number >= 0, or goes backwards."""
+
+
+class StreamFault(RuntimeError):
+    """Writing to the stream's memory failed inside the model or the KV policy; the stream was
+    reset (its memory is empty) so that it stays consistent. The message says what failed."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,9 @@ class SessionConfig:
     ``sink_tokens=None`` makes the stream's fixed preamble the attention sinks.
     ``kv_dtype=None`` stores KV in the model's dtype. ``maintain_budget_ms`` bounds deferred
     KV maintenance after each frame. ``remember_dialogue`` appends each question and its
-    answer to the stream as text, so later questions can refer to them.
+    answer to the stream as text, so later questions can refer to them. A question is
+    refused beyond ``max_question_chars`` characters or ``max_question_tokens`` tokens (the
+    model's prefill cost grows with tokens, and some characters are several tokens each).
     """
 
     policy: str = "dense"
@@ -79,6 +90,7 @@ class SessionConfig:
     policy_options: dict = field(default_factory=dict)
     kv_dtype: torch.dtype | None = None
     max_question_chars: int = 2000
+    max_question_tokens: int = 512
     max_new_tokens: int = 64
     maintain_budget_ms: float = 5.0
     remember_dialogue: bool = True
@@ -86,6 +98,8 @@ class SessionConfig:
     def __post_init__(self) -> None:
         if self.max_question_chars <= 0:
             raise SessionError(f"max_question_chars must be > 0, got {self.max_question_chars}")
+        if self.max_question_tokens <= 0:
+            raise SessionError(f"max_question_tokens must be > 0, got {self.max_question_tokens}")
         if self.max_new_tokens <= 0:
             raise SessionError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
         if self.maintain_budget_ms < 0:
@@ -181,12 +195,13 @@ class StreamSession:
     def ingest(self, frame: np.ndarray, stamp: float, channel_order: str = "rgb") -> IngestResult:
         """Add one frame (H, W, 3) uint8 seen at ``stamp`` seconds; returns its cost.
 
-        Raises ``FrameError`` (bad array) or ``StampError`` (non-finite or backwards stamp).
+        Raises ``FrameError`` (bad array), ``StampError`` (negative, non-finite or backwards
+        stamp) or ``StreamFault`` (the model or policy failed; the stream was reset).
         """
         t0 = time.perf_counter()
         stamp = float(stamp)
-        if not math.isfinite(stamp):
-            raise StampError(f"frame stamp must be finite, got {stamp}")
+        if not (math.isfinite(stamp) and stamp >= 0.0):
+            raise StampError(f"frame stamp must be a finite number of seconds >= 0, got {stamp}")
         if channel_order not in ("rgb", "bgr"):
             raise SessionError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
         batch = self.adapter.prepare_frames([frame if channel_order == "rgb" else _bgr_to_rgb(frame)])
@@ -199,15 +214,31 @@ class StreamSession:
                     "reset the stream after a time jump"
                 )
             t1 = time.perf_counter()
-            chunk = self.adapter.frame_chunk(features, stamp, self._cursor)
-            self._forward_ingest(chunk, stamp)
-            prefill_ms = (time.perf_counter() - t1) * 1e3
-            self._frames += 1
-            self._first_stamp = stamp if self._first_stamp is None else self._first_stamp
-            self._last_stamp = stamp
-            maintain_ms = self.policy.maintain(self.config.maintain_budget_ms)
+            with self._resets_on_fault("ingesting a frame"):
+                chunk = self.adapter.frame_chunk(features, stamp, self._cursor)
+                self._forward_ingest(chunk, stamp)
+                prefill_ms = (time.perf_counter() - t1) * 1e3
+                self._frames += 1
+                self._first_stamp = stamp if self._first_stamp is None else self._first_stamp
+                self._last_stamp = stamp
+                maintain_ms = self.policy.maintain(self.config.maintain_budget_ms)
             self._ingest_ms_total += vision_ms + prefill_ms + maintain_ms
         return IngestResult(chunk.n_tokens, vision_ms, prefill_ms, maintain_ms)
+
+    @contextmanager
+    def _resets_on_fault(self, doing: str) -> Iterator[None]:
+        """Turn an unexpected failure while writing the memory into a reset and a ``StreamFault``
+        (caller holds the lock)."""
+        try:
+            yield
+        except SessionError:
+            raise
+        except Exception as error:
+            self.bridge.reset()
+            self._start_stream()
+            raise StreamFault(
+                f"{type(error).__name__} while {doing}: {error}; the stream's memory was reset"
+            ) from error
 
     def _forward_ingest(self, chunk, stamp: float) -> None:
         """Run one chunk through the model and into the policy's store (caller holds the lock)."""
@@ -240,10 +271,13 @@ class StreamSession:
 
         ``on_token(piece, token_id)`` is called per generated token with the new text;
         returning False stops generation, as does setting ``cancel``. Raises
-        ``QuestionError`` for an empty or too long question or one asked before any frame.
+        ``QuestionError`` for an empty or too long question or one asked before any frame,
+        ``StreamFault`` when keeping the dialogue in memory failed (the stream was reset).
+        ``stats.total_ms`` covers the whole call; ``stats.prefill_ms`` the question's prefill
+        plus, with ``remember_dialogue``, writing the question and answer into memory.
         """
         t_call = time.perf_counter()
-        question = self._check_question(question)
+        question = self.check_question(question)
         limit = self.config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if limit <= 0:
             raise QuestionError(f"max_new_tokens must be > 0, got {limit}")
@@ -253,12 +287,17 @@ class StreamSession:
                 raise QuestionError("no frame has been ingested yet; ask again once the camera streams")
             answer = self._answer_locked(question, window, limit, on_token, cancel, t_call, t_start)
             if self.config.remember_dialogue and answer.text:
-                self._remember(question, answer.text)
+                t_remember = time.perf_counter()
+                with self._resets_on_fault("keeping the dialogue in memory"):
+                    self._remember(question, answer.text)
+                answer.stats.prefill_ms += (time.perf_counter() - t_remember) * 1e3
+                self._fill_memory(answer.stats)
+        answer.stats.total_ms = (time.perf_counter() - t_call) * 1e3
         return answer
 
     def question_queries(self, question: str) -> list[torch.Tensor]:
         """Pre-RoPE queries (H_q, L_q, D) per layer of the question's prefill (for benchmarks)."""
-        question = self._check_question(question)
+        question = self.check_question(question)
         with self._lock, torch.no_grad():
             chunk = self.adapter.question_chunk(question, self._cursor)
             self.bridge.begin_question(None, capture=True)
@@ -269,14 +308,22 @@ class StreamSession:
             finally:
                 self.bridge.end_question()
 
-    def _check_question(self, question: str) -> str:
+    def check_question(self, question: str) -> str:
+        """The question as it will be asked (stripped); ``QuestionError`` if it is empty or
+        longer than ``max_question_chars`` characters or ``max_question_tokens`` tokens."""
         if not isinstance(question, str) or not question.strip():
             raise QuestionError("question is empty")
         if len(question) > self.config.max_question_chars:
             raise QuestionError(
                 f"question has {len(question)} characters; the limit is {self.config.max_question_chars}"
             )
-        return question.strip()
+        question = question.strip()
+        tokens = len(self.adapter.encode_text(question))
+        if tokens > self.config.max_question_tokens:
+            raise QuestionError(
+                f"question is {tokens} tokens long; the limit is {self.config.max_question_tokens}"
+            )
+        return question
 
     def _answer_locked(self, question, window, limit, on_token, cancel, t_call, t_start) -> Answer:
         ad = self.adapter
@@ -327,7 +374,6 @@ class StreamSession:
         stats.copies = retrieval.copies
         stats.prefetch_hit_rate = retrieval.prefetch_hit_rate
         self._fill_memory(stats)
-        stats.total_ms = (time.perf_counter() - t_call) * 1e3
         return Answer(text=text.strip(), stats=stats, cancelled=cancelled)
 
     def _remember(self, question: str, answer: str) -> None:
@@ -363,7 +409,14 @@ class StreamSession:
             )
 
     @property
+    def first_stamp(self) -> float | None:
+        """Stamp (s) of the oldest frame since the stream started; None before any. No lock."""
+        return self._first_stamp
+
+    @property
     def last_stamp(self) -> float | None:
+        """Stamp (s) of the newest frame; None before any. Read without the lock (a question
+        in progress does not delay it)."""
         return self._last_stamp
 
     def reset(self) -> None:

@@ -239,12 +239,17 @@ def register_policy(cls: type[KVPolicy]) -> type[KVPolicy]:
     return cls
 
 
+def known_policies() -> list[str]:
+    """Names of the registered policies, the built-in ones included, sorted."""
+    from mosaic_ros.runtime.kv import policies  # noqa: F401  (registers the built-in policies)
+
+    return sorted(POLICIES)
+
+
 def make_policy(
     name: str, geometry: KVGeometry, config: PolicyConfig | None = None, device: torch.device | str = "cpu"
 ) -> KVPolicy:
     """Build a registered policy by name; unknown names raise ``ValueError`` listing the known ones."""
-    from mosaic_ros.runtime.kv import policies  # noqa: F401  (registers the built-in policies)
-
-    if name not in POLICIES:
-        raise ValueError(f"unknown KV policy {name!r}; known: {', '.join(sorted(POLICIES))}")
+    if name not in known_policies():
+        raise ValueError(f"unknown KV policy {name!r}; known: {', '.join(known_policies())}")
     return POLICIES[name](geometry, config or PolicyConfig(), device)
