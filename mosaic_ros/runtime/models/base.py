@@ -78,9 +78,10 @@ class FrameBatch:
 
     pixel_values: Qwen-VL: (sum of patches, 3 * temporal_patch_size * patch_size**2);
         LLaVA-OneVision: (F, 3, side, side).
-    grid_thw: (F, 3) long; Qwen-VL: patch grid (1, rows, cols) per frame; LLaVA-OneVision:
+    grid_thw: (C, 3) long, one row per frame chunk (``adapter.frames_per_chunk`` frames each;
+        C = F unless frames are paired); Qwen-VL: patch grid (1, rows, cols); LLaVA-OneVision:
         (1, pooled rows, pooled cols).
-    frame_sizes: original (height, width) of each frame in pixels.
+    frame_sizes: original (height, width) of each of the F frames in pixels.
     """
 
     pixel_values: torch.Tensor
@@ -94,11 +95,11 @@ class FrameBatch:
 
 @dataclass
 class VisionFeatures:
-    """Vision tower output of F frames, ready to be placed in frame chunks.
+    """Vision tower output of C frame chunks (one frame each unless frames are paired).
 
-    embeds: per frame, (n_i, hidden) LM input embeddings in the model dtype, on the model device.
-    grid_thw: (F, 3) long, as in ``FrameBatch``.
-    deepstack: Qwen3-VL only: per frame, one (n_i, hidden) tensor per LM layer it is added to.
+    embeds: per chunk, (n_i, hidden) LM input embeddings in the model dtype, on the model device.
+    grid_thw: (C, 3) long, as in ``FrameBatch``.
+    deepstack: Qwen3-VL only: per chunk, one (n_i, hidden) tensor per LM layer it is added to.
     """
 
     embeds: list[torch.Tensor]
@@ -110,7 +111,7 @@ class VisionFeatures:
         return len(self.embeds)
 
     def frame(self, index: int) -> VisionFeatures:
-        """The features of frame ``index`` alone."""
+        """The features of frame chunk ``index`` alone."""
         return VisionFeatures(
             embeds=[self.embeds[index]],
             grid_thw=self.grid_thw[index : index + 1],
@@ -138,9 +139,14 @@ class VLMAdapter(ABC):
 
     Subclasses (one per family) say how frames become pixels and tokens and how rotary
     positions are laid out; the language model always runs through the model's own modules.
+
+    ``frames_per_chunk``: frames one frame chunk holds (1; 2 for Qwen-VL with paired frames).
+    A stream holds each frame back until the chunk is complete, then ingests the chunk at
+    ``chunk_stamp`` of its frames' stamps.
     """
 
     family: ClassVar[str]
+    frames_per_chunk: int = 1
     position_dims: ClassVar[int]
     model_type: ClassVar[str]
     system_prompt: ClassVar[str] = "You are a helpful assistant."
@@ -199,12 +205,15 @@ class VLMAdapter(ABC):
 
     @abstractmethod
     def tokens_per_frame(self, height: int, width: int) -> int:
-        """Vision tokens one frame of (height, width) pixels becomes (the frame chunk adds a few
-        text tokens: the time marker and, for Qwen-VL, vision start/end)."""
+        """Vision tokens of one frame chunk of frames of (height, width) pixels: per frame, this
+        divided by ``frames_per_chunk`` (the chunk adds a few text tokens: the time marker and,
+        for Qwen-VL, vision start/end)."""
 
     @abstractmethod
     def prepare_frames(self, frames: list[np.ndarray]) -> FrameBatch:
-        """RGB uint8 frames (H, W, 3) -> preprocessed pixels; raises ``FrameError`` on bad frames."""
+        """RGB uint8 frames (H, W, 3) -> preprocessed pixels, consecutive frames grouped into
+        chunks of ``frames_per_chunk`` (a short last group is completed by repeating its last
+        frame); raises ``FrameError`` on bad frames."""
 
     @abstractmethod
     def encode_frames(self, batch: FrameBatch) -> VisionFeatures:
@@ -212,8 +221,18 @@ class VLMAdapter(ABC):
 
     @abstractmethod
     def frame_chunk(self, features: VisionFeatures, stamp_s: float, cursor: PositionCursor) -> Chunk:
-        """A time marker as text (the frame's stream time ``stamp_s`` in seconds) followed by the
-        frame's vision tokens. ``features`` must hold exactly one frame."""
+        """A time marker as text (the chunk's stream time ``stamp_s`` in seconds, see
+        ``chunk_stamp``) followed by its vision tokens. ``features`` must hold exactly one chunk."""
+
+    def chunk_stamp(self, stamps: list[float]) -> float:
+        """Stream time (s) of a frame chunk from its frames' stamps (s): the frame's own for one
+        frame; for a pair, the midpoint of the two, as Qwen3-VL's processor labels a temporal
+        patch of a video. It marks the chunk's text and every token it stores."""
+        if len(stamps) != self.frames_per_chunk:
+            raise ValueError(
+                f"a frame chunk holds {self.frames_per_chunk} frame(s), got {len(stamps)} stamps"
+            )
+        return (float(stamps[0]) + float(stamps[-1])) / 2
 
     def time_marker(self, stamp_s: float) -> str:
         """The text placed before a frame, e.g. ``<t=12.5s>``."""
@@ -296,7 +315,7 @@ class VLMAdapter(ABC):
     def _single_frame(features: VisionFeatures) -> None:
         if features.num_frames != 1:
             raise ValueError(
-                f"a frame chunk takes the features of one frame, got {features.num_frames}; "
+                f"a frame chunk takes the features of one frame chunk, got {features.num_frames}; "
                 "use features.frame(i)"
             )
 

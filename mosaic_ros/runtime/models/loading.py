@@ -20,7 +20,7 @@ from transformers.utils import cached_file
 from mosaic_ros.runtime.models.base import ModelLoadError, VLMAdapter
 from mosaic_ros.runtime.models.llava_onevision import LlavaOnevisionAdapter
 from mosaic_ros.runtime.models.preprocess import CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD
-from mosaic_ros.runtime.models.qwen_vl import Qwen3VLAdapter, Qwen25VLAdapter
+from mosaic_ros.runtime.models.qwen_vl import Qwen3VLAdapter, Qwen25VLAdapter, QwenVLAdapter
 from mosaic_ros.runtime.models.smollm2 import SMOLLM2_PREFIX
 from mosaic_ros.runtime.models.smollm2 import resolve as resolve_smollm2
 from mosaic_ros.runtime.models.tiny import TINY_FRAME_TOKENS, build_tiny
@@ -65,6 +65,7 @@ def load_model(
     seed: int = 0,
     *,
     max_frame_tokens: int | None = None,
+    pair_frames: bool = False,
 ) -> VLMAdapter:
     """Load the model named by ``spec`` and wrap it in its family's adapter.
 
@@ -76,6 +77,8 @@ def load_model(
         scripts/setup): real attention over text, pixels that mean nothing to it.
     max_frame_tokens: Qwen families: at most this many vision tokens per frame (default 196,
         24 for tiny-random models); LLaVA-OneVision's count is fixed by its vision tower.
+    pair_frames: Qwen families: two consecutive frames per chunk, one temporal patch (half the
+        tokens per frame; ``QwenVLAdapter``); a ``ValueError`` for LLaVA-OneVision.
     Raises ``ModelLoadError`` (fast, with what to do) when the spec cannot be loaded.
     """
     resolved_device = resolve_device(device)
@@ -91,6 +94,7 @@ def load_model(
             image_mean=mean,
             image_std=std,
             max_frame_tokens=TINY_FRAME_TOKENS if max_frame_tokens is None else max_frame_tokens,
+            **_frame_options(adapter_class, pair_frames),
         )
     if spec.startswith(SMOLLM2_PREFIX):
         spec = str(resolve_smollm2(spec))
@@ -109,7 +113,22 @@ def load_model(
         raise ModelLoadError(f"cannot load the weights or tokenizer of {spec!r}: {error}") from error
     mean, std = _image_stats(source, local_only, adapter_class.family)
     model = model.to(resolved_device)
-    return adapter_class(model, tokenizer, image_mean=mean, image_std=std, max_frame_tokens=max_frame_tokens)
+    return adapter_class(
+        model,
+        tokenizer,
+        image_mean=mean,
+        image_std=std,
+        max_frame_tokens=max_frame_tokens,
+        **_frame_options(adapter_class, pair_frames),
+    )
+
+
+def _frame_options(adapter_class: type[VLMAdapter], pair_frames: bool) -> dict[str, bool]:
+    if not pair_frames:
+        return {}
+    if not issubclass(adapter_class, QwenVLAdapter):
+        raise ValueError(f"pair_frames is a Qwen-VL option; {adapter_class.family} has one frame per chunk")
+    return {"pair_frames": True}
 
 
 def _how_to_get_weights(spec: str) -> str:

@@ -104,24 +104,31 @@ def qwen_resize_shape(height: int, width: int, spec: QwenFrameSpec) -> tuple[int
     return target_h, target_w
 
 
-def qwen_patchify(frame: np.ndarray, spec: QwenFrameSpec) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """One RGB uint8 frame (H, W, 3) -> (patches, grid_thw) for a Qwen-VL vision tower.
+def qwen_patchify(
+    frame: np.ndarray, spec: QwenFrameSpec, later_frames: tuple[np.ndarray, ...] = ()
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """RGB uint8 frames (H, W, 3) of one temporal patch -> (patches, grid_thw) for a Qwen-VL tower.
 
+    ``frame`` and the up to ``temporal_patch_size - 1`` ``later_frames`` after it fill one
+    temporal patch, in order; when fewer are given the last is repeated, as the transformers
+    video processor pads a video (a lone frame becomes its own copies). The later frames are
+    resized to the first frame's target size (a camera's frames share one).
     patches: float32 (grid_h * grid_w, 3 * temporal_patch_size * patch_size**2), rows ordered
-    merge-window by merge-window as the patch merger expects. grid_thw = (1, grid_h, grid_w) in
-    patches. A streamed frame is a video of one frame: it is repeated ``temporal_patch_size``
-    times to fill one temporal patch (pairing consecutive frames would halve the vision cost
-    but delay each frame until its partner arrives).
+    merge-window by merge-window as the patch merger expects; grid_thw = (1, grid_h, grid_w).
     """
-    height, width = qwen_resize_shape(frame.shape[0], frame.shape[1], spec)
-    pixels = normalize(resize_bicubic(frame, height, width), spec.mean, spec.std)
     p, m, t = spec.patch_size, spec.merge_size, spec.temporal_patch_size
+    if len(later_frames) >= t:
+        raise FrameError(f"a temporal patch holds {t} frames, got {1 + len(later_frames)}")
+    height, width = qwen_resize_shape(frame.shape[0], frame.shape[1], spec)
+    frames = (frame, *later_frames)
+    pixels = [normalize(resize_bicubic(f, height, width), spec.mean, spec.std) for f in frames]
+    pixels += [pixels[-1]] * (t - len(pixels))
     grid_h, grid_w = height // p, width // p
-    blocks = pixels.reshape(3, grid_h // m, m, p, grid_w // m, m, p)
-    # -> (rows of windows, cols of windows, row in window, col in window, channel, py, px)
-    blocks = blocks.transpose(1, 4, 2, 5, 0, 3, 6)
-    repeated = np.broadcast_to(blocks[:, :, :, :, :, None], (*blocks.shape[:5], t, p, p))
-    return repeated.reshape(grid_h * grid_w, 3 * t * p * p), (1, grid_h, grid_w)
+    # (time, channel, rows of windows, row in window, py, cols of windows, col in window, px)
+    blocks = np.stack(pixels).reshape(t, 3, grid_h // m, m, p, grid_w // m, m, p)
+    # -> (rows of windows, cols of windows, row in window, col in window, channel, time, py, px)
+    blocks = blocks.transpose(2, 5, 3, 6, 1, 0, 4, 7)
+    return np.ascontiguousarray(blocks).reshape(grid_h * grid_w, 3 * t * p * p), (1, grid_h, grid_w)
 
 
 def square_resize(

@@ -1,10 +1,17 @@
-"""Qwen2.5-VL and Qwen3-VL: M-RoPE over (temporal, height, width), frames as one-frame videos.
+"""Qwen2.5-VL and Qwen3-VL: M-RoPE over (temporal, height, width), frames as one-patch videos.
 
-Each streamed frame is a video of one temporal patch: ``<time marker><|vision_start|>``, the
-frame's ``<|video_pad|>`` tokens, ``<|vision_end|>``. Its vision tokens all take the temporal
-position where the frame starts and spread over height/width positions from there; the text
+Each frame chunk is a video of one temporal patch: ``<time marker><|vision_start|>``, the
+chunk's ``<|video_pad|>`` tokens, ``<|vision_end|>``. Its vision tokens all take the temporal
+position where the chunk starts and spread over height/width positions from there; the text
 after them continues at that start + max(rows, cols), as ``get_rope_index`` numbers a sequence
-of one-frame videos. Elapsed time reaches the model through the time marker text.
+of one-patch videos. Elapsed time reaches the model through the time marker text.
+
+A temporal patch holds ``temporal_patch_size`` (2) frames. By default a chunk is one frame,
+copied into both halves of its patch: no frame waits for another. With ``pair_frames`` two
+consecutive frames share one patch, as the models' own video path puts them: half the vision
+tokens, KV and vision-tower work per second of video, at the price of holding each pair's first
+frame back until its second arrives (one frame period); the chunk is marked at the midpoint of
+the pair's two stamps (``chunk_stamp``).
 """
 
 from __future__ import annotations
@@ -39,8 +46,10 @@ from mosaic_ros.runtime.models.preprocess import (
 class QwenVLAdapter(VLMAdapter):
     """What Qwen2.5-VL and Qwen3-VL share: patchified frames, M-RoPE positions, vision delimiters.
 
-    ``max_frame_tokens`` bounds the vision tokens per frame (frames are resized so that their
-    merged patch grid has at most that many cells, aspect kept); default 196.
+    ``max_frame_tokens`` bounds the vision tokens per frame chunk (frames are resized so that
+    their merged patch grid has at most that many cells, aspect kept); default 196.
+    ``pair_frames``: two consecutive frames per chunk, one temporal patch (see the module
+    docstring); off by default.
     """
 
     position_dims: ClassVar[int] = 3
@@ -56,12 +65,16 @@ class QwenVLAdapter(VLMAdapter):
         image_mean: tuple[float, ...],
         image_std: tuple[float, ...],
         max_frame_tokens: int | None = None,
+        pair_frames: bool = False,
     ) -> None:
         super().__init__(model, tokenizer, image_mean=image_mean, image_std=image_std)
         budget = self.default_frame_tokens if max_frame_tokens is None else int(max_frame_tokens)
         if budget < self.min_frame_tokens:
             raise ValueError(f"max_frame_tokens must be at least {self.min_frame_tokens}, got {budget}")
         vision = model.config.vision_config
+        if pair_frames and vision.temporal_patch_size != 2:
+            raise ValueError(f"pair_frames needs temporal_patch_size 2, got {vision.temporal_patch_size}")
+        self.frames_per_chunk = 2 if pair_frames else 1
         factor = vision.patch_size * vision.spatial_merge_size
         self.frame_spec = QwenFrameSpec(
             patch_size=vision.patch_size,
@@ -82,7 +95,11 @@ class QwenVLAdapter(VLMAdapter):
 
     def prepare_frames(self, frames: list[np.ndarray]) -> FrameBatch:
         validate_frames(frames)
-        patches, grids = zip(*(qwen_patchify(frame, self.frame_spec) for frame in frames), strict=True)
+        step = self.frames_per_chunk
+        groups = [frames[i : i + step] for i in range(0, len(frames), step)]
+        patches, grids = zip(
+            *(qwen_patchify(group[0], self.frame_spec, tuple(group[1:])) for group in groups), strict=True
+        )
         return FrameBatch(
             pixel_values=torch.from_numpy(np.concatenate(patches, axis=0)),
             grid_thw=torch.tensor(grids, dtype=torch.long),
