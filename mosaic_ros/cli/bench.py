@@ -5,7 +5,9 @@
 
 Prints a table (per question, all layers, medians: select / transfer / attention ms,
 copies, bytes, effective GB/s, recall and output error against dense, memory) and writes
-the same as JSON and a PNG plot.
+the same as JSON and a PNG plot. ``--budgets 1024,2048,4096,8192`` sweeps the budget instead
+(``bench.sweep``): recall and output error against device KV per policy, and the device KV each
+policy needs to reach a recall.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import argparse
+import dataclasses
 import shlex
 import sys
 import time
@@ -27,6 +30,7 @@ import torch
 from mosaic_ros.runtime.bench.report import machine, now, plot, table, write_json
 from mosaic_ros.runtime.bench.runner import BenchConfig, run_policies
 from mosaic_ros.runtime.bench.shapes import SHAPES
+from mosaic_ros.runtime.bench.sweep import parse_budgets, summarize, sweep_plot, sweep_table, window_for
 from mosaic_ros.runtime.bench.workloads import SyntheticSpec, SyntheticWorkload
 from mosaic_ros.runtime.kv.policy import POLICIES
 
@@ -39,6 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workload", default="synthetic", help="synthetic | video:PATH")
     p.add_argument("--frames", type=int, default=60, help="frames streamed before the questions")
     p.add_argument("--budget", type=int, default=8192, help="device KV budget per layer per question, tokens")
+    p.add_argument(
+        "--budgets",
+        help="a sweep, e.g. 1024,2048,4096,8192: the whole run once per budget (replaces --budget; "
+        "window: an eighth of each budget, at most --window); prints recall and error against "
+        "device KV and the device KV each policy needs for --target-recall",
+    )
+    p.add_argument(
+        "--target-recall",
+        type=float,
+        help="recall the sweep asks each policy's device KV for "
+        "(default: rekv's recall at the largest budget)",
+    )
     p.add_argument("--questions", type=int, default=8)
     p.add_argument("--policies", default="dense,window,token_topk,rekv,livevlm", help="comma-separated")
     p.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
@@ -152,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--questions must be positive, got {args.questions}")
     if args.budget <= 0:
         parser.error(f"--budget must be positive, got {args.budget}")
+    try:
+        budgets = parse_budgets(args.budgets) if args.budgets else [args.budget]
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but no CUDA device is available")
     if args.dense_questions <= 0:
@@ -181,7 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         t0 = time.perf_counter()
         workload = _workload(args)
-        result = run_policies(workload, cfg)
+        runs = {}
+        for budget in budgets:
+            window = window_for(budget, args.window) if args.budgets else args.window
+            cfg = dataclasses.replace(cfg, budget_tokens=budget, window_tokens=window)
+            runs[budget] = {"window": window, **run_policies(workload, cfg)}
+        result = runs[budgets[-1]]
         wall = time.perf_counter() - t0
     except ValueError as exc:
         print(f"mosaic-ros-bench: error: {exc}", file=sys.stderr)
@@ -199,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             "shape": args.shape,
             "workload": args.workload,
             "frames": args.frames,
-            "budget": args.budget,
+            "budget": budgets[-1],
+            "window_at_budget": result["window"],
             "questions": args.questions,
             "dense_questions": min(args.dense_questions, args.questions),
             "sinks": args.sinks,
@@ -217,11 +243,19 @@ def main(argv: list[str] | None = None) -> int:
         "policies": result["policies"],
     }
     print(table(doc))
+    if args.budgets:
+        summary = summarize(runs, args.target_recall)
+        doc["sweep"] = {"budgets": budgets, "runs": runs, "summary": summary}
+        print(sweep_table(summary))
     print(f"wall time {wall:.1f} s")
     if args.json_path:
         write_json(doc, args.json_path)
     if args.plot_path:
-        plot(doc, args.plot_path)
+        if args.budgets:
+            title = f"{args.shape}, {args.workload}, {args.frames} frames, {args.device}: budget sweep"
+            sweep_plot(summary, args.plot_path, title)
+        else:
+            plot(doc, args.plot_path)
     return 0
 
 
