@@ -40,7 +40,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mosaic-ros-bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny", help="model KV shape")
-    p.add_argument("--workload", default="synthetic", help="synthetic | video:PATH")
+    p.add_argument("--workload", default="synthetic", help="synthetic | video:PATH | needles")
     p.add_argument("--frames", type=int, default=60, help="frames streamed before the questions")
     p.add_argument("--budget", type=int, default=8192, help="device KV budget per layer per question, tokens")
     p.add_argument(
@@ -97,6 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPU threads for torch; 0 = all cores, or 1 when other processes already keep the cores busy",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    needles = p.add_argument_group(
+        "needle workload (--workload needles: a real LM answers questions with checkable answers)"
+    )
+    needles.add_argument(
+        "--needles",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a stream of JSON lines ({'t','text'} events, {'question','answer','choices'} questions) "
+        "instead of generated ones (repeatable; implies --workload needles)",
+    )
+    needles.add_argument("--model", default="smollm2-llava:135m-instruct", help="a 1-D RoPE (llava-ov) model")
+    needles.add_argument("--streams", type=int, default=18, help="generated streams (seeds --seed on)")
+    needles.add_argument("--needle-frames", type=int, default=24, help="events per generated stream")
+    needles.add_argument("--needles-per-stream", type=int, default=6, help="needles (questions) per stream")
+    needles.add_argument("--max-new-tokens", type=int, default=16, help="greedy answer length limit")
     return p
 
 
@@ -151,6 +167,58 @@ def choose_threads(requested: int) -> int:
     return 1 if busy and cores > 1 else torch.get_num_threads()
 
 
+def needles_main(args: argparse.Namespace, names: list[str], argv: list[str]) -> int:
+    """``--workload needles``: the answers of a real LM under each policy (``bench.needles``)."""
+    from mosaic_ros.runtime.bench.needles import NeedleConfig, generate_needles, read_needles, run_needles
+    from mosaic_ros.runtime.bench.report import needle_table
+    from mosaic_ros.runtime.models import ModelLoadError, load_model
+
+    torch.set_num_threads(choose_threads(args.threads))
+    t0 = time.perf_counter()
+    try:
+        if args.needles:
+            sets = [read_needles(path) for path in args.needles]
+        else:
+            seeds = range(args.seed, args.seed + args.streams)
+            sets = [generate_needles(s, args.needle_frames, args.needles_per_stream) for s in seeds]
+        adapter = load_model(args.model, device=args.device, dtype="float32")
+        cfg = NeedleConfig(
+            policies=names,
+            budget_tokens=args.budget,
+            window_tokens=args.window,
+            options=_parse_options(args.option),
+            max_new_tokens=args.max_new_tokens,
+        )
+        result = run_needles(adapter, sets, cfg, progress=not args.no_progress)
+    except (ValueError, ModelLoadError) as exc:
+        print(f"mosaic-ros-bench: error: {exc}", file=sys.stderr)
+        return 2
+    wall = time.perf_counter() - t0
+    doc = {
+        "command": shlex.join(["mosaic-ros-bench", *argv]),
+        "date": now(),
+        "wall_s": wall,
+        "machine": machine(args.device),
+        "run": {
+            "workload": "needles",
+            "model": args.model,
+            "note": "real LM; each event's sentence embeddings stand in for its visual tokens (an oracle "
+            "vision tower); the build's own vision tower is random and unused",
+            "streams": [s.name for s in sets],
+            "budget": args.budget,
+            "window": args.window,
+            "max_new_tokens": args.max_new_tokens,
+        },
+        "policies": result["policies"],
+        "records": result["records"],
+    }
+    print(needle_table(result["policies"]))
+    print(f"wall time {wall:.1f} s")
+    if args.json_path:
+        write_json(doc, args.json_path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -162,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"unknown or missing policies {unknown or names}; registered: {', '.join(sorted(POLICIES))}"
         )
+    if args.workload == "needles" or args.needles:
+        return needles_main(args, names, sys.argv[1:] if argv is None else argv)
     if args.frames <= 0:
         parser.error(f"--frames must be positive, got {args.frames}")
     if args.questions <= 0:

@@ -156,3 +156,41 @@ def plot(doc: dict, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+NEEDLE_COLUMNS = (
+    (
+        "accuracy [95% CI]",
+        19,
+        lambda r: f"{r['accuracy']:.3f} [{r['accuracy_ci95'][0]:.2f},{r['accuracy_ci95'][1]:.2f}]",
+    ),
+    (
+        "choice [95% CI]",
+        19,
+        lambda r: f"{r['choice_accuracy']:.3f} [{r['choice_ci95'][0]:.2f},{r['choice_ci95'][1]:.2f}]",
+    ),
+    ("=dense", 7, lambda r: f"{r['dense_agreement']:.3f}"),
+    ("top1", 6, lambda r: f"{r['top1_agreement']:.3f}"),
+    ("KL", 6, lambda r: f"{r['kl_vs_dense']:.3f}"),
+    ("recall", 7, lambda r: f"{r['recall']:.3f}"),
+    ("out err", 8, lambda r: f"{r['out_rel_err']:.4f}"),
+    ("answer ms", 9, lambda r: f"{r['answer_ms']:.0f}"),
+    ("attn ms", 8, lambda r: f"{r['replay_total_ms']:.1f}"),
+)
+
+
+def needle_table(summary: dict[str, dict]) -> str:
+    """The needle workload's per-policy table (see ``bench.needles``)."""
+    head = f"{'policy':<11}" + "".join(f" {name:>{width}}" for name, width, _ in NEEDLE_COLUMNS)
+    lines = [head, "-" * len(head)]
+    for name, r in summary.items():
+        lines.append(f"{name:<11}" + "".join(f" {fmt(r):>{width}}" for _, width, fmt in NEEDLE_COLUMNS))
+    n = next(iter(summary.values()))["questions"] if summary else 0
+    lines.append(
+        f"{n} questions; accuracy: expected answer in the greedy answer; choice: forced choice by "
+        "log-likelihood; =dense: same greedy answer as dense; top1 / KL: next token vs dense over "
+        "dense's answer (teacher-forced); recall / out err: attention vs dense at the question "
+        "(mean over layers); answer ms: greedy answer through the model (median); attn ms: "
+        "select + transfer + attention over all layers in the replay (median)"
+    )
+    return "\n".join(lines)

@@ -172,6 +172,18 @@ class KVBridge:
         with self._active(Mode.QUESTION, _Step(cos, sin, None)):
             yield self.cache
 
+    def truncate_question(self, local_tokens: int) -> None:
+        """Drop the open question's local tokens past its first ``local_tokens`` (the context it
+        fetched stays), so another continuation of the same prefix can be scored on the same
+        retrieval."""
+        if self._question is None:
+            raise RuntimeError("no question is open")
+        for layer in self.cache.layers:
+            if layer.local_length() < local_tokens:
+                raise ValueError(f"the question holds {layer.local_length()} local tokens, < {local_tokens}")
+            layer.keys = layer.keys[..., :local_tokens, :]
+            layer.values = layer.values[..., :local_tokens, :]
+
     def end_question(self) -> RetrievalStats:
         """Close the question, drop its local tokens and context; returns the retrieval cost."""
         if self._question is None:

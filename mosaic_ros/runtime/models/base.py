@@ -259,7 +259,11 @@ class VLMAdapter(ABC):
 
     def token_chunk(self, token_id: int, cursor: PositionCursor) -> Chunk:
         """One decoded token."""
-        return self._chunk([self._text_part([int(token_id)])], cursor)
+        return self.tokens_chunk([token_id], cursor)
+
+    def tokens_chunk(self, token_ids: list[int], cursor: PositionCursor) -> Chunk:
+        """Given token ids as text tokens (decoded tokens, or a continuation to score)."""
+        return self._chunk([self._text_part([int(t) for t in token_ids])], cursor)
 
     def _text_chunk(self, text: str, cursor: PositionCursor) -> Chunk:
         return self._chunk([self._text_part(self.encode_text(text))], cursor)
@@ -325,9 +329,10 @@ class VLMAdapter(ABC):
         """(P, 1, L) chunk positions -> the layout the language model's forward takes."""
         return position_ids
 
-    def forward(self, chunk: Chunk, past_key_values: Cache) -> torch.Tensor:
+    def forward(self, chunk: Chunk, past_key_values: Cache, all_positions: bool = False) -> torch.Tensor:
         """Run the language model on ``chunk`` after what ``past_key_values`` holds; the cache is
-        extended by the chunk's keys/values. Returns the last position's logits (1, vocab) fp32."""
+        extended by the chunk's keys/values. Returns the last position's logits (1, vocab) fp32,
+        or with ``all_positions`` every position's (L, vocab) (to score a continuation)."""
         with torch.no_grad():
             out = self.language_model(
                 inputs_embeds=chunk.inputs_embeds,
@@ -336,7 +341,8 @@ class VLMAdapter(ABC):
                 use_cache=True,
                 **chunk.extra_model_kwargs,
             )
-            logits = self.model.lm_head(out.last_hidden_state[:, -1, :])
+            hidden = out.last_hidden_state[0] if all_positions else out.last_hidden_state[:, -1, :]
+            logits = self.model.lm_head(hidden)
         return logits.float()
 
     def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
