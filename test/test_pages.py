@@ -58,7 +58,14 @@ def test_a_failing_worker_stops_trying_and_the_caller_still_gets_pages():
 
 
 def test_allowance_caps_the_ready_pages_and_give_keeps_at_most_the_target():
-    reserve = PageReserve(_page, spare=4)
+    worker_may_finish = threading.Event()
+    worker_may_finish.set()
+
+    def make() -> torch.Tensor:
+        worker_may_finish.wait()
+        return _page()
+
+    reserve = PageReserve(make, spare=4)
     try:
         reserve.set_allowance(1)
         reserve.wait_ready(4)
@@ -66,10 +73,14 @@ def test_allowance_caps_the_ready_pages_and_give_keeps_at_most_the_target():
         reserve.set_allowance(0)  # the owner may take no more pages: ready ones are dropped
         assert reserve.ready == 0
         assert not reserve.give(_page())
+        # The worker now holds at most the one page it is making: the reserve stays below its
+        # target of 4 whenever give runs (without this the worker could fill it first).
+        worker_may_finish.clear()
         reserve.set_allowance(None)
         assert reserve.give(_page())
         assert reserve.given == 1
     finally:
+        worker_may_finish.set()
         reserve.close()
 
 
