@@ -71,7 +71,9 @@ def generate_launch_description() -> LaunchDescription:
             DeclareLaunchArgument("model", default_value="", description="Model spec, over params_file"),
             DeclareLaunchArgument("policy", default_value="", description="KV policy, over params_file"),
             DeclareLaunchArgument(
-                "use_sim_time", default_value="false", description="Follow /clock (e.g. from a bag)"
+                "use_sim_time",
+                default_value="",
+                description="true: follow /clock (e.g. a bag); empty: as params_file says (default false)",
             ),
             OpaqueFunction(function=_stream_node),
         ]

@@ -1,20 +1,23 @@
 """Bad input and faults against a real node process over DDS; after each, the node still answers.
 
 The module's node has three cameras fed (or not) by this test: ``raw`` (sensor_msgs/Image),
-``jpeg`` (CompressedImage) and ``idle`` (never fed). It holds at most two questions
-(``max_pending_questions: 2``: one answering, one queued) and samples at 100 fps, so every
-frame a test sends with a fresh stamp (1 s apart) is due.
+``jpeg`` (CompressedImage) and ``idle`` (never fed). It runs the default policy (mosaic), holds
+at most two questions (``max_pending_questions: 2``: one answering, one queued) and samples at
+100 fps, so every frame a test sends with a fresh stamp (1 s apart) is due.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
 import uuid
+import zlib
 from dataclasses import dataclass
 
 import cv2
@@ -29,6 +32,7 @@ from rclpy.action import ActionClient
 from rclpy.context import Context
 from rclpy.qos import QoSProfile
 from sensor_msgs.msg import CompressedImage, Image
+from std_srvs.srv import Trigger
 
 from mosaic_ros.nodes.ask_client import AskClient, make_request
 from mosaic_ros.nodes.processes import READY_MARK, ModuleProcess, start_stream_node
@@ -132,7 +136,7 @@ def faults(tmp_path_factory, ros_module_context) -> Faults:
         "camera_topics": [RAW_TOPIC, JPEG_TOPIC, IDLE_TOPIC],
         "camera_ids": ["raw", "jpeg", "idle"],
         "sample_fps": 100.0,
-        "policy": "dense",
+        "policy": "mosaic",
         "max_new_tokens": 8,
         "max_pending_questions": 2,
         "status_period_s": 0.2,
@@ -162,7 +166,7 @@ def test_question_before_any_frame_says_so(faults):
     response = ask(faults, "What do you see?", camera="idle")
     assert not response.success
     assert response.error == "no frame has been ingested on camera 'idle' yet; ask again once it streams"
-    assert response.stats.policy == "dense"
+    assert response.stats.policy == "mosaic"
     assert_still_answers(faults)
 
 
@@ -443,11 +447,253 @@ def test_sigint_during_an_answer_exits_cleanly_and_fast(tmp_path, ros_module_con
     assert "Failed to publish" not in node.stderr()
 
 
-def test_a_bad_configuration_stops_the_node_at_start_with_the_reason(tmp_path):
-    node = start_stream_node({"camera_topics": ["/bad/image_raw"], "policy": "nonsense"}, tmp_path)
+@pytest.mark.parametrize(
+    ("params", "extra", "reason"),
+    [
+        (
+            {"policy": "nonsense"},
+            (),
+            "cannot start: unknown KV policy 'nonsense'; known: dense, livevlm, mosaic",
+        ),
+        ({"device": "tpu"}, (), "cannot start: device 'tpu': "),
+        ({"polcy": "dense"}, (), "cannot start: unknown parameter(s) polcy; known: "),
+        ({"camera_topics": [""]}, (), "cannot start: camera_topics is empty: give at least one image topic"),
+        ({"camera_topics": []}, (), "cannot start: camera_topics is empty: give at least one image topic"),
+        (
+            {},
+            ("--params", "missing.yaml"),
+            "cannot start: params file 'missing.yaml': No such file or directory",
+        ),
+        ({}, ("--params", "BROKEN"), "is not valid YAML"),
+    ],
+)
+def test_a_bad_configuration_stops_the_node_at_start_with_the_reason(tmp_path, params, extra, reason):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("/**: {ros__parameters: [unclosed\n")
+    extra = tuple(str(broken) if arg == "BROKEN" else arg for arg in extra)
+    node = start_stream_node({"camera_topics": ["/bad/image_raw"], **params}, tmp_path, extra_args=extra)
     try:
         assert node.wait(timeout=TIMEOUT_S) == 1
     finally:
         node.stop()
-    assert "cannot start: unknown KV policy 'nonsense'; known: " in node.stderr()
+    assert reason in node.stderr()
+    assert "Traceback" not in node.stderr()
+    if "policy" in params or "polcy" in params:  # refused before the model was loaded
+        assert "loading model" not in node.stderr()
+
+
+# ---- hostile input: each case, then a good question must still be answered -----------------
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG header declaring ``width`` x ``height`` pixels with almost no data (a bomb's shape)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(bytes(16)))
+        + chunk(b"IEND", b"")
+    )
+
+
+def stamped(msg, sec: int, nanosec: int = 0):
+    msg.header.stamp.sec, msg.header.stamp.nanosec = sec, nanosec
+    return msg
+
+
+BAD_RAW_FRAMES = {
+    "unknown encoding": lambda t: image_msg(t, encoding="yuv422"),
+    "data shorter than step x height": lambda t: image_msg(t, data=bytes(100)),
+    "zero size": lambda t: image_msg(t, height=0, width=0, data=b""),
+    "step shorter than a row": lambda t: stamped(
+        Image(encoding="rgb8", height=4, width=4, step=3, data=bytes(48)), t
+    ),
+    "huge declared size": lambda t: stamped(
+        Image(encoding="rgb8", height=100_000, width=100_000, step=300_000, data=bytes(16)), t
+    ),
+    "negative stamp": lambda t: stamped(image_msg(t), -1),
+    "nanoseconds of a second or more": lambda t: stamped(image_msg(t), t, 2_000_000_000),
+    "no stamp in a stamped stream": lambda t: stamped(image_msg(t), 0),
+}
+BAD_COMPRESSED_FRAMES = {
+    "empty": lambda t: jpeg_msg(t, data=b""),
+    "garbage": lambda t: jpeg_msg(t, data=b"\x00" * 64),
+    "bomb over OpenCV's limit (177 B)": lambda t: jpeg_msg(t, data=png_declaring(100_000, 100_000)),
+    "bomb under OpenCV's limit": lambda t: jpeg_msg(t, data=png_declaring(12_000, 12_000)),
+    "truncated png": lambda t: jpeg_msg(
+        t, data=cv2.imencode(".png", np.zeros((48, 64, 3), np.uint8))[1].tobytes()[:50]
+    ),
+    "negative stamp": lambda t: stamped(jpeg_msg(t), -5),
+}
+
+
+@pytest.mark.parametrize(
+    ("camera", "case"),
+    [("raw", name) for name in BAD_RAW_FRAMES] + [("jpeg", name) for name in BAD_COMPRESSED_FRAMES],
+)
+def test_a_bad_frame_is_counted_invalid_and_the_stream_and_its_memory_go_on(faults, camera, case):
+    make = (BAD_RAW_FRAMES if camera == "raw" else BAD_COMPRESSED_FRAMES)[case]
+    publisher = faults.raw if camera == "raw" else faults.jpeg
+    good = image_msg if camera == "raw" else jpeg_msg
+    before = fresh_status(faults, camera)
+    publisher.publish(make(next(_stamps)))
+    status_of(
+        faults,
+        camera,
+        lambda s: s.frames_dropped_invalid == before.frames_dropped_invalid + 1,
+        f"{case} refused",
+    )
+    publisher.publish(good(next(_stamps)))
+    after = status_of(
+        faults, camera, lambda s: s.frames_ingested > before.frames_ingested, "a good frame after it"
+    )
+    assert after.faults == 0
+    assert after.tokens_in_memory > before.tokens_in_memory  # nothing forgotten, one frame more
+    assert after.stream_seconds > before.stream_seconds
+    assert faults.node.running()
+    assert_still_answers(faults, camera=camera)
+
+
+BAD_REQUESTS = [
+    (dict(question=""), "question is empty"),
+    (dict(question="x" * 2001), "question has 2001 characters; the limit is 2000"),
+    (dict(question="\U0001f600" * 1000), r"question is \d+ tokens long; the limit is 512"),
+    (dict(question="hi", camera="rear"), "unknown camera_id 'rear'; known: raw, jpeg, idle"),
+    (dict(question="hi", window_seconds=-2.0), r"window_seconds must be >= 0, got -2\.0"),
+    (dict(question="hi", window_seconds=math.nan), "window_seconds must be >= 0, got nan"),
+    (dict(question="hi", max_new_tokens=5000), "max_new_tokens 5000 is above the limit of 4096"),
+    (
+        dict(question="hi", window_start=10**9),
+        r"the time window \[1000000000\.000, 1000000000\.000\] s holds no video; the stream holds .*",
+    ),
+    (
+        dict(question="hi", window_start=1, window_end=2),
+        r"the time window \[1\.000, 2\.000\] s holds no video; the stream holds .*",
+    ),
+    (dict(question="hi", window_start=5, window_end=3), r"invalid time window \[5\.0, 3\.0\]"),
+]
+
+
+@pytest.mark.parametrize(("fields", "error"), BAD_REQUESTS, ids=[e[:30] for _, e in BAD_REQUESTS])
+def test_a_bad_request_is_refused_with_its_reason_and_the_node_answers_the_next(faults, fields, error):
+    fields = dict(fields)
+    start, end = fields.pop("window_start", 0), fields.pop("window_end", 0)
+    request = make_request(fields.pop("question"), **fields)
+    request.window_start.sec, request.window_end.sec = start, end
+    response = faults.client.ask(request, TIMEOUT_S)
+    assert not response.success
+    assert re.fullmatch(error, response.error), response.error
+    assert_still_answers(faults)
+
+
+def test_an_infinite_window_means_the_whole_stream(faults):
+    response = ask(faults, "What happened so far?", window_seconds=math.inf)
+    assert response.success, response.error
+
+
+def test_long_text_in_mosaic_memory_does_not_break_the_stream(faults):
+    """A question of 456 tokens (1,120 characters) and an answer of up to 230 tokens are kept in
+    memory (remember_dialogue); frames and questions after them must go on (mosaic once failed
+    in its clusters here)."""
+    before = fresh_status(faults, "raw")
+    long_question = ("The robot drove down the long corridor and saw a red door. " * 19).strip()
+    for question, tokens in ((long_question, 8), ("Tell me everything, at length.", 230)):
+        response = ask(faults, question, camera="raw", max_new_tokens=tokens)
+        assert response.success, response.error
+        for _ in range(3):
+            seen = fresh_status(faults, "raw").frames_ingested
+            faults.raw.publish(image_msg(next(_stamps)))
+            status_of(faults, "raw", lambda s, seen=seen: s.frames_ingested > seen, "a frame after long text")
+    after = fresh_status(faults, "raw")
+    assert after.faults == before.faults == 0
+    assert after.tokens_in_memory > before.tokens_in_memory
+    assert_still_answers(faults)
+
+
+def test_a_burst_beyond_the_queue_is_all_answered_or_refused_none_lost(faults):
+    """3 x max_pending_questions + 10 service requests and as many action goals, all at once."""
+    burst = 3 * 2 + 10
+    qos = QoSProfile(depth=4 * burst)  # the client keeps every reply too
+    service = faults.client.create_client(AskVideo, "/mosaic_stream/ask", qos_profile=qos)
+    actions = ActionClient(
+        faults.client,
+        AskVideoAction,
+        "/mosaic_stream/ask_stream",
+        goal_service_qos_profile=qos,
+        result_service_qos_profile=qos,
+    )
+    try:
+        assert service.wait_for_service(timeout_sec=TIMEOUT_S) and actions.wait_for_server(
+            timeout_sec=TIMEOUT_S
+        )
+        calls = [service.call_async(make_request(f"Burst question {i}?", camera="raw")) for i in range(burst)]
+        goals = [
+            actions.send_goal_async(AskVideoAction.Goal(question=f"Burst goal {i}?", camera_id="raw"))
+            for i in range(burst)
+        ]
+        assert faults.client.spin_until(lambda: all(g.done() for g in goals), TIMEOUT_S), "goals not accepted"
+        results = [g.result().get_result_async() for g in goals]
+        everything = calls + results
+        assert faults.client.spin_until(lambda: all(f.done() for f in everything), TIMEOUT_S), (
+            f"{sum(not f.done() for f in everything)} of {len(everything)} requests got no reply"
+        )
+        replies = [c.result() for c in calls] + [r.result().result for r in results]
+        busy = "busy: 2 questions pending; ask again later"
+        assert all(r.success or r.error == busy for r in replies), {r.error for r in replies}
+        assert sum(r.success for r in replies) >= 2 and sum(not r.success for r in replies) > 0
+    finally:
+        actions.destroy()
+        faults.client.destroy_client(service)
+    assert_still_answers(faults)
+
+
+def test_reset_says_how_many_streams_it_forgot(faults):
+    client = faults.client.create_client(Trigger, "/mosaic_stream/reset")
+    try:
+        assert client.wait_for_service(timeout_sec=TIMEOUT_S)
+        future = client.call_async(Trigger.Request())
+        assert faults.client.spin_until(future.done, TIMEOUT_S)
+        assert (future.result().success, future.result().message) == (True, "forgot the memory of 3 streams")
+    finally:
+        faults.client.destroy_client(client)
+    for camera, publisher, make in (("raw", faults.raw, image_msg), ("jpeg", faults.jpeg, jpeg_msg)):
+        seen = fresh_status(faults, camera).frames_ingested
+        publisher.publish(make(next(_stamps)))
+        status_of(faults, camera, lambda s, seen=seen: s.frames_ingested > seen, f"{camera} streams again")
+    assert_still_answers(faults)
+
+
+# ---- signals ---------------------------------------------------------------------------------
+
+
+def test_sigint_twice_during_shutdown_still_exits_cleanly(tmp_path, ros_module_context):
+    """``ros2 launch`` forwards the terminal's Ctrl-C: the node gets SIGINT twice, close together."""
+    params = {"camera_topics": ["/twice/image_raw"], "policy": "dense", "status_period_s": 0.2}
+    node = start_stream_node(params, tmp_path, extra_args=("--ros-args", "-r", "__ns:=/twice"))
+    try:
+        node.wait_for_output(READY_MARK, TIMEOUT_S)
+        for _ in range(3):
+            node.process.send_signal(signal.SIGINT)
+        assert node.wait(timeout=EXIT_BOUND_S) == 0
+    finally:
+        node.stop()
+    assert "Traceback" not in node.stderr()
+
+
+@pytest.mark.parametrize("mark", ["mosaic_stream: starting", "loading model"])
+def test_sigint_during_startup_exits_cleanly(tmp_path, mark):
+    """Ctrl-C while the process imports rclpy and torch (right after it says it starts) or loads
+    the model: status 0, no traceback."""
+    params = {"camera_topics": ["/early/image_raw"], "policy": "dense"}
+    node = start_stream_node(params, tmp_path)
+    try:
+        node.wait_for_output(mark, TIMEOUT_S)
+        node.process.send_signal(signal.SIGINT)
+        assert node.wait(timeout=TIMEOUT_S) == 0
+    finally:
+        node.stop()
     assert "Traceback" not in node.stderr()

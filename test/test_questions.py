@@ -193,7 +193,7 @@ def test_an_internal_failure_is_an_error_reply_and_a_fault_on_the_stream(adapter
     assert (outcome.success, outcome.error) == (False, "internal error: RuntimeError: the model fell over")
     counters = stream.snapshot().counters
     assert (
-        counters.failed == 1
+        counters.faults == 1
         and counters.last_error == "answering a question: RuntimeError: the model fell over"
     )
     assert any("Traceback" in line for line in log.lines)  # the first failure is logged with its stack

@@ -162,7 +162,7 @@ class StreamCounters:
     ingested: int = 0
     dropped_busy: int = 0
     dropped_invalid: int = 0
-    failed: int = 0
+    faults: int = 0
     ingest_lag_ms: float = 0.0
     stamp_ahead_ms: float = 0.0
     last_error: str = ""
@@ -338,9 +338,9 @@ class CameraStream:
         /diagnostics until a period passes without one)."""
         reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         with self._lock:
-            self._counters.failed += 1
+            self._counters.faults += 1
             self._counters.last_error = f"{doing}: {reason}"
-            first = self._counters.failed == 1
+            first = self._counters.faults == 1
         detail = ""
         if first and isinstance(error, BaseException):  # the first one with its stack, for a bug report
             detail = "\n" + "".join(traceback.format_exception(error)).rstrip()

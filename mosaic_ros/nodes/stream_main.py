@@ -86,6 +86,7 @@ def main(args: list[str] | None = None) -> None:
     """Process entry point: runs the node until Ctrl-C or SIGTERM, then exits the process
     (status 0, or 1 when the node cannot start)."""
     interrupts = Interrupts()
+    print("mosaic_stream: starting", file=sys.stderr, flush=True)
     try:
         code = _run(sys.argv if args is None else args, interrupts)
     except KeyboardInterrupt:  # during startup: nothing to clean up beyond what _run did

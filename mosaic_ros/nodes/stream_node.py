@@ -179,7 +179,7 @@ class StreamNode(Node):
 
     def _read_settings(self) -> NodeSettings:
         p = self._param
-        topics = [t for t in p("camera_topics") if t]
+        topics = [t for t in self._param_or_none("camera_topics") or [] if t]  # [] in YAML: not set
         if not topics:
             raise ConfigError("camera_topics is empty: give at least one image topic")
         if p("policy") not in known_policies():
@@ -404,7 +404,7 @@ class StreamNode(Node):
                 frames_ingested=c.ingested,
                 frames_dropped_busy=c.dropped_busy,
                 frames_dropped_invalid=c.dropped_invalid,
-                frames_failed=c.failed,
+                faults=c.faults,
                 ingest_lag_ms=c.ingest_lag_ms,
                 ingest_ms_mean=m.ingest_ms_mean,
                 stream_seconds=m.stream_seconds,
@@ -434,7 +434,7 @@ class StreamNode(Node):
         sampled = c.sampled - before.sampled
         busy = c.dropped_busy - before.dropped_busy
         invalid = c.dropped_invalid - before.dropped_invalid
-        failed = c.failed - before.failed
+        failed = c.faults - before.faults
         problems = []
         if sampled and busy / sampled > HEAVY_DROP_SHARE:
             problems.append(f"dropping {busy} of {sampled} sampled frames (model busy)")
@@ -464,7 +464,7 @@ class StreamNode(Node):
             "frames_ingested": c.ingested,
             "frames_dropped_busy": c.dropped_busy,
             "frames_dropped_invalid": c.dropped_invalid,
-            "frames_failed": c.failed,
+            "faults": c.faults,
             "last_error": c.last_error,
             "ingest_lag_ms": f"{c.ingest_lag_ms:.1f}",
             "ingest_ms_mean": f"{m.ingest_ms_mean:.1f}",
