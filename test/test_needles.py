@@ -185,3 +185,16 @@ def test_real_lm_dense_finds_the_needles():
     texts = [r["policies"]["dense"]["text"] for r in result["records"]]
     assert result["policies"]["dense"]["accuracy"] == 1.0, texts
     assert result["policies"]["dense"]["choice_accuracy"] == 1.0
+
+
+def test_stream_gives_the_policy_its_maintenance_budget_after_each_event(tiny):
+    sinks = tiny.system_chunk(PositionCursor()).n_tokens
+    config = PolicyConfig(budget_tokens=64, sink_tokens=sinks, window_tokens=16)
+    stream = PolicyStream(tiny, "mosaic", config, torch.float32, 7.5)
+    budgets = []
+    inner = stream.policy.maintain
+    stream.policy.maintain = lambda budget_ms: budgets.append(budget_ms) or inner(budget_ms)
+    for event in generate_needles(0, frames=3, needles=1).events:
+        stream.ingest_event(event)
+    assert budgets == [7.5, 7.5, 7.5]
+    assert stream.frames == 3 and len(stream.chunk_bounds) == 5

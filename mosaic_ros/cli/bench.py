@@ -188,6 +188,7 @@ def needles_main(args: argparse.Namespace, names: list[str], argv: list[str]) ->
             window_tokens=args.window,
             options=_parse_options(args.option),
             max_new_tokens=args.max_new_tokens,
+            maintain_ms=args.maintain_ms,
         )
         result = run_needles(adapter, sets, cfg, progress=not args.no_progress)
     except (ValueError, ModelLoadError) as exc:
@@ -208,6 +209,7 @@ def needles_main(args: argparse.Namespace, names: list[str], argv: list[str]) ->
             "budget": args.budget,
             "window": args.window,
             "max_new_tokens": args.max_new_tokens,
+            "maintain_ms": args.maintain_ms,
         },
         "policies": result["policies"],
         "records": result["records"],

@@ -179,14 +179,23 @@ class PolicyStream:
     """One needle stream in the real model's memory under one KV policy.
 
     Ingests like ``StreamSession`` (preamble, then one frame chunk per event: time marker +
-    the sentence's token embeddings as the frame's tokens) through a ``KVBridge``; questions
+    the sentence's token embeddings as the frame's tokens, then up to ``maintain_ms`` ms of
+    the policy's deferred maintenance) through a ``KVBridge``; questions
     are asked on the stream as it is (nothing is remembered). The adapter must use 1-D RoPE.
     """
 
-    def __init__(self, adapter: VLMAdapter, policy: str, config: PolicyConfig, kv_dtype: torch.dtype):
+    def __init__(
+        self,
+        adapter: VLMAdapter,
+        policy: str,
+        config: PolicyConfig,
+        kv_dtype: torch.dtype,
+        maintain_ms: float = 5.0,
+    ):
         if adapter.position_dims != 1:
             raise ValueError(f"the needle workload needs a 1-D RoPE model (llava-ov), not {adapter.family}")
         self.adapter = adapter
+        self.maintain_ms = maintain_ms
         adapter.set_attention(ATTENTION_NAME)
         geometry = KVGeometry(
             num_layers=adapter.num_layers,
@@ -211,7 +220,7 @@ class PolicyStream:
         grid = torch.tensor([[1, 1, ids.numel()]], dtype=torch.long)
         chunk = ad.frame_chunk(VisionFeatures(embeds=[embeds], grid_thw=grid), event.t, self.cursor)
         self._ingest(chunk, event.t, vision=True)
-        self.policy.maintain(0.0)
+        self.policy.maintain(self.maintain_ms)
 
     def _ingest(self, chunk, stamp: float, vision: bool) -> None:
         n = chunk.n_tokens
@@ -382,6 +391,7 @@ class NeedleConfig:
     options: dict[str, dict] = field(default_factory=dict)
     max_new_tokens: int = 16
     kv_dtype: torch.dtype = torch.float32
+    maintain_ms: float = 5.0  # deferred maintenance after each event, ms (as the session's)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -405,7 +415,7 @@ def _policy_config(name: str, cfg: NeedleConfig, sinks: int) -> PolicyConfig:
 
 def _stream(adapter: VLMAdapter, name: str, cfg: NeedleConfig, needle_set: NeedleSet) -> PolicyStream:
     sinks = adapter.system_chunk(PositionCursor()).n_tokens
-    stream = PolicyStream(adapter, name, _policy_config(name, cfg, sinks), cfg.kv_dtype)
+    stream = PolicyStream(adapter, name, _policy_config(name, cfg, sinks), cfg.kv_dtype, cfg.maintain_ms)
     for event in needle_set.events:
         stream.ingest_event(event)
     return stream
@@ -523,7 +533,7 @@ def run_needles(adapter: VLMAdapter, sets: list[NeedleSet], cfg: NeedleConfig, p
                 device=str(adapter.device),
                 options=cfg.options,
                 progress=False,
-                maintain_ms=0.0,
+                maintain_ms=cfg.maintain_ms,
             )
             result = run_policies(workload, bench)["policies"]
             for name in names:
