@@ -19,7 +19,9 @@ as the model attends) and reports:
 - the same shares and each policy's recall for the query that writes the answer: the last
   token of the question followed by the answer's prefix ("... The number on the red locker
   is"), whose next token is the answer's first. Policies select with the question's queries
-  (as they do), and are judged against this later query's attention (``*_at_answer``).
+  (as they do), and are judged against this later query's attention (``*_at_answer``);
+  ``*_reselected_*``: the same policy selecting again with that later query (what fetching
+  again while the answer is written would give).
 
 Everything is averaged over questions; per-layer rows are printed for every fifth layer and
 written to JSON in full.
@@ -185,6 +187,15 @@ def main(argv: list[str] | None = None) -> int:
                     add(f"{name}_recall", layer, statistics.fmean(recall))
                     recall_b = [float(probs_b[h][:, ids[h // group]].sum()) for h in range(probs.shape[0])]
                     add(f"{name}_recall_at_answer", layer, statistics.fmean(recall_b))
+                    policy.begin_question(None)
+                    late = policy.retrieve(layer, answer_queries[layer]).token_ids.cpu()
+                    policy.end_question()
+                    recall_c = [float(probs_b[h][:, late[h // group]].sum()) for h in range(probs.shape[0])]
+                    kept_c = [
+                        float(torch.isin(answer_tokens, late[g]).float().mean()) for g in range(late.shape[0])
+                    ]
+                    add(f"{name}_reselected_recall_at_answer", layer, statistics.fmean(recall_c))
+                    add(f"{name}_reselected_answer_tokens_kept", layer, statistics.fmean(kept_c))
                     add(f"{name}_answer_tokens_kept", layer, statistics.fmean(kept))
                 index = replayed["mosaic"]._layers[layer].index
                 cids = torch.unique(index.cluster_of(answer_tokens))
