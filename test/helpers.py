@@ -6,6 +6,7 @@ fail with a message that says what did not happen.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -71,4 +72,29 @@ def distinct_latency_stats() -> LatencyStats:
         copies=19,
         prefetch_hit_rate=0.625,
         tokens_evicted=2**44 + 21,
+    )
+
+
+README = TEST_DIR.parent / "README.md"
+REFUSALS_SECTION = "### What the node refuses, and how"
+# Placeholders the README uses in error texts (numbers, names, an exception's type and words).
+_PLACEHOLDER = re.compile(r"WxH|\b(?:N|M|W|H|S|X|A|B|C|D|TYPE|MESSAGE|ENCODING|ID|IDS|NAME|REASON)\b")
+
+
+def documented_refusals() -> list[re.Pattern]:
+    """The error texts of the README's "What the node refuses" section (every backticked text of
+    it), each as a pattern in which the placeholders match any value."""
+    section = README.read_text().split(REFUSALS_SECTION, 1)[1].split("\n### ", 1)[0]
+    texts = re.findall(r"`([^`]+)`", section.replace("\n", " "))
+    patterns = []
+    for text in texts:
+        parts = _PLACEHOLDER.split(text)
+        patterns.append(re.compile(".+?".join(re.escape(part) for part in parts)))
+    return patterns
+
+
+def assert_documented(message: str) -> None:
+    """Fail unless the README's refusals section has a text that ``message`` is an instance of."""
+    assert any(p.fullmatch(message) for p in documented_refusals()), (
+        f"README's {REFUSALS_SECTION!r} does not list {message!r}"
     )

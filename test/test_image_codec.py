@@ -8,6 +8,7 @@ import zlib
 import cv2
 import numpy as np
 import pytest
+from helpers import assert_documented
 
 from mosaic_ros.nodes.image_codec import (
     ENCODINGS,
@@ -108,8 +109,9 @@ def test_output_does_not_alias_the_message_buffer():
     ],
 )
 def test_malformed_images_are_rejected_with_the_reason(encoding, height, width, step, size, reason):
-    with pytest.raises(ImageDecodeError, match=reason):
+    with pytest.raises(ImageDecodeError, match=reason) as refused:
         decode_image(encoding, height, width, step, False, bytes(size))
+    assert_documented(str(refused.value))
 
 
 def test_every_listed_encoding_decodes():
@@ -139,8 +141,9 @@ def test_compressed_jpeg_decodes_close_to_the_original():
     ("data", "reason"), [(b"", "no data"), (b"\xff\xd8 not really a jpeg", "could not be")]
 )
 def test_corrupt_compressed_images_are_rejected(data, reason):
-    with pytest.raises(ImageDecodeError, match=reason):
+    with pytest.raises(ImageDecodeError, match=reason) as refused:
         decode_compressed(data)
+    assert_documented(str(refused.value))
 
 
 def png_declaring(width: int, height: int) -> bytes:
@@ -171,8 +174,9 @@ def png_declaring(width: int, height: int) -> bytes:
 def test_compressed_images_larger_than_the_limit_are_refused_from_their_header(width, height, reason):
     bomb = png_declaring(width, height)
     assert len(bomb) < 100
-    with pytest.raises(ImageDecodeError, match=reason):
+    with pytest.raises(ImageDecodeError, match=reason) as refused:
         decode_compressed(bomb)
+    assert_documented(str(refused.value))
 
 
 def test_the_pixel_limit_is_the_callers_and_real_sizes_are_read_from_the_header():
@@ -193,8 +197,9 @@ def test_raw_images_larger_than_the_limit_are_refused_before_any_copy():
 
 def test_a_truncated_png_is_refused_not_raised_from_opencv():
     _, png = cv2.imencode(".png", rgb_frame())
-    with pytest.raises(ImageDecodeError, match="could not be decoded"):
+    with pytest.raises(ImageDecodeError, match="could not be decoded") as refused:
         decode_compressed(png.tobytes()[:40])
+    assert_documented(str(refused.value))
 
 
 @pytest.mark.parametrize(

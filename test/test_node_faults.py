@@ -26,12 +26,14 @@ import pytest
 import rclpy
 from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticArray
+from helpers import assert_documented
 from mosaic_ros.action import AskVideo as AskVideoAction
 from mosaic_ros.srv import AskVideo
 from rclpy.action import ActionClient
 from rclpy.context import Context
 from rclpy.qos import QoSProfile
 from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
 from mosaic_ros.nodes.ask_client import AskClient, make_request
@@ -42,6 +44,7 @@ pytestmark = pytest.mark.ros
 RAW_TOPIC = "/fault/raw"
 JPEG_TOPIC = "/fault/jpeg/compressed"
 IDLE_TOPIC = "/fault/idle"
+NOTES_TOPIC = "/fault/notes"
 TIMEOUT_S = 120.0
 EXIT_BOUND_S = 5.0
 _stamps = itertools.count(100)
@@ -135,6 +138,7 @@ def faults(tmp_path_factory, ros_module_context) -> Faults:
     params = {
         "camera_topics": [RAW_TOPIC, JPEG_TOPIC, IDLE_TOPIC],
         "camera_ids": ["raw", "jpeg", "idle"],
+        "text_topics": [NOTES_TOPIC],
         "sample_fps": 100.0,
         "policy": "mosaic",
         "max_new_tokens": 8,
@@ -587,6 +591,7 @@ def test_a_bad_request_is_refused_with_its_reason_and_the_node_answers_the_next(
     response = faults.client.ask(request, TIMEOUT_S)
     assert not response.success
     assert re.fullmatch(error, response.error), response.error
+    assert_documented(response.error)
     assert_still_answers(faults)
 
 
@@ -697,3 +702,33 @@ def test_sigint_during_startup_exits_cleanly(tmp_path, mark):
     finally:
         node.stop()
     assert "Traceback" not in node.stderr()
+
+
+def test_text_events_join_every_streams_memory_and_bad_ones_are_counted(faults):
+    notes = faults.client.create_publisher(String, NOTES_TOPIC, QoSProfile(depth=10))
+    try:
+        before = {camera: fresh_status(faults, camera) for camera in ("raw", "jpeg", "idle")}
+
+        # The reliable publisher may match the node after the first publish: publish until heard.
+        def heard() -> bool:
+            notes.publish(String(data="Operator: the charger moved to bay 7."))
+            status = faults.client.status.get("idle")
+            return status is not None and status.texts_ingested > before["idle"].texts_ingested
+
+        assert faults.client.spin_until(heard, TIMEOUT_S), "no text event ingested"
+        for camera in ("raw", "jpeg", "idle"):
+            after = status_of(
+                faults,
+                camera,
+                lambda s, c=camera: s.texts_ingested > before[c].texts_ingested,
+                f"{camera} note",
+            )
+            assert after.tokens_in_memory > before[camera].tokens_in_memory
+        dropped = fresh_status(faults, "raw").texts_dropped
+        for bad in ("   ", "word " * 600):
+            notes.publish(String(data=bad))
+        status_of(faults, "raw", lambda s: s.texts_dropped == dropped + 2, "two bad notes dropped")
+        assert "dropping a text event: text event is empty" in faults.node.stderr()
+    finally:
+        faults.client.destroy_publisher(notes)
+    assert_still_answers(faults)

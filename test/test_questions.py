@@ -7,12 +7,12 @@ import threading
 
 import numpy as np
 import pytest
-from helpers import wait_for
+from helpers import assert_documented, wait_for
 
 from mosaic_ros.nodes.camera_stream import CameraStream, ModelGate
 from mosaic_ros.nodes.questions import Question, QuestionDesk, RequestError, Stage, time_window
 from mosaic_ros.runtime.models import load_model
-from mosaic_ros.runtime.session import SessionConfig, StampError, StreamFault, StreamSession
+from mosaic_ros.runtime.session import SessionConfig, SessionError, StampError, StreamFault, StreamSession
 
 
 class ListLog:
@@ -99,6 +99,7 @@ def test_bad_requests_are_refused_with_their_reason_and_the_desk_still_answers(a
     desk, _ = make_desk(adapter)
     outcome = desk.answer(request_, None, never)
     assert (outcome.success, outcome.error) == (False, error)
+    assert_documented(error)
     assert outcome.stats.policy == "dense" and outcome.stats.total_ms >= 0
     assert desk.answer(Question("Still there?"), None, never).success
 
@@ -107,6 +108,7 @@ def test_a_question_before_any_frame_says_so(adapter):
     desk, _ = make_desk(adapter, frames=0)
     outcome = desk.answer(Question("What happened?", camera_id="rear"), None, never)
     assert outcome.error == "no frame has been ingested on camera 'rear' yet; ask again once it streams"
+    assert_documented(outcome.error)
 
 
 def test_a_question_of_many_tokens_but_few_characters_is_refused_for_its_tokens(adapter):
@@ -117,6 +119,7 @@ def test_a_question_of_many_tokens_but_few_characters_is_refused_for_its_tokens(
     tokens = len(adapter.encode_text(emoji))
     assert tokens > 512
     assert outcome.error == f"question is {tokens} tokens long; the limit is 512"
+    assert_documented(outcome.error)
 
 
 def test_windows_are_cut_to_the_stream_and_infinity_means_all_of_it():
@@ -155,6 +158,7 @@ def test_beyond_max_pending_requests_are_refused_at_once_and_none_is_lost(adapte
         wait_for(lambda: len(outcomes) == len(threads) - max_pending, 30, "refusals")
         busy = [o.error for o in outcomes]
         assert busy == [f"busy: {max_pending} questions pending; ask again later"] * len(busy)
+        assert_documented(busy[0])
     for thread in threads:
         thread.join(60)
     assert len(outcomes) == len(threads)
@@ -179,6 +183,7 @@ def test_a_question_cancelled_while_queued_gives_up_its_place(adapter):
         "cancelled while queued",
         True,
     )
+    assert_documented(result[0].error)
 
 
 def test_an_internal_failure_is_an_error_reply_and_a_fault_on_the_stream(adapter, monkeypatch):
@@ -191,6 +196,7 @@ def test_an_internal_failure_is_an_error_reply_and_a_fault_on_the_stream(adapter
     monkeypatch.setattr(stream.session, "ask", broken)
     outcome = desk.answer(Question("q?"), None, never)
     assert (outcome.success, outcome.error) == (False, "internal error: RuntimeError: the model fell over")
+    assert_documented(outcome.error)
     counters = stream.snapshot().counters
     assert (
         counters.faults == 1
@@ -260,3 +266,60 @@ def test_a_negative_or_non_finite_stamp_is_refused_by_the_session(adapter, stamp
         session.ingest(np.zeros((28, 56, 3), np.uint8), stamp)
     session.ingest(np.zeros((28, 56, 3), np.uint8), 0.0)
     assert session.status().frames_ingested == 1
+
+
+def test_a_text_event_joins_the_memory_between_frames(adapter):
+    session = StreamSession(adapter, SessionConfig(policy="mosaic", budget_tokens=512, window_tokens=32))
+    frame = np.zeros((28, 56, 3), np.uint8)
+    session.ingest(frame, 1.0)
+    before = session.status().tokens_in_memory
+    note = "Operator: the charger moved to bay 7."
+    result = session.add_text(note, 1.5)
+    marker_and_note = len(adapter.encode_text(f"{adapter.time_marker(1.5)} {note}\n"))
+    assert result.tokens == marker_and_note
+    status = session.status()
+    assert (status.tokens_in_memory, status.texts_ingested, status.frames_ingested) == (
+        before + marker_and_note,
+        1,
+        1,
+    )
+    session.ingest(frame, 2.0)
+    assert session.ask("Where is the charger?", max_new_tokens=2).stats.tokens_in_memory > before
+    session.policy.check_invariants()
+
+
+@pytest.mark.parametrize(
+    ("text", "stamp", "error"),
+    [
+        ("   ", 1.0, "text event is empty"),
+        ("fine", -1.0, "text stamp must be a finite number of seconds >= 0, got -1.0"),
+        ("fine", float("nan"), "text stamp must be a finite number of seconds >= 0, got nan"),
+        ("word " * 600, 1.0, r"text event is \d+ tokens long; the limit is 512"),
+    ],
+)
+def test_bad_text_events_are_refused_and_the_memory_is_unchanged(adapter, text, stamp, error):
+    session = StreamSession(adapter, SessionConfig(policy="dense"))
+    session.ingest(np.zeros((28, 56, 3), np.uint8), 1.0)
+    before = session.status().tokens_in_memory
+    with pytest.raises(SessionError, match=error) as refused:
+        session.add_text(text, stamp)
+    if "text event" in error:
+        assert_documented(str(refused.value))
+    assert session.status().tokens_in_memory == before
+
+
+@pytest.mark.parametrize("policy", ["dense", "mosaic"])
+def test_a_fact_from_a_text_event_is_answered_by_the_real_lm(policy):
+    """Real SmolLM2 weights (the vision tower is random: frames are noise to it): a note that
+    arrived between frames is in memory and retrieved for the question about it."""
+    real = load_model("smollm2-llava:135m-instruct", device="cpu")
+    session = StreamSession(
+        real, SessionConfig(policy=policy, budget_tokens=256, window_tokens=64, remember_dialogue=False)
+    )
+    rng = np.random.default_rng(0)
+    session.ingest(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8), 0.0)
+    session.add_text("Operator note: the spare battery is in locker 4817.", 0.5)
+    for stamp in (1.0, 1.5, 2.0):
+        session.ingest(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8), stamp)
+    answer = session.ask("Which locker holds the spare battery?", max_new_tokens=16)
+    assert "4817" in answer.text, answer.text

@@ -23,7 +23,7 @@ import pytest
 import rclpy
 from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
-from helpers import wait_for
+from helpers import assert_documented, wait_for
 from mosaic_ros.action import AskVideo as AskVideoAction
 from mosaic_ros.srv import AskVideo
 from rclpy.context import Context
@@ -32,7 +32,15 @@ from rclpy.parameter_client import AsyncParameterClient
 
 from mosaic_ros.nodes.ask_client import AskClient, make_request
 from mosaic_ros.nodes.bag_tool import BagSummary, video_to_bag
-from mosaic_ros.nodes.camera_stream import CameraStream, Frame, LatestFrameSlot, ModelGate
+from mosaic_ros.nodes.camera_stream import (
+    TEXT_QUEUE,
+    CameraStream,
+    Frame,
+    FrameClock,
+    LatestFrameSlot,
+    ModelGate,
+    StampRefused,
+)
 from mosaic_ros.nodes.demo import default_video
 from mosaic_ros.nodes.image_codec import ImageDecodeError
 from mosaic_ros.nodes.processes import READY_MARK, ModuleProcess, start_stream_node
@@ -40,7 +48,7 @@ from mosaic_ros.nodes.sampling import FrameSampler
 from mosaic_ros.nodes.stream_main import ros_arguments
 from mosaic_ros.nodes.stream_node import camera_ids_for
 from mosaic_ros.nodes.stream_params import PARAMETERS, STANDARD_PARAMETERS
-from mosaic_ros.runtime.session import SessionStatus
+from mosaic_ros.runtime.session import SessionError, SessionStatus
 from mosaic_ros.runtime.stats import LatencyStats
 
 FRONT_TOPIC = "/front/image_raw"
@@ -228,6 +236,11 @@ class FakeSession:
     def reset(self):
         self.calls.append(("reset",))
 
+    def add_text(self, text, stamp):
+        if not text.strip():
+            raise SessionError("text event is empty")
+        self.calls.append(("text", text, stamp))
+
     def status(self):
         return SessionStatus("dense", 0, 0, 0, 0, 0, 0, None, None, 0.0)
 
@@ -266,6 +279,16 @@ def test_negative_and_non_finite_stamps_are_refused_before_they_can_reset_the_st
     assert session.calls == [("ingest", 10.0), ("ingest", 11.0)]  # no reset: the memory is kept
     assert stream.snapshot().counters.dropped_invalid == 3
     assert "dropping invalid frame on /cam: frame stamp -1.0 s is not a finite time >= 0" in log.lines[0]
+
+
+@pytest.mark.parametrize("stamps", [(-1.0,), (float("nan"),), (3.0, 0.0)])
+def test_frame_clock_refusals_are_the_documented_ones(stamps):
+    clock = FrameClock(lambda: 99.0)
+    for stamp in stamps[:-1]:
+        clock.time_of(stamp)
+    with pytest.raises(StampRefused) as refused:
+        clock.time_of(stamps[-1])
+    assert_documented(str(refused.value))
 
 
 def test_an_unstamped_frame_in_a_stamped_stream_is_refused_not_given_the_receipt_time():
@@ -340,6 +363,42 @@ def test_a_decoder_that_raises_anything_counts_an_invalid_frame():
     assert stream.snapshot().counters.dropped_invalid == 1
     assert "could not be decoded (MemoryError: cannot allocate)" in log.lines[0]
     assert session.calls == [("ingest", 2.0)]
+
+
+def test_text_events_are_ingested_by_the_worker_in_order_and_bad_ones_counted():
+    session, log = FakeSession(), ListLog()
+    stream = CameraStream("cam", "/cam", session, ModelGate(), 100.0, 0, now=lambda: 0.0, log=log)
+    stream.start()
+    try:
+        stream.offer_text("first note", 5.0)
+        stream.offer_text("  ", 5.5)
+        stream.offer_text("second note", 6.0)
+        wait_for(
+            lambda: stream.snapshot().counters.texts_ingested + stream.snapshot().counters.texts_dropped == 3,
+            5,
+            "three text events handled",
+        )
+    finally:
+        stream.stop()
+    assert session.calls == [("text", "first note", 5.0), ("text", "second note", 6.0)]
+    assert (stream.snapshot().counters.texts_ingested, stream.snapshot().counters.texts_dropped) == (2, 1)
+    assert "camera 'cam': dropping a text event: text event is empty" in log.lines
+
+
+def test_text_events_beyond_the_queue_drop_the_oldest_while_the_model_is_busy():
+    session, log = FakeSession(), ListLog()
+    gate = ModelGate()
+    stream = CameraStream("cam", "/cam", session, gate, 100.0, 0, now=lambda: 0.0, log=log)
+    stream.start()
+    try:
+        with gate.question(lambda: False):  # the model answers a question: the worker must wait
+            for i in range(TEXT_QUEUE + 3):
+                stream.offer_text(f"note {i}", float(i))
+            assert stream.snapshot().counters.texts_dropped == 3
+        wait_for(lambda: stream.snapshot().counters.texts_ingested == TEXT_QUEUE, 10, "the queue ingested")
+    finally:
+        stream.stop()
+    assert [c[1] for c in session.calls] == [f"note {i}" for i in range(3, TEXT_QUEUE + 3)]
 
 
 def test_time_jump_resets_the_stream_before_the_next_valid_frame():

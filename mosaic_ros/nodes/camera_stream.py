@@ -4,7 +4,8 @@ The ROS callback calls ``CameraStream.offer`` and never waits: a frame due by th
 sampler is decoded and left in a latest-frame slot, overwriting (and counting) a frame the
 model has not taken yet. A worker thread per camera takes frames from the slot and ingests
 them. ``ModelGate`` lets one caller at a time use the model, questions before frames.
-``FrameClock`` gives each frame its stream time, once, at the edge.
+``FrameClock`` gives each frame its stream time, once, at the edge. Text events (``offer_text``)
+wait in a short queue and are ingested by the same worker, before the next frame.
 
 Nothing a message holds can stop a stream: a bad frame or stamp is counted
 (``dropped_invalid``) and warned about; a failure inside the model or the KV policy is
@@ -28,6 +29,8 @@ from mosaic_ros.nodes.image_codec import ImageDecodeError, fit_longest_side
 from mosaic_ros.nodes.sampling import FrameSampler
 from mosaic_ros.runtime.models import FrameError
 from mosaic_ros.runtime.session import SessionError, SessionStatus, StreamFault, StreamSession
+
+TEXT_QUEUE = 64  # text events waiting for the worker, per stream
 
 
 class StampRefused(ValueError):
@@ -163,6 +166,8 @@ class StreamCounters:
     dropped_busy: int = 0
     dropped_invalid: int = 0
     faults: int = 0
+    texts_ingested: int = 0
+    texts_dropped: int = 0
     ingest_lag_ms: float = 0.0
     stamp_ahead_ms: float = 0.0
     last_error: str = ""
@@ -206,6 +211,7 @@ class CameraStream:
         self._sampler = FrameSampler(sample_fps)
         self._clock = FrameClock(now)
         self._slot = LatestFrameSlot()
+        self._texts: deque[tuple[str, float]] = deque()
         self._lock = threading.Lock()
         self._counters = StreamCounters()
         self._last_stamp: float | None = None
@@ -287,6 +293,16 @@ class CameraStream:
             if self._slot.put(frame):
                 self._counters.dropped_busy += 1
 
+    def offer_text(self, text: str, stamp: float) -> None:
+        """A text event (s, node clock) for this stream's memory; queued for the worker, never
+        waits. Beyond ``TEXT_QUEUE`` waiting events the oldest is dropped and counted."""
+        with self._lock:
+            if len(self._texts) >= TEXT_QUEUE:
+                self._texts.popleft()
+                self._counters.texts_dropped += 1
+            self._texts.append((text, stamp))
+        self._slot.wake()
+
     def _count_invalid(self, reason: str) -> None:
         with self._lock:
             self._counters.dropped_invalid += 1
@@ -303,6 +319,7 @@ class CameraStream:
     def _run(self) -> None:
         while not self._stop.is_set():
             frame = self._slot.take(timeout=0.2)
+            self._ingest_texts()
             if frame is None:
                 continue
             try:
@@ -332,6 +349,33 @@ class CameraStream:
                     self._counters.stamp_ahead_ms = max(-lag_ms, 0.0)
         finally:
             self.refresh_memory()
+
+    def _ingest_texts(self) -> None:
+        """Ingest the queued text events, each taken from the queue once the model is ours (so
+        that a busy model leaves them queued, where the newest ones are kept)."""
+        while not self._stop.is_set():
+            with self._lock:
+                if not self._texts:
+                    return
+            stamp = math.nan
+            try:
+                with self._gate.frame(self._stop.is_set) as acquired:
+                    if not acquired:
+                        return
+                    with self._lock:
+                        text, stamp = self._texts.popleft()
+                    self.session.add_text(text, stamp)
+            except SessionError as error:
+                with self._lock:
+                    self._counters.texts_dropped += 1
+                self._log.warning(f"camera '{self.camera_id}': dropping a text event: {error}")
+            except Exception as error:  # StreamFault or worse: counted like a frame's
+                self.record_fault(f"adding the text event at {stamp:.3f} s", error)
+            else:
+                with self._lock:
+                    self._counters.texts_ingested += 1
+            finally:
+                self.refresh_memory()
 
     def record_fault(self, doing: str, error: BaseException | str) -> None:
         """Count and log a failure that was not the input's fault (it shows as ERROR on

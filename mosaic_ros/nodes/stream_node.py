@@ -25,6 +25,7 @@ from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, qos_profile_sensor_data, qos_profile_services_default
 from rclpy.qos_overriding_options import QoSOverridingOptions
 from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
 from mosaic_ros.action import AskVideo as AskVideoAction
@@ -193,6 +194,7 @@ class StreamNode(Node):
             prefetch=p("prefetch"),
             max_question_chars=p("max_question_chars"),
             max_question_tokens=p("max_question_tokens"),
+            max_text_tokens=p("max_text_tokens"),
             max_new_tokens=p("max_new_tokens"),
             remember_dialogue=p("remember_dialogue"),
         )
@@ -217,7 +219,7 @@ class StreamNode(Node):
                 self._start_status_timer(param.value)
             elif param.name == "max_new_tokens":
                 self.desk.default_max_new_tokens = param.value
-            elif param.name in ("max_question_chars", "max_question_tokens"):
+            elif param.name in ("max_question_chars", "max_question_tokens", "max_text_tokens"):
                 for stream in self.streams.values():
                     setattr(stream.session.config, param.name, param.value)
         self.get_logger().info("parameters set: " + ", ".join(f"{p.name}={p.value}" for p in params))
@@ -256,6 +258,9 @@ class StreamNode(Node):
         self._gate = gate
         for stream in self.streams.values():
             self._subscribe(stream)
+        text_topics = [t for t in self._param_or_none("text_topics") or [] if t]
+        for topic in text_topics:
+            self._subscribe_text(topic)
         questions = ReentrantCallbackGroup()
         qos = request_qos(self._param("max_pending_questions"))
         self.create_service(AskVideo, "~/ask", self._on_ask, qos_profile=qos, callback_group=questions)
@@ -313,6 +318,20 @@ class StreamNode(Node):
             SENSOR_QOS,
             callback_group=MutuallyExclusiveCallbackGroup(),
             qos_overriding_options=QoSOverridingOptions.with_default_policies(),
+        )
+
+    def _subscribe_text(self, topic: str) -> None:
+        def on_text(msg: String) -> None:
+            try:
+                stamp = self._now_s()
+                for stream in self.streams.values():
+                    stream.offer_text(msg.data, stamp)
+            except Exception as error:  # a callback that raises would end the executor's spin
+                self.get_logger().error(f"text on {topic}: {type(error).__name__}: {error}")
+
+        # Reliable: a transcript line is one message, not one of a stream of frames.
+        self.create_subscription(
+            String, topic, on_text, QoSProfile(depth=100), callback_group=MutuallyExclusiveCallbackGroup()
         )
 
     # ---- questions ---------------------------------------------------------------------
@@ -405,6 +424,8 @@ class StreamNode(Node):
                 frames_dropped_busy=c.dropped_busy,
                 frames_dropped_invalid=c.dropped_invalid,
                 faults=c.faults,
+                texts_ingested=c.texts_ingested,
+                texts_dropped=c.texts_dropped,
                 ingest_lag_ms=c.ingest_lag_ms,
                 ingest_ms_mean=m.ingest_ms_mean,
                 stream_seconds=m.stream_seconds,
@@ -465,6 +486,8 @@ class StreamNode(Node):
             "frames_dropped_busy": c.dropped_busy,
             "frames_dropped_invalid": c.dropped_invalid,
             "faults": c.faults,
+            "texts_ingested": c.texts_ingested,
+            "texts_dropped": c.texts_dropped,
             "last_error": c.last_error,
             "ingest_lag_ms": f"{c.ingest_lag_ms:.1f}",
             "ingest_ms_mean": f"{m.ingest_ms_mean:.1f}",

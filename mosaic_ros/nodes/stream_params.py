@@ -62,6 +62,22 @@ PARAMETERS: tuple[ParamSpec, ...] = (
         "(/front/image_raw -> front). The first camera is the default stream.",
     ),
     ParamSpec(
+        "text_topics",
+        P.PARAMETER_STRING_ARRAY,
+        None,
+        "Text topics (std_msgs/String: a speech transcript, operator notes); each message joins "
+        "the memory of every camera stream, stamped at receipt on the node's clock. Unset: none.",
+    ),
+    ParamSpec(
+        "max_text_tokens",
+        P.PARAMETER_INTEGER,
+        512,
+        "Longest text event accepted, tokens; longer messages are dropped with a warning.",
+        live=True,
+        low=1,
+        high=100000,
+    ),
+    ParamSpec(
         "sample_fps",
         P.PARAMETER_DOUBLE,
         1.0,

@@ -78,7 +78,8 @@ class SessionConfig:
     KV maintenance after each frame. ``remember_dialogue`` appends each question and its
     answer to the stream as text, so later questions can refer to them. A question is
     refused beyond ``max_question_chars`` characters or ``max_question_tokens`` tokens (the
-    model's prefill cost grows with tokens, and some characters are several tokens each).
+    model's prefill cost grows with tokens, and some characters are several tokens each);
+    a text event (``add_text``) beyond ``max_text_tokens`` tokens.
     """
 
     policy: str = "dense"
@@ -91,6 +92,7 @@ class SessionConfig:
     kv_dtype: torch.dtype | None = None
     max_question_chars: int = 2000
     max_question_tokens: int = 512
+    max_text_tokens: int = 512
     max_new_tokens: int = 64
     maintain_budget_ms: float = 5.0
     remember_dialogue: bool = True
@@ -98,8 +100,9 @@ class SessionConfig:
     def __post_init__(self) -> None:
         if self.max_question_chars <= 0:
             raise SessionError(f"max_question_chars must be > 0, got {self.max_question_chars}")
-        if self.max_question_tokens <= 0:
-            raise SessionError(f"max_question_tokens must be > 0, got {self.max_question_tokens}")
+        for name in ("max_question_tokens", "max_text_tokens"):
+            if getattr(self, name) <= 0:
+                raise SessionError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_new_tokens <= 0:
             raise SessionError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
         if self.maintain_budget_ms < 0:
@@ -130,6 +133,7 @@ class SessionStatus:
     first_stamp: float | None
     last_stamp: float | None
     ingest_ms_mean: float
+    texts_ingested: int = 0
 
     @property
     def stream_seconds(self) -> float:
@@ -181,6 +185,7 @@ class StreamSession:
         """Empty stream: only the fixed preamble (the attention sinks) in memory."""
         self._cursor = PositionCursor()
         self._frames = 0
+        self._texts = 0
         self._first_stamp: float | None = None
         self._last_stamp: float | None = None
         self._ingest_ms_total = 0.0
@@ -239,6 +244,35 @@ class StreamSession:
             raise StreamFault(
                 f"{type(error).__name__} while {doing}: {error}; the stream's memory was reset"
             ) from error
+
+    def add_text(self, text: str, stamp: float) -> IngestResult:
+        """Add a text event seen at ``stamp`` s (a speech transcript line, an operator's note):
+        its time marker and text join the stream's memory as text tokens, between the frames,
+        where retrieval finds them like any other token (they may share clusters with frames).
+
+        Raises ``SessionError`` for empty text, text over ``max_text_tokens`` tokens or a
+        negative or non-finite stamp, ``StreamFault`` if the model or policy failed (the
+        stream was reset). Text stamps are not checked against frame stamps: they may come
+        from another clock (the node stamps text at receipt).
+        """
+        if not isinstance(text, str) or not text.strip():
+            raise SessionError("text event is empty")
+        stamp = float(stamp)
+        if not (math.isfinite(stamp) and stamp >= 0.0):
+            raise StampError(f"text stamp must be a finite number of seconds >= 0, got {stamp}")
+        text = " ".join(text.split())  # one line: newlines end the event in the prompt
+        tokens, limit = len(self.adapter.encode_text(text)), self.config.max_text_tokens
+        if tokens > limit:
+            raise SessionError(f"text event is {tokens} tokens long; the limit is {limit}")
+        with self._lock:
+            t0 = time.perf_counter()
+            with self._resets_on_fault("adding a text event"):
+                chunk = self.adapter.text_event_chunk(text, stamp, self._cursor)
+                self._forward_ingest(chunk, stamp)
+                prefill_ms = (time.perf_counter() - t0) * 1e3
+                self._texts += 1
+                maintain_ms = self.policy.maintain(self.config.maintain_budget_ms)
+        return IngestResult(chunk.n_tokens, 0.0, prefill_ms, maintain_ms)
 
     def _forward_ingest(self, chunk, stamp: float) -> None:
         """Run one chunk through the model and into the policy's store (caller holds the lock)."""
@@ -398,6 +432,7 @@ class StreamSession:
             return SessionStatus(
                 policy=self.config.policy,
                 frames_ingested=self._frames,
+                texts_ingested=self._texts,
                 tokens_in_memory=mem.tokens,
                 host_kv_bytes=mem.host_kv_bytes,
                 device_kv_bytes=mem.device_kv_bytes,

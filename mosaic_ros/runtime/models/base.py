@@ -253,6 +253,11 @@ class VLMAdapter(ABC):
         """The question, the end of the user turn and the opening of the assistant turn."""
         return self._text_chunk(f"\n{question}<|im_end|>\n<|im_start|>assistant\n", cursor)
 
+    def text_event_chunk(self, text: str, stamp_s: float, cursor: PositionCursor) -> Chunk:
+        """A text event seen at ``stamp_s`` s (a transcript line, an operator's note) inside the
+        user turn: the time marker, as before a frame, then the text and a newline."""
+        return self._text_chunk(f"{self.time_marker(stamp_s)} {text}\n", cursor)
+
     def resume_chunk(self, answer_text: str, cursor: PositionCursor) -> Chunk:
         """An answer, the end of the assistant turn and a re-opened user turn for more frames."""
         return self._text_chunk(f"{answer_text}<|im_end|>\n<|im_start|>user\n", cursor)
