@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -18,6 +19,7 @@ from tqdm import tqdm
 from mosaic_ros.runtime.models import load_model
 from mosaic_ros.runtime.models.smollm2 import SMOLLM2_PREFIX
 from mosaic_ros.runtime.session import SessionConfig, StreamSession, TimeWindow
+from mosaic_ros.runtime.snapshot import SnapshotError
 from mosaic_ros.runtime.video import sampled_frames, video_info
 
 
@@ -45,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    p.add_argument(
+        "--load",
+        metavar="DIR",
+        help="first restore the stream snapshot in DIR (same model and policy); the video's "
+        "stamps then continue after the restored stream's last one",
+    )
+    p.add_argument(
+        "--save", metavar="DIR", help="snapshot the stream into DIR at the end, after the questions"
+    )
     return p
 
 
@@ -70,9 +81,16 @@ def main(argv: list[str] | None = None) -> int:
                 max_new_tokens=args.max_new_tokens,
             ),
         )
-    except (OSError, ValueError) as exc:
+        restored = session.load(args.load) if args.load else None
+    except (OSError, ValueError, SnapshotError) as exc:
         print(f"mosaic-ros-run: {exc}", file=sys.stderr)
         return 2
+    offset = 0.0
+    if restored is not None:
+        for message in restored.refused:
+            print(f"mosaic-ros-run: {message}", file=sys.stderr)
+        if session.last_stamp is not None:
+            offset = session.last_stamp + 1.0 / args.sample_fps
 
     expected = int(info.frame_count / info.fps * args.sample_fps) + 1 if info.frame_count > 0 else None
     if args.max_frames is not None:
@@ -81,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     frames = sampled_frames(args.video, args.sample_fps, args.max_frames, args.max_side)
     for stamp, rgb in tqdm(frames, total=expected, desc="ingest", unit="frame", file=sys.stderr):
-        r = session.ingest(rgb, stamp)
+        r = session.ingest(rgb, offset + stamp)
         ingest_ms.append(r.vision_encode_ms + r.prefill_ms + r.maintain_ms)
     ingest_s = time.perf_counter() - t0
 
@@ -93,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         ans = session.ask(question, window=window)
         answers.append({"question": question, "answer": ans.text, "stats": ans.stats.as_dict()})
 
+    saved = None
+    if args.save:
+        try:
+            saved = session.save(args.save)
+        except SnapshotError as exc:
+            print(f"mosaic-ros-run: {exc}", file=sys.stderr)
+            return 2
     st = session.status()
     report = {
         "video": {
@@ -113,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         "ingest_ms_at_frame": ingest_milestones(ingest_ms),
         "answers": answers,
     }
+    if restored is not None:
+        report["restored"] = dataclasses.asdict(restored)
+    if saved is not None:
+        report["saved"] = dataclasses.asdict(saved)
     if args.model.startswith("tiny-random:"):
         report["note"] = "tiny-random model: answers are not meaningful, every stage is real"
     elif args.model.startswith(SMOLLM2_PREFIX):

@@ -8,21 +8,25 @@ and the KV policy are used under one lock, so an ingest step and a question neve
 interleave inside the model. A question holds the lock from its prefill to its last
 token: frames that arrive meanwhile wait in ``ingest`` (a caller that must not block, like
 the ROS node, keeps only the latest frame per camera and counts what it drops).
-``reset`` takes the lock too. Errors in one call (a bad frame, a bad question) raise a
-clear exception (``SessionError``) and leave the session usable. An unexpected failure inside
-the model or the KV policy while the stream's memory is being written (it may have left some
-layers updated and others not) resets the stream and raises ``StreamFault``: the session
-stays usable, with an empty memory.
+``reset`` takes the lock too. ``save`` holds the lock only while it copies what is new since
+the last snapshot, and writes the files after releasing it. Errors in one call (a bad frame, a
+bad question) raise a clear exception (``SessionError``) and leave the session usable. An
+unexpected failure inside the model or the KV policy while the stream's memory is being
+written (it may have left some layers updated and others not) resets the stream and raises
+``StreamFault``: the session stays usable, with an empty memory.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +34,15 @@ import torch
 from mosaic_ros.runtime.kv.bridge import ATTENTION_NAME, KVBridge
 from mosaic_ros.runtime.kv.policy import KVGeometry, PolicyConfig, TokenMeta, make_policy
 from mosaic_ros.runtime.models.base import PositionCursor
+from mosaic_ros.runtime.snapshot import (
+    FORMAT_VERSION,
+    RestoreInfo,
+    SnapshotDir,
+    SnapshotError,
+    SnapshotInfo,
+    check_identity,
+    identity_of,
+)
 from mosaic_ros.runtime.stats import Answer, LatencyStats
 
 
@@ -145,6 +158,37 @@ class SessionStatus:
 TokenCallback = Callable[[str, int], "bool | None"]
 
 
+@dataclass
+class _Lineage:
+    """What of the stream is on disk in ``directory`` (the incremental snapshot's base).
+
+    ``ids``: (L,) int64, the current token id of each token the lineage's segments hold, in
+    order, -1 once evicted; ``chunks_saved``: how many of the session's chunks are on disk;
+    ``evicted``: lineage tokens evicted so far; ``state``: the session state last written.
+    """
+
+    directory: str
+    seq: int
+    segments: list[dict[str, Any]]
+    ids: torch.Tensor
+    chunks_saved: int
+    evicted: int
+    state: dict[str, Any]
+
+
+@dataclass
+class _Capture:
+    """One snapshot copied out under the lock, to be written without it."""
+
+    generation: int
+    seq: int
+    tensors: dict[str, torch.Tensor]
+    manifest: dict[str, Any]
+    lineage: _Lineage
+    tokens: int
+    frames: int
+
+
 class StreamSession:
     """Ingests frames with timestamps and answers questions about everything seen so far."""
 
@@ -153,6 +197,9 @@ class StreamSession:
         self.config = config or SessionConfig()
         adapter.set_attention(ATTENTION_NAME)
         self._lock = threading.RLock()
+        self._save_lock = threading.Lock()  # one save at a time (its file writes run outside _lock)
+        self._generation = 0  # bumped whenever the stream starts over
+        self._last_snapshot: SnapshotInfo | None = None
         self._build()
 
     # ---- setup -------------------------------------------------------------------------
@@ -179,16 +226,25 @@ class StreamSession:
         )
         self.policy = make_policy(cfg.policy, geometry, policy_config, ad.device)
         self.bridge = KVBridge(self.policy, ad.rotary, ad.num_layers)
+        self._identity = identity_of(ad, self.policy)
         self._start_stream()
 
-    def _start_stream(self) -> None:
-        """Empty stream: only the fixed preamble (the attention sinks) in memory."""
+    def _clear_state(self) -> None:
+        """Session counters of an empty stream; the next snapshot starts a new lineage."""
         self._cursor = PositionCursor()
         self._frames = 0
         self._texts = 0
         self._first_stamp: float | None = None
         self._last_stamp: float | None = None
         self._ingest_ms_total = 0.0
+        self._evicted_before = 0  # tokens evicted before a restore (the new policy counts from 0)
+        self._chunks: list[tuple[int, int]] = []  # (first token id, tokens) per chunk, in order
+        self._lineage: _Lineage | None = None
+        self._generation += 1
+
+    def _start_stream(self) -> None:
+        """Empty stream: only the fixed preamble (the attention sinks) in memory."""
+        self._clear_state()
         self._forward_ingest(self.adapter.system_chunk(self._cursor), stamp=0.0)
 
     @property
@@ -290,6 +346,7 @@ class StreamSession:
         with torch.no_grad(), self.bridge.ingest_step(chunk.token_positions, token_ids) as cache:
             self.adapter.forward(chunk, cache)
         self._cursor = chunk.cursor
+        self._chunks.append((int(token_ids[0]), n))
 
     # ---- questions ---------------------------------------------------------------------
 
@@ -422,7 +479,7 @@ class StreamSession:
         stats.device_kv_bytes = mem.device_kv_bytes_peak
         stats.host_kv_bytes = mem.host_kv_bytes
         stats.clusters_in_memory = mem.units
-        stats.tokens_evicted = mem.tokens_evicted
+        stats.tokens_evicted = mem.tokens_evicted + self._evicted_before
 
     # ---- housekeeping ------------------------------------------------------------------
 
@@ -437,7 +494,7 @@ class StreamSession:
                 host_kv_bytes=mem.host_kv_bytes,
                 device_kv_bytes=mem.device_kv_bytes,
                 clusters_in_memory=mem.units,
-                tokens_evicted=mem.tokens_evicted,
+                tokens_evicted=mem.tokens_evicted + self._evicted_before,
                 first_stamp=self._first_stamp,
                 last_stamp=self._last_stamp,
                 ingest_ms_mean=self._ingest_ms_total / self._frames if self._frames else 0.0,
@@ -455,10 +512,213 @@ class StreamSession:
         return self._last_stamp
 
     def reset(self) -> None:
-        """Forget the whole stream (the model stays loaded)."""
+        """Forget the whole stream (the model stays loaded); the next ``save`` writes an empty one."""
         with self._lock:
             self.bridge.reset()
             self._start_stream()
+
+    # ---- snapshots ---------------------------------------------------------------------
+
+    @property
+    def last_snapshot(self) -> SnapshotInfo | None:
+        """The last snapshot this session wrote or loaded (None before any)."""
+        return self._last_snapshot
+
+    def save(self, directory: str | os.PathLike) -> SnapshotInfo:
+        """Snapshot the stream's live tokens into ``directory`` (see ``runtime.snapshot``), crash-safe.
+
+        Incremental: writes only the chunks ingested since this session's last snapshot into the
+        same directory, plus the ids of tokens evicted since (a first save, a save after
+        ``reset`` or a save where most tokens on disk were evicted writes everything). Holds the
+        session lock only while copying the new KV (``capture_ms``); ingest and questions go on
+        while the files are written (``write_ms``). Nothing new since the last snapshot: nothing
+        is written and the last one's info comes back. Raises ``SnapshotError`` when the memory
+        cannot be exported (layers holding different tokens, after per-layer compression under
+        ``host_cap_bytes``) or the files cannot be written (``OSError`` text in the message).
+        """
+        directory = str(Path(directory).resolve())
+        with self._save_lock:
+            t0 = time.perf_counter()
+            with self._lock:
+                capture = self._capture(directory)
+            t1 = time.perf_counter()
+            if capture is None:
+                return self._last_snapshot
+            try:
+                segments, written, total = SnapshotDir(directory).write(
+                    capture.seq, capture.tensors, capture.manifest
+                )
+            except OSError as error:
+                raise SnapshotError(f"cannot write a snapshot in {directory}: {error}") from error
+            capture.lineage.segments = segments
+            with self._lock:
+                if self._generation == capture.generation:
+                    self._lineage = capture.lineage
+            t2 = time.perf_counter()
+            self._last_snapshot = SnapshotInfo(
+                directory=directory,
+                seq=capture.seq,
+                bytes_written=written,
+                snapshot_bytes=total,
+                tokens=capture.tokens,
+                frames=capture.frames,
+                capture_ms=(t1 - t0) * 1e3,
+                write_ms=(t2 - t1) * 1e3,
+                wall_time=capture.manifest["written_at"],
+            )
+            return self._last_snapshot
+
+    def _state(self) -> dict[str, Any]:
+        """The session state a restored stream continues from (JSON-able)."""
+        return {
+            "cursor": asdict(self._cursor),
+            "frames": self._frames,
+            "texts": self._texts,
+            "first_stamp": self._first_stamp,
+            "last_stamp": self._last_stamp,
+            "ingest_ms_total": self._ingest_ms_total,
+            "tokens_evicted": self.policy.memory().tokens_evicted + self._evicted_before,
+            "stored_tokens": self.bridge.stored_tokens,
+        }
+
+    def _capture(self, directory: str) -> _Capture | None:
+        """Copy what the next snapshot adds (caller holds the lock); None when nothing is new."""
+        try:
+            live = self.policy.live_token_ids()
+        except (ValueError, NotImplementedError) as error:
+            raise SnapshotError(f"cannot snapshot this stream: {error}") from error
+        base = self._lineage
+        if base is None or base.directory != directory or base.evicted > live.numel():
+            seq = max(SnapshotDir(directory).seqs(), default=0) + 1
+            base = _Lineage(directory, seq - 1, [], torch.zeros(0, dtype=torch.int64), 0, 0, {})
+        still = torch.isin(base.ids, live)
+        evicted = torch.nonzero((base.ids >= 0) & ~still).flatten()
+        chunks = self._chunks[base.chunks_saved :]
+        state = self._state()
+        if base is self._lineage and not chunks and evicted.numel() == 0 and state == base.state:
+            return None
+        kept = []
+        for start, n in chunks:
+            ids = torch.arange(start, start + n)
+            kept.append(ids[torch.isin(ids, live)])
+        new_ids = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.int64)
+        out = self.policy.export_tokens(new_ids)
+        tensors = {
+            "positions": out.meta.positions,
+            "stamps": out.meta.stamps,
+            "modality": out.meta.modality,
+            "frame": out.meta.frame,
+            "chunk_tokens": torch.tensor([k.numel() for k in kept], dtype=torch.int64),
+            "evicted": evicted,
+        }
+        tensors.update({f"kv.{layer}": kv for layer, kv in enumerate(out.kv)})
+        ids = base.ids.clone()
+        ids[evicted] = -1
+        manifest = {
+            "format": FORMAT_VERSION,
+            "written_at": time.time(),
+            "identity": self._identity,
+            "state": state,
+            "segments": base.segments,
+        }
+        lineage = _Lineage(
+            directory=directory,
+            seq=base.seq + 1,
+            segments=base.segments,
+            ids=torch.cat((ids, new_ids)),
+            chunks_saved=len(self._chunks),
+            evicted=base.evicted + evicted.numel(),
+            state=state,
+        )
+        return _Capture(
+            self._generation, lineage.seq, tensors, manifest, lineage, int(live.numel()), self._frames
+        )
+
+    def load(self, directory: str | os.PathLike) -> RestoreInfo:
+        """Replace the stream with the newest complete snapshot in ``directory``.
+
+        The snapshot's chunks are replayed into a fresh policy through its public interface
+        (``add_tokens``, ``append`` per layer, ``maintain``), as ingest stores them but without
+        running the model; the session state (positions, counters, stamps) is restored. A newer
+        torn snapshot (missing, truncated or failing its checksum) is skipped for the previous one
+        (``RestoreInfo.refused`` says which and why). Raises ``SnapshotIncompatible`` (another
+        model, KV geometry or policy: the message names what differs; the stream is untouched),
+        ``SnapshotTorn`` (no complete snapshot), ``SnapshotError`` (none at all, or the replay
+        failed: then the stream is reset, empty). Saving into the same directory afterwards
+        continues it incrementally.
+        """
+        t0 = time.perf_counter()
+        directory = str(Path(directory).resolve())
+        seq, manifest, segments, refused = SnapshotDir(directory).load_newest()
+        check_identity(manifest["identity"], self._identity, directory)
+        with self._lock:
+            self.bridge.reset()
+            self._clear_state()
+            try:
+                lineage_ids = self._replay(segments)
+                state = manifest["state"]
+                self._cursor = PositionCursor(**state["cursor"])
+                self._frames = int(state["frames"])
+                self._texts = int(state["texts"])
+                self._first_stamp = state["first_stamp"]
+                self._last_stamp = state["last_stamp"]
+                self._ingest_ms_total = float(state["ingest_ms_total"])
+                self._evicted_before = int(state["tokens_evicted"])
+                self.bridge.stored_tokens = int(state["stored_tokens"])
+            except Exception as error:
+                self.bridge.reset()
+                self._start_stream()
+                raise SnapshotError(
+                    f"replaying snapshot {seq} of {directory} failed ({type(error).__name__}: {error}); "
+                    "the stream starts empty"
+                ) from error
+            self._lineage = _Lineage(
+                directory=directory,
+                seq=seq,
+                segments=manifest["segments"],
+                ids=lineage_ids,
+                chunks_saved=len(self._chunks),
+                evicted=int((lineage_ids < 0).sum()),
+                state=self._state(),
+            )
+            tokens = self.policy.memory().tokens
+            frames = self._frames
+        size = sum(int(e["bytes"]) for e in manifest["segments"])
+        self._last_snapshot = SnapshotInfo(
+            directory, seq, 0, size, tokens, frames, 0.0, 0.0, float(manifest["written_at"])
+        )
+        ms = (time.perf_counter() - t0) * 1e3
+        return RestoreInfo(directory, seq, len(segments), tokens, frames, ms, refused)
+
+    def _replay(self, segments: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Put the segments' live tokens back, chunk by chunk (caller holds the lock); returns the
+        lineage's token ids (L,) int64 in this session, -1 for evicted ones."""
+        total = sum(int(seg["stamps"].numel()) for seg in segments)
+        alive = torch.ones(total, dtype=torch.bool)
+        for seg in segments:
+            alive[seg["evicted"]] = False
+        lineage_ids = torch.full((total,), -1, dtype=torch.int64)
+        layers = self.policy.geometry.num_layers
+        offset = 0
+        for seg in segments:
+            start = 0
+            for n in seg["chunk_tokens"].tolist():
+                local = torch.nonzero(alive[offset + start : offset + start + n]).flatten() + start
+                start += n
+                if local.numel() == 0:
+                    continue
+                meta = TokenMeta(
+                    positions=seg["positions"][:, local],
+                    stamps=seg["stamps"][local],
+                    modality=seg["modality"][local],
+                    frame=seg["frame"][local],
+                )
+                ids = self.bridge.replay(meta, [seg[f"kv.{layer}"][local] for layer in range(layers)])
+                self._chunks.append((int(ids[0]), int(ids.numel())))
+                lineage_ids[offset + local] = ids
+                self.policy.maintain(self.config.maintain_budget_ms)
+            offset += int(seg["stamps"].numel())
+        return lineage_ids
 
 
 def _bgr_to_rgb(frame: np.ndarray) -> np.ndarray:

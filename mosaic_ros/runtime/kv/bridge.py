@@ -27,7 +27,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from mosaic_ros.runtime.kv.attention import MemoRotary, Scratch, attend, rotate_context
-from mosaic_ros.runtime.kv.policy import KVPolicy, RetrievalStats
+from mosaic_ros.runtime.kv.policy import KVPolicy, RetrievalStats, TokenMeta
 from mosaic_ros.runtime.kv.rope import RotaryFn, unapply_rotary
 
 ATTENTION_NAME = "mosaic_kv"
@@ -155,6 +155,18 @@ class KVBridge:
             finally:
                 self.cache.clear_local()
         self.stored_tokens += int(token_ids.numel())
+
+    def replay(self, meta: TokenMeta, kv: list[torch.Tensor]) -> torch.Tensor:
+        """Store a chunk whose KV is already known (restoring a snapshot), without the model:
+        ``policy.add_tokens(meta)``, then per layer ``policy.append`` of ``kv[layer]`` (T, 2, H_kv, D)
+        pre-RoPE K then V, as an ingest step would. Returns the chunk's token ids (T,)."""
+        if self._question is not None:
+            raise RuntimeError("cannot replay while a question is open")
+        token_ids = self.policy.add_tokens(meta)
+        for layer, data in enumerate(kv):
+            self.policy.append(layer, data[:, 0], data[:, 1], token_ids)
+        self.stored_tokens += int(token_ids.numel())
+        return token_ids
 
     def begin_question(self, window: tuple[float, float] | None = None, capture: bool = False) -> None:
         """Open a question; with ``capture`` the pre-RoPE prefill queries of each layer are kept."""

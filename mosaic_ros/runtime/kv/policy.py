@@ -125,6 +125,19 @@ class TokenMeta:
 
 
 @dataclass
+class ExportedTokens:
+    """Stored tokens read out of a policy, enough to replay them into a fresh one.
+
+    ids: (n,) int64 the policy's token ids, ascending; meta: their ``TokenMeta``; kv: per layer
+    (n, 2, H_kv, D) pre-RoPE K then V in the KV dtype, on the CPU (copies, not views).
+    """
+
+    ids: torch.Tensor
+    meta: TokenMeta
+    kv: list[torch.Tensor]
+
+
+@dataclass
 class KVContext:
     """Stored tokens of one layer handed to attention, on the compute device.
 
@@ -228,6 +241,19 @@ class KVPolicy(ABC):
     @abstractmethod
     def reset(self) -> None:
         """Forget the whole stream."""
+
+    def live_token_ids(self) -> torch.Tensor:
+        """Ids (n,) int64, ascending, of the tokens held, the same set in every layer. Raises
+        ``ValueError`` when layers hold different tokens (per-layer compression under a host
+        cap): such a memory cannot be exported. Policies without a token store raise
+        ``NotImplementedError``."""
+        raise NotImplementedError(f"policy {self.name!r} cannot export its tokens")
+
+    def export_tokens(self, token_ids: torch.Tensor) -> ExportedTokens:
+        """Copy out held tokens ``token_ids`` (n,) ascending: their meta and every layer's KV.
+        Replaying them (``add_tokens`` of the meta, ``append`` per layer, ``maintain``) into a
+        fresh policy of the same kind rebuilds the memory."""
+        raise NotImplementedError(f"policy {self.name!r} cannot export its tokens")
 
 
 POLICIES: dict[str, type[KVPolicy]] = {}

@@ -23,6 +23,7 @@ import torch
 
 from mosaic_ros.runtime.kv.policies.compression import drop_oldest, vsb_compress
 from mosaic_ros.runtime.kv.policy import (
+    ExportedTokens,
     KVContext,
     KVGeometry,
     KVPolicy,
@@ -379,6 +380,35 @@ class StoreBackedPolicy(KVPolicy):
     def units(self) -> int:
         """Retrieval units per layer (pages, blocks); 0 for token-level policies."""
         return 0
+
+    # ------------------------------------------------------------------ export
+    def live_token_ids(self) -> torch.Tensor:
+        live = self.store.live_tokens(0)
+        for layer in range(1, self.geometry.num_layers):
+            other = self.store.live_tokens(layer)
+            if not torch.equal(other, live):
+                raise ValueError(
+                    f"layers 0 and {layer} hold different tokens ({live.numel()} and {other.numel()}; "
+                    "per-layer compression under the host cap): this memory cannot be exported"
+                )
+        return live
+
+    def export_tokens(self, token_ids: torch.Tensor) -> ExportedTokens:
+        store = self.store
+        ids = token_ids.to("cpu", torch.int64)
+        kv = []
+        for layer in range(self.geometry.num_layers):
+            rows = store.rows_of(layer, ids)
+            if bool((rows < 0).any()):
+                raise ValueError(f"export_tokens: some tokens are not held by layer {layer}")
+            kv.append(store.read(layer, rows).to("cpu"))
+        meta = TokenMeta(
+            positions=store.positions[:, ids].clone(),
+            stamps=store.stamps[ids].clone(),
+            modality=store.modality[ids].clone(),
+            frame=store.frame[ids].clone(),
+        )
+        return ExportedTokens(ids=ids.clone(), meta=meta, kv=kv)
 
     def memory(self) -> MemoryStats:
         return MemoryStats(
