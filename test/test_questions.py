@@ -323,3 +323,30 @@ def test_a_fact_from_a_text_event_is_answered_by_the_real_lm(policy):
         session.ingest(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8), stamp)
     answer = session.ask("Which locker holds the spare battery?", max_new_tokens=16)
     assert "4817" in answer.text, answer.text
+
+
+def test_paired_frames_enter_memory_two_at_a_time_with_half_the_tokens():
+    """Qwen-VL's temporal patch of 2: a pair of frames is one chunk at their midpoint stamp."""
+    single = load_model("tiny-random:qwen2.5-vl", device="cpu", dtype="float32", seed=0)
+    paired = load_model("tiny-random:qwen2.5-vl", device="cpu", dtype="float32", seed=0, pair_frames=True)
+    frames = [np.random.default_rng(i).integers(0, 256, (56, 84, 3), dtype=np.uint8) for i in range(4)]
+    added = {}
+    for name, adapter in (("single", single), ("paired", paired)):
+        session = StreamSession(adapter, SessionConfig(policy="dense"))
+        empty = session.status().tokens_in_memory
+        results = [session.ingest(frame, 1.0 + i) for i, frame in enumerate(frames)]
+        status = session.status()
+        added[name] = status.tokens_in_memory - empty
+        assert status.frames_ingested == 4
+        if name == "paired":
+            assert [r.held for r in results] == [True, False, True, False]
+            assert [r.tokens for r in results][::2] == [0, 0]
+            assert (status.first_stamp, status.last_stamp) == (1.5, 3.5)
+            session.ingest(frames[0], 5.0)  # held: not in memory, and a reset drops it
+            assert session.status().tokens_in_memory == status.tokens_in_memory
+            with pytest.raises(StampError, match="older than the last one"):
+                session.ingest(frames[0], 4.5)
+            assert session.ask("What moved?", max_new_tokens=2).stats.frames_in_memory == 4
+    # A single frame is duplicated into its temporal patch: a pair's chunk costs what one
+    # frame's did, so the same video takes half the tokens.
+    assert added["paired"] * 2 == added["single"]

@@ -34,6 +34,7 @@ import torch
 from mosaic_ros.runtime.kv.bridge import ATTENTION_NAME, KVBridge
 from mosaic_ros.runtime.kv.policy import KVGeometry, PolicyConfig, TokenMeta, make_policy
 from mosaic_ros.runtime.models.base import PositionCursor
+from mosaic_ros.runtime.models.preprocess import validate_frames
 from mosaic_ros.runtime.snapshot import (
     FORMAT_VERSION,
     RestoreInfo,
@@ -124,12 +125,13 @@ class SessionConfig:
 
 @dataclass
 class IngestResult:
-    """What one frame cost (ms) and added."""
+    """What one frame cost (ms) and added; ``held``: the frame waits for the rest of its chunk."""
 
     tokens: int
     vision_encode_ms: float
     prefill_ms: float
     maintain_ms: float
+    held: bool = False
 
 
 @dataclass
@@ -239,6 +241,7 @@ class StreamSession:
         self._ingest_ms_total = 0.0
         self._evicted_before = 0  # tokens evicted before a restore (the new policy counts from 0)
         self._chunks: list[tuple[int, int]] = []  # (first token id, tokens) per chunk, in order
+        self._held: list[tuple[np.ndarray, float]] = []  # frames waiting for their chunk's others
         self._lineage: _Lineage | None = None
         self._generation += 1
 
@@ -256,6 +259,11 @@ class StreamSession:
     def ingest(self, frame: np.ndarray, stamp: float, channel_order: str = "rgb") -> IngestResult:
         """Add one frame (H, W, 3) uint8 seen at ``stamp`` seconds; returns its cost.
 
+        With an adapter of ``frames_per_chunk`` 2 (Qwen-VL with paired frames) a frame is held
+        until the next one completes its pair (``IngestResult.held``, no tokens yet); the pair
+        is then one chunk at the adapter's ``chunk_stamp`` (the midpoint). A held frame is not
+        in memory: questions, snapshots and ``reset`` do not see (``reset`` drops) it.
+
         Raises ``FrameError`` (bad array), ``StampError`` (negative, non-finite or backwards
         stamp) or ``StreamFault`` (the model or policy failed; the stream was reset).
         """
@@ -265,21 +273,31 @@ class StreamSession:
             raise StampError(f"frame stamp must be a finite number of seconds >= 0, got {stamp}")
         if channel_order not in ("rgb", "bgr"):
             raise SessionError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
-        batch = self.adapter.prepare_frames([frame if channel_order == "rgb" else _bgr_to_rgb(frame)])
-        features = self.adapter.encode_frames(batch)
-        vision_ms = (time.perf_counter() - t0) * 1e3
+        rgb = frame if channel_order == "rgb" else _bgr_to_rgb(frame)
+        validate_frames([rgb])
         with self._lock:
-            if self._last_stamp is not None and stamp < self._last_stamp:
+            newest = self._held[-1][1] if self._held else self._last_stamp
+            if newest is not None and stamp < newest:
                 raise StampError(
-                    f"frame stamp {stamp:.3f} s is older than the last one ({self._last_stamp:.3f} s); "
+                    f"frame stamp {stamp:.3f} s is older than the last one ({newest:.3f} s); "
                     "reset the stream after a time jump"
                 )
+            self._held.append((rgb, stamp))
+            if len(self._held) < self.adapter.frames_per_chunk:
+                return IngestResult(0, 0.0, 0.0, 0.0, held=True)
+            frames, stamps = zip(*self._held, strict=True)
+            self._held = []
+        batch = self.adapter.prepare_frames(list(frames))
+        features = self.adapter.encode_frames(batch)
+        vision_ms = (time.perf_counter() - t0) * 1e3
+        stamp = self.adapter.chunk_stamp(list(stamps))
+        with self._lock:
             t1 = time.perf_counter()
             with self._resets_on_fault("ingesting a frame"):
                 chunk = self.adapter.frame_chunk(features, stamp, self._cursor)
                 self._forward_ingest(chunk, stamp)
                 prefill_ms = (time.perf_counter() - t1) * 1e3
-                self._frames += 1
+                self._frames += len(frames)
                 self._first_stamp = stamp if self._first_stamp is None else self._first_stamp
                 self._last_stamp = stamp
                 maintain_ms = self.policy.maintain(self.config.maintain_budget_ms)
