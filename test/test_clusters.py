@@ -6,8 +6,6 @@ import random
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from mosaic_ros.runtime.kv.clusters import ClusterConfig, ClusterIndex
 
@@ -332,34 +330,6 @@ def test_score_ranks_the_cluster_aligned_with_the_query_first():
         assert torch.exp(scores).sum() == pytest.approx(1.0, abs=1e-5)  # shares of attention
 
 
-def test_select_skips_a_cluster_that_does_not_fit_for_a_smaller_one():
-    scores = torch.tensor([5.0, 4.0, 3.0, 2.0, float("-inf")])
-    counts = torch.tensor([6, 5, 3, 1, 1])
-    assert ClusterIndex.select(scores, counts, 10).tolist() == [0, 2, 3]
-    assert ClusterIndex.select(scores, counts, 0).tolist() == []
-    assert ClusterIndex.select(scores, torch.tensor([0, 5, 3, 1, 1]), 10).tolist() == [1, 2, 3]
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    data=st.lists(st.tuples(st.floats(-50, 50), st.integers(0, 40)), min_size=0, max_size=60),
-    budget=st.integers(0, 300),
-)
-def test_select_never_exceeds_the_budget(data, budget):
-    scores = torch.tensor([s for s, _ in data], dtype=torch.float32)
-    counts = torch.tensor([n for _, n in data], dtype=torch.int64)
-    chosen = ClusterIndex.select(scores, counts, budget)
-    used = int(counts[chosen].sum())
-    assert used <= budget
-    assert len(set(chosen.tolist())) == chosen.numel()
-    assert bool((counts[chosen] > 0).all())
-    assert bool((scores[chosen][1:] <= scores[chosen][:-1]).all())  # best first
-    left = budget - used
-    skipped = torch.ones(len(data), dtype=torch.bool)
-    skipped[chosen] = False
-    assert not bool(((counts > 0) & skipped & (counts <= left)).any())  # nothing that fits is left out
-
-
 def test_remove_tokens_frees_and_reuses_ids():
     gen = torch.Generator().manual_seed(9)
     centers = torch.randn(2, H, D, generator=gen)
@@ -503,4 +473,3 @@ def test_invariants_hold_over_ten_thousand_random_operations():
     index.check_invariants(bank)
     assert index.num_tokens == len(held) and not index.pending
     assert index.regions > 0
-    assert index.state_bytes() > 0

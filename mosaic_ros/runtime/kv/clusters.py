@@ -154,7 +154,8 @@ class MaintenanceReport:
     pending: int
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
+    """``AssertionError(message)`` unless ``ok``: the failures of ``check_invariants``."""
     if not ok:
         raise AssertionError(message)
 
@@ -314,19 +315,6 @@ class ClusterIndex:
         width = int(mod.max()) + 1 if mod.numel() else 1
         flat = torch.bincount(cid[held] * width + mod, minlength=self._slots * width)
         return flat.view(self._slots, width)
-
-    def state_bytes(self) -> int:
-        """Bytes of tensor payload the index holds (statistics, bookkeeping, scale reference)."""
-        tensors = [self._count, self._sum_unit, self._sum_raw, self._sum_norm2, self._sum_proj, self._proj]
-        tensors += [self._touched, self._region]
-        if self._region_centers is not None:
-            tensors.append(self._region_centers)
-        tensors += [self._ref, self._ref_modality]
-        tensors += [self._tok_cluster, self._tok_modality]
-        if self._centroid_cache is not None:
-            tensors.append(self._centroid_cache)
-        total = sum(t.numel() * t.element_size() for t in tensors)
-        return total + sum(p.numel() * p.element_size() for parts in self._members for p in parts)
 
     # -----------------------------------------------------------------------------------------
     # assignment
@@ -807,33 +795,6 @@ class ClusterIndex:
         counts = self._count[: self._slots]
         return centroid_scores(query, self.centroids, counts, scale=scale, backend=backend)
 
-    @staticmethod
-    def select(scores: Tensor, counts: Tensor, token_budget: int) -> Tensor:
-        """Cluster ids to fetch, best first, holding at most ``token_budget`` tokens in all.
-
-        scores, counts: (C,). Clusters are walked by descending score (ties: lower id first);
-        each is taken if it still fits in the remaining budget, so a cluster too big for what is
-        left is skipped and a smaller, lower-scored one may fill the space. Empty clusters and
-        ``-inf`` scores are never taken. Returns (k,) int64 on the CPU.
-        """
-        scores = scores.detach().to("cpu", torch.float32)
-        counts = counts.to("cpu", torch.int64)
-        order = torch.sort(scores, descending=True, stable=True).indices
-        usable = (counts[order] > 0) & (scores[order] > -math.inf)
-        order = order[usable]
-        sizes = counts[order]
-        # the longest prefix that fits is taken in one step, the rest is walked in Python
-        prefix = int((sizes.cumsum(0) <= token_budget).sum())
-        taken = order[:prefix].tolist()
-        left = token_budget - int(sizes[:prefix].sum())
-        rest = order[prefix:]
-        rest = rest[counts[rest] <= left]
-        for c, n in zip(rest.tolist(), counts[rest].tolist(), strict=True):
-            if n <= left:
-                taken.append(c)
-                left -= n
-        return torch.tensor(taken, dtype=torch.int64)
-
     # -----------------------------------------------------------------------------------------
     # checks
     # -----------------------------------------------------------------------------------------
@@ -854,42 +815,42 @@ class ClusterIndex:
         held_idx = (cid >= 0).nonzero().squeeze(1)
         held_ids = held_idx + self._base
         held_cid = cid[held_idx]
-        _require(
+        require(
             held_ids.numel() == self.num_tokens,
             f"{held_ids.numel()} tokens mapped to clusters, expected {self._assigned} assigned - "
             f"{self._removed} removed = {self.num_tokens}",
         )
-        _require(bool((held_cid < slots).all()), "a token maps to a cluster id beyond num_slots")
+        require(bool((held_cid < slots).all()), "a token maps to a cluster id beyond num_slots")
         mapped = torch.bincount(held_cid, minlength=slots)
-        _require(
+        require(
             torch.equal(mapped, count),
             f"counts disagree with the token map at ids {(mapped != count).nonzero().flatten().tolist()}",
         )
         members = [self.members(c) for c in range(slots)]
         sizes = torch.tensor([m.numel() for m in members], dtype=torch.int64)
         bad = (sizes != count).nonzero().flatten().tolist()
-        _require(not bad, f"member lists disagree with counts at cluster ids {bad[:10]}")
+        require(not bad, f"member lists disagree with counts at cluster ids {bad[:10]}")
         if members:
             flat = torch.cat(members)
             owner = torch.repeat_interleave(torch.arange(slots), sizes)
             wrong = owner[self.cluster_of(flat) != owner].unique().tolist()
-            _require(not wrong, f"clusters {wrong[:10]} list a token mapped elsewhere (duplicated or lost)")
+            require(not wrong, f"clusters {wrong[:10]} list a token mapped elsewhere (duplicated or lost)")
             rising = (flat[1:] > flat[:-1]) | (owner[1:] != owner[:-1])
             unsorted = owner[1:][~rising].unique().tolist()
-            _require(not unsorted, f"clusters {unsorted[:10]} have members not strictly ascending")
+            require(not unsorted, f"clusters {unsorted[:10]} have members not strictly ascending")
         free = set(self._free)
-        _require(len(free) == len(self._free), "an unused id is listed twice")
+        require(len(free) == len(self._free), "an unused id is listed twice")
         live = set((count > 0).nonzero().flatten().tolist())
-        _require(not free & live, f"ids {sorted(free & live)} are both free and live")
-        _require(free | live == set(range(slots)), f"ids {sorted(set(range(slots)) - free - live)} are lost")
-        _require(
+        require(not free & live, f"ids {sorted(free & live)} are both free and live")
+        require(free | live == set(range(slots)), f"ids {sorted(set(range(slots)) - free - live)} are lost")
+        require(
             set(self._queue) == self._queued and len(self._queue) == len(self._queued),
             "split queue and its membership set disagree (or an id is queued twice)",
         )
         regions = 0 if self._region_centers is None else self._region_centers.shape[0]
         region = self._region[:slots].cpu()
         stray = ((region < -1) | (region >= regions)).nonzero().flatten()[:10].tolist()
-        _require(not stray, f"region ids outside [-1, {regions}) at clusters {stray}")
+        require(not stray, f"region ids outside [-1, {regions}) at clusters {stray}")
         if held_ids.numel() == 0:
             return
         unit, raw = self._embed(key_lookup(held_ids))
@@ -899,71 +860,14 @@ class ClusterIndex:
         n = count.clamp_min(1).to(self.device, torch.float32)[:, None]
         mean_unit, stored_unit = sum_unit / n, self._sum_unit[:slots] / n
         err = float((mean_unit - stored_unit).abs().max())
-        _require(err <= atol, f"assignment-space centroids drifted by {err:.3g} (> {atol})")
+        require(err <= atol, f"assignment-space centroids drifted by {err:.3g} (> {atol})")
         raw_scale = max(1.0, float(raw.abs().max()))
         err = float((sum_raw / n - self._sum_raw[:slots] / n).abs().max()) / raw_scale
-        _require(err <= atol, f"raw centroids drifted by {err:.3g} of the key scale (> {atol})")
+        require(err <= atol, f"raw centroids drifted by {err:.3g} of the key scale (> {atol})")
         dev = unit - mean_unit[dev_cid]
         true_var = torch.zeros(slots, device=self.device).index_add_(0, dev_cid, (dev * dev).sum(dim=1))
         true_var = true_var / n[:, 0]
         err = float((true_var - self.variances).abs().max())
-        _require(err <= atol, f"cluster variances off by {err:.3g} (> {atol})")
+        require(err <= atol, f"cluster variances off by {err:.3g} (> {atol})")
         err = float(((sum_unit @ self._proj) / n - self._sum_proj[:slots] / n).abs().max())
-        _require(err <= atol, f"projected centroids of the coarse search drifted by {err:.3g} (> {atol})")
-
-
-def bench_assign(
-    frames: int = 300,
-    tokens_per_frame: int = 196,
-    num_kv_heads: int = 4,
-    head_dim: int = 128,
-    maintain_ms: float = 2.0,
-    scenes: int = 16,
-    objects_per_scene: int = 8,
-    scene_frames: int = 20,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Micro-benchmark of ``ClusterIndex.assign`` (one layer) on a synthetic scene-structured stream.
-
-    Keys: a shared per-head offset (as real pre-RoPE keys have) plus the slowly drifting
-    direction of one of the current scene's objects plus noise; the scene changes every
-    ``scene_frames`` frames to a random one (revisits included). After each frame ``maintain``
-    runs with ``maintain_ms`` of budget, as between frames in a stream (not counted in the
-    assign figures). Returns assign microseconds per token, wall clock and CPU time of the
-    process (the latter is robust to other processes sharing the cores), over the whole stream
-    and over its last 10% of frames (where the cluster count is largest); maintain
-    milliseconds per frame; the final cluster count and ``tau``. Key generation is not timed;
-    torch runs with whatever thread count it is set to.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    shape = (num_kv_heads, head_dim)
-    offset = 2.0 * torch.randn(shape, generator=gen)
-    centers = torch.randn((scenes, objects_per_scene, *shape), generator=gen)
-    stored = torch.zeros((frames * tokens_per_frame, *shape), dtype=torch.float16)
-    index = ClusterIndex(num_kv_heads, head_dim)
-    wall, cpu, maintain = [], [], 0.0
-    scene = 0
-    for f in range(frames):
-        if f % scene_frames == 0:
-            scene = int(torch.randint(scenes, (1,), generator=gen))
-        centers[scene] += 0.02 * torch.randn(centers.shape[1:], generator=gen)
-        which = torch.randint(objects_per_scene, (tokens_per_frame,), generator=gen)
-        keys = offset + centers[scene, which] + 0.3 * torch.randn((tokens_per_frame, *shape), generator=gen)
-        ids = torch.arange(f * tokens_per_frame, (f + 1) * tokens_per_frame)
-        stored[ids] = keys.half()
-        start_wall, start_cpu = time.perf_counter(), time.process_time()
-        index.assign(stored[ids], ids)
-        wall.append(time.perf_counter() - start_wall)
-        cpu.append(time.process_time() - start_cpu)
-        maintain += index.maintain(stored.__getitem__, maintain_ms).ms
-    tail = max(1, frames // 10)
-    per_token = 1e6 / tokens_per_frame
-    return {
-        "us_per_token": per_token * sum(wall) / frames,
-        "us_per_token_last10pct": per_token * sum(wall[-tail:]) / tail,
-        "cpu_us_per_token": per_token * sum(cpu) / frames,
-        "cpu_us_per_token_last10pct": per_token * sum(cpu[-tail:]) / tail,
-        "maintain_ms_per_frame": maintain / frames,
-        "clusters": float(index.num_clusters),
-        "tau": float(index.threshold or 0.0),
-    }
+        require(err <= atol, f"projected centroids of the coarse search drifted by {err:.3g} (> {atol})")

@@ -65,7 +65,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mosaic_ros.runtime.kv.clusters import ClusterConfig, ClusterIndex, Split
+from mosaic_ros.runtime.kv.clusters import ClusterConfig, ClusterIndex, Split, require
 from mosaic_ros.runtime.kv.policies.base import StoreBackedPolicy
 from mosaic_ros.runtime.kv.policies.prefetch import Prefetcher, PrefetchResult, count_hits
 from mosaic_ros.runtime.kv.policy import (
@@ -80,11 +80,6 @@ from mosaic_ros.runtime.kv.store import FetchStats
 
 PREDICTORS = ("tokens", "query")
 _EMPTY = torch.zeros(0, dtype=torch.int64)
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise AssertionError(message)
 
 
 def _ranges(starts: Tensor, lengths: Tensor) -> Tensor:
@@ -817,51 +812,51 @@ class MosaicPolicy(StoreBackedPolicy):
         extents do not overlap; every live token is a sink, in the nursery or in its cluster's
         extent, exactly one of them; no prefetch is running outside a question.
         """
-        _require(not self._prefetch.pending or self._in_question, "a prefetch is pending outside a question")
+        require(not self._prefetch.pending or self._in_question, "a prefetch is pending outside a question")
         store = self.store
         for layer, st in enumerate(self._layers):
             st.index.check_invariants(self._key_lookup(layer))
             live = store.live_tokens(layer)
             held = st.index.cluster_of(live)
-            _require(bool((held >= 0).all()), f"layer {layer}: live tokens missing from the index")
-            _require(st.index.num_tokens == live.numel(), f"layer {layer}: the index holds evicted tokens")
-            _require(st.index.num_slots <= st.ext_len.numel(), f"layer {layer}: per-cluster state not grown")
+            require(bool((held >= 0).all()), f"layer {layer}: live tokens missing from the index")
+            require(st.index.num_tokens == live.numel(), f"layer {layer}: the index holds evicted tokens")
+            require(st.index.num_slots <= st.ext_len.numel(), f"layer {layer}: per-cluster state not grown")
             slots = st.index.num_slots
             lengths = st.ext_len[:slots]
-            _require(bool((st.ext_len[slots:] == 0).all()), f"layer {layer}: extents beyond the cluster ids")
+            require(bool((st.ext_len[slots:] == 0).all()), f"layer {layer}: extents beyond the cluster ids")
             sealed = torch.nonzero(lengths > 0).flatten()
             ext_rows = _ranges(st.ext_start[sealed], lengths[sealed])
             ext_ids = store.row_token[layer][ext_rows]
             owner = torch.repeat_interleave(sealed, lengths[sealed])
-            _require(bool((ext_ids >= 0).all()), f"layer {layer}: an extent covers a free row")
-            _require(ext_rows.unique().numel() == ext_rows.numel(), f"layer {layer}: extents overlap")
-            _require(
+            require(bool((ext_ids >= 0).all()), f"layer {layer}: an extent covers a free row")
+            require(ext_rows.unique().numel() == ext_rows.numel(), f"layer {layer}: extents overlap")
+            require(
                 torch.equal(st.index.cluster_of(ext_ids), owner),
                 f"layer {layer}: an extent holds another cluster's token",
             )
             rising = (ext_ids[1:] > ext_ids[:-1]) | (owner[1:] != owner[:-1])
-            _require(bool(rising.all()), f"layer {layer}: an extent is not in ascending id order")
-            _require(
+            require(bool(rising.all()), f"layer {layer}: an extent is not in ascending id order")
+            require(
                 bool((st.ext_len[:slots][st.index.counts.cpu() == 0] == 0).all()),
                 f"layer {layer}: an empty cluster keeps an extent",
             )
             nursery = st.nursery
-            _require(bool((nursery[1:] > nursery[:-1]).all()), f"layer {layer}: nursery not ascending")
-            _require(
+            require(bool((nursery[1:] > nursery[:-1]).all()), f"layer {layer}: nursery not ascending")
+            require(
                 bool((store.rows_of(layer, nursery) >= 0).all()), f"layer {layer}: nursery holds dead ids"
             )
             pinned = live[live < self.config.sink_tokens]
-            _require(
+            require(
                 bool((nursery >= self.config.sink_tokens).all()), f"layer {layer}: a sink is in the nursery"
             )
             placed = torch.cat((pinned, nursery, ext_ids)).sort().values
-            _require(
+            require(
                 torch.equal(placed, live),
                 f"layer {layer}: {placed.numel()} tokens placed (sinks + nursery + extents) for "
                 f"{live.numel()} live ones (a token lost or placed twice)",
             )
             if st.ring_size:
-                _require(
+                require(
                     st.ring_lo + st.ring_size <= store.high[layer] and 0 <= st.head < st.ring_size,
                     f"layer {layer}: the ring lies outside the allocated rows",
                 )
