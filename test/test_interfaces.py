@@ -59,6 +59,8 @@ STREAM_STATUS_FIELDS = {
     "clusters_in_memory": "uint32",
     "tokens_evicted": "uint64",
     "policy": "string",
+    "snapshot_age_s": "double",
+    "snapshot_bytes": "uint64",
 }
 
 ASK_FIELDS = {
@@ -186,6 +188,8 @@ def round_trip_cases() -> list:
             clusters_in_memory=2**32 - 1,
             tokens_evicted=2**44 + 12,
             policy="livevlm",
+            snapshot_age_s=13.5,
+            snapshot_bytes=2**45 + 14,
         ),
         request,
         AskVideo.Response(success=True, answer="Il a ouvert la porte ✓ 开门", error="", stats=stats),

@@ -396,6 +396,14 @@ class CameraStream:
         with self._lock:
             self._memory = memory
 
+    def continue_from(self, stamp: float | None) -> None:
+        """The session was restored up to ``stamp`` (s, None: no frame): a frame stamped before
+        it is a jump back in time, which forgets the memory as a bag loop does (call before
+        ``start``)."""
+        with self._lock:
+            self._last_stamp = stamp
+        self.refresh_memory()
+
     def reset(self) -> None:
         """Forget everything seen so far (call holding the model gate)."""
         self.session.reset()

@@ -3,7 +3,8 @@ over ``~/ask`` (service) and ``~/ask_stream`` (action, tokens as feedback).
 
 The node is its callbacks: ``StreamNode()`` declares and checks its parameters (``settings``),
 ``start(sessions)`` wires the cameras, services and timers to the sessions handed in. The
-work lives in ROS-free classes: ``CameraStream`` (frames), ``QuestionDesk`` (questions).
+work lives in ROS-free classes: ``CameraStream`` (frames), ``QuestionDesk`` (questions),
+``MemoryKeeper`` (snapshots of the memory in ``memory_dir``).
 ``mosaic_ros.nodes.stream_main`` loads the model and runs the node.
 """
 
@@ -33,6 +34,7 @@ from mosaic_ros.msg import LatencyStats as LatencyStatsMsg
 from mosaic_ros.msg import StreamStatus
 from mosaic_ros.nodes.camera_stream import CameraStream, ModelGate
 from mosaic_ros.nodes.image_codec import decode_compressed, decode_image_msg
+from mosaic_ros.nodes.memory_keeper import MemoryKeeper, check_camera_id
 from mosaic_ros.nodes.processes import READY_MARK
 from mosaic_ros.nodes.questions import Outcome, Question, QuestionDesk, Stage
 from mosaic_ros.nodes.stream_params import PARAMETERS, PARAMETERS_BY_NAME
@@ -80,6 +82,8 @@ class NodeSettings:
     dtype: str
     seed: int
     session: SessionConfig
+    memory_dir: str
+    snapshot_period_s: float
 
 
 def camera_ids_for(topics: list[str], names: list[str] | None) -> list[str]:
@@ -154,6 +158,7 @@ class StreamNode(Node):
         self.streams: dict[str, CameraStream] = {}
         self._closing = threading.Event()
         self._last_report: dict[str, tuple[float, object]] = {}
+        self.keeper: MemoryKeeper | None = None
 
     # ---- parameters ------------------------------------------------------------------------
 
@@ -198,14 +203,21 @@ class StreamNode(Node):
             max_new_tokens=p("max_new_tokens"),
             remember_dialogue=p("remember_dialogue"),
         )
+        camera_ids = camera_ids_for(topics, self._param_or_none("camera_ids"))
+        if p("memory_dir"):
+            for camera_id in camera_ids:
+                if (why := check_camera_id(camera_id)) is not None:
+                    raise ConfigError(why)
         return NodeSettings(
             topics=topics,
-            camera_ids=camera_ids_for(topics, self._param_or_none("camera_ids")),
+            camera_ids=camera_ids,
             model=p("model"),
             device=p("device"),
             dtype=p("dtype"),
             seed=p("seed"),
             session=session,
+            memory_dir=p("memory_dir"),
+            snapshot_period_s=p("snapshot_period_s"),
         )
 
     def _apply_parameters(self, params: list[Parameter]) -> None:
@@ -256,6 +268,11 @@ class StreamNode(Node):
             log=self.get_logger(),
         )
         self._gate = gate
+        if self.settings.memory_dir:
+            self.keeper = MemoryKeeper(
+                self.streams, self.settings.memory_dir, self.settings.snapshot_period_s, self.get_logger()
+            )
+            self.keeper.restore()
         for stream in self.streams.values():
             self._subscribe(stream)
         text_topics = [t for t in self._param_or_none("text_topics") or [] if t]
@@ -265,6 +282,7 @@ class StreamNode(Node):
         qos = request_qos(self._param("max_pending_questions"))
         self.create_service(AskVideo, "~/ask", self._on_ask, qos_profile=qos, callback_group=questions)
         self.create_service(Trigger, "~/reset", self._on_reset, qos_profile=qos, callback_group=questions)
+        self.create_service(Trigger, "~/save", self._on_save, qos_profile=qos, callback_group=questions)
         self._action_server = ActionServer(
             self,
             AskVideoAction,
@@ -286,6 +304,8 @@ class StreamNode(Node):
         self.add_post_set_parameters_callback(self._apply_parameters)
         for stream in self.streams.values():
             stream.start()
+        if self.keeper is not None:
+            self.keeper.start()
         cameras = ", ".join(f"{s.camera_id} <- {s.topic}" for s in self.streams.values())
         self.get_logger().info(f"{READY_MARK} {self.settings.session.policy}; cameras {cameras}")
 
@@ -388,6 +408,13 @@ class StreamNode(Node):
         )
         return response
 
+    def _on_save(self, _request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        if self.keeper is None:
+            response.success, response.message = False, "memory_dir is not set: nothing to save"
+        else:
+            response.success, response.message = self.keeper.save_all()
+        return response
+
     # ---- status ------------------------------------------------------------------------
 
     def _start_status_timer(self, period_s: float) -> None:
@@ -415,6 +442,7 @@ class StreamNode(Node):
         for stream in self.streams.values():
             snap = stream.snapshot()
             c, m = snap.counters, snap.memory
+            saved = self.keeper.state(stream.camera_id) if self.keeper is not None else None
             status = StreamStatus(
                 stream_id=stream.camera_id,
                 topic=stream.topic,
@@ -435,15 +463,18 @@ class StreamNode(Node):
                 clusters_in_memory=m.clusters_in_memory,
                 tokens_evicted=m.tokens_evicted,
                 policy=m.policy,
+                snapshot_age_s=saved.age_s if saved is not None else -1.0,
+                snapshot_bytes=saved.snapshot_bytes if saved is not None else 0,
             )
             status.header.stamp = now_msg
             status.header.frame_id = stream.camera_id
             self._status_pub.publish(status)
-            diagnostics.status.append(self._diagnose(stream, c, m, pending))
+            diagnostics.status.append(self._diagnose(stream, c, m, pending, saved))
         self._diagnostics_pub.publish(diagnostics)
 
-    def _diagnose(self, stream: CameraStream, c, m, pending: int) -> DiagnosticStatus:
-        """One camera's health: rates over the last period, drops, failures, lag and memory."""
+    def _diagnose(self, stream: CameraStream, c, m, pending: int, saved) -> DiagnosticStatus:
+        """One camera's health: rates over the last period, drops, failures, lag, memory and
+        its last snapshot (``saved``: a ``SnapshotState``, None without ``memory_dir``)."""
         now = time.monotonic()
         then, before = self._last_report.get(stream.camera_id, (now, c))
         self._last_report[stream.camera_id] = (now, c)
@@ -465,6 +496,8 @@ class StreamNode(Node):
             problems.append(f"ingest lags {c.ingest_lag_ms / 1e3:.1f} s behind frame stamps")
         if c.ingested and c.stamp_ahead_ms > LAG_WARN_S * 1e3:
             problems.append(f"frame stamps run {c.stamp_ahead_ms / 1e3:.1f} s ahead of the node clock")
+        if saved is not None and saved.error:
+            problems.append(f"snapshot failed: {saved.error}")
         if failed:
             level, message = (
                 DiagnosticStatus.ERROR,
@@ -498,6 +531,9 @@ class StreamNode(Node):
             "questions_pending": pending,
             "policy": m.policy,
         }
+        if saved is not None:
+            values["snapshot_age_s"] = f"{saved.age_s:.1f}"
+            values["snapshot_bytes"] = saved.snapshot_bytes
         return DiagnosticStatus(
             level=level,
             name=f"{self.get_name()}: camera {stream.camera_id}",
@@ -513,7 +549,9 @@ class StreamNode(Node):
         return self.desk.pending if self.streams else 0
 
     def close(self) -> None:
-        """Cancel answers in flight and stop the ingest workers."""
+        """Cancel answers in flight, stop the ingest workers, then snapshot the memory (``memory_dir``)."""
         self._closing.set()
         for stream in self.streams.values():
             stream.stop()
+        if self.keeper is not None:
+            self.keeper.close()

@@ -214,6 +214,22 @@ PARAMETERS: tuple[ParamSpec, ...] = (
         "Each question and its answer join the stream's memory, so later questions can refer to them.",
     ),
     ParamSpec("seed", P.PARAMETER_INTEGER, 0, "Seed of tiny-random model weights.", low=0, high=2**31 - 1),
+    ParamSpec(
+        "memory_dir",
+        P.PARAMETER_STRING,
+        "",
+        "Directory of the streams' memory snapshots, one subdirectory per camera id; a compatible "
+        "snapshot there is restored at start. '' = no snapshots.",
+    ),
+    ParamSpec(
+        "snapshot_period_s",
+        P.PARAMETER_DOUBLE,
+        0.0,
+        "Period of memory snapshots (only what is new since the last one), seconds; 0 = only at "
+        "a clean shutdown and on ~/save.",
+        low=0.0,
+        high=86400.0,
+    ),
 )
 
 PARAMETERS_BY_NAME = {spec.name: spec for spec in PARAMETERS}

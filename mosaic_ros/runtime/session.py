@@ -36,13 +36,15 @@ from mosaic_ros.runtime.kv.policy import KVGeometry, PolicyConfig, TokenMeta, ma
 from mosaic_ros.runtime.models.base import PositionCursor
 from mosaic_ros.runtime.models.preprocess import validate_frames
 from mosaic_ros.runtime.snapshot import (
-    FORMAT_VERSION,
+    Lineage,
     RestoreInfo,
     SnapshotDir,
     SnapshotError,
     SnapshotInfo,
-    check_identity,
+    capture,
     identity_of,
+    replay,
+    write,
 )
 from mosaic_ros.runtime.stats import Answer, LatencyStats
 
@@ -160,37 +162,6 @@ class SessionStatus:
 TokenCallback = Callable[[str, int], "bool | None"]
 
 
-@dataclass
-class _Lineage:
-    """What of the stream is on disk in ``directory`` (the incremental snapshot's base).
-
-    ``ids``: (L,) int64, the current token id of each token the lineage's segments hold, in
-    order, -1 once evicted; ``chunks_saved``: how many of the session's chunks are on disk;
-    ``evicted``: lineage tokens evicted so far; ``state``: the session state last written.
-    """
-
-    directory: str
-    seq: int
-    segments: list[dict[str, Any]]
-    ids: torch.Tensor
-    chunks_saved: int
-    evicted: int
-    state: dict[str, Any]
-
-
-@dataclass
-class _Capture:
-    """One snapshot copied out under the lock, to be written without it."""
-
-    generation: int
-    seq: int
-    tensors: dict[str, torch.Tensor]
-    manifest: dict[str, Any]
-    lineage: _Lineage
-    tokens: int
-    frames: int
-
-
 class StreamSession:
     """Ingests frames with timestamps and answers questions about everything seen so far."""
 
@@ -242,7 +213,7 @@ class StreamSession:
         self._evicted_before = 0  # tokens evicted before a restore (the new policy counts from 0)
         self._chunks: list[tuple[int, int]] = []  # (first token id, tokens) per chunk, in order
         self._held: list[tuple[np.ndarray, float]] = []  # frames waiting for their chunk's others
-        self._lineage: _Lineage | None = None
+        self._lineage: Lineage | None = None  # what of this stream the last snapshot holds
         self._generation += 1
 
     def _start_stream(self) -> None:
@@ -558,31 +529,28 @@ class StreamSession:
         with self._save_lock:
             t0 = time.perf_counter()
             with self._lock:
-                capture = self._capture(directory)
-            t1 = time.perf_counter()
-            if capture is None:
-                return self._last_snapshot
-            try:
-                segments, written, total = SnapshotDir(directory).write(
-                    capture.seq, capture.tensors, capture.manifest
+                generation, frames = self._generation, self._frames
+                cap = capture(
+                    self.policy, self._chunks, self._state(), self._identity, directory, self._lineage
                 )
-            except OSError as error:
-                raise SnapshotError(f"cannot write a snapshot in {directory}: {error}") from error
-            capture.lineage.segments = segments
+            t1 = time.perf_counter()
+            if cap is None:
+                return self._last_snapshot
+            written, total = write(cap)
             with self._lock:
-                if self._generation == capture.generation:
-                    self._lineage = capture.lineage
+                if self._generation == generation:
+                    self._lineage = cap.lineage
             t2 = time.perf_counter()
             self._last_snapshot = SnapshotInfo(
                 directory=directory,
-                seq=capture.seq,
+                seq=cap.lineage.seq,
                 bytes_written=written,
                 snapshot_bytes=total,
-                tokens=capture.tokens,
-                frames=capture.frames,
+                tokens=cap.tokens,
+                frames=frames,
                 capture_ms=(t1 - t0) * 1e3,
                 write_ms=(t2 - t1) * 1e3,
-                wall_time=capture.manifest["written_at"],
+                wall_time=cap.manifest["written_at"],
             )
             return self._last_snapshot
 
@@ -599,59 +567,6 @@ class StreamSession:
             "stored_tokens": self.bridge.stored_tokens,
         }
 
-    def _capture(self, directory: str) -> _Capture | None:
-        """Copy what the next snapshot adds (caller holds the lock); None when nothing is new."""
-        try:
-            live = self.policy.live_token_ids()
-        except (ValueError, NotImplementedError) as error:
-            raise SnapshotError(f"cannot snapshot this stream: {error}") from error
-        base = self._lineage
-        if base is None or base.directory != directory or base.evicted > live.numel():
-            seq = max(SnapshotDir(directory).seqs(), default=0) + 1
-            base = _Lineage(directory, seq - 1, [], torch.zeros(0, dtype=torch.int64), 0, 0, {})
-        still = torch.isin(base.ids, live)
-        evicted = torch.nonzero((base.ids >= 0) & ~still).flatten()
-        chunks = self._chunks[base.chunks_saved :]
-        state = self._state()
-        if base is self._lineage and not chunks and evicted.numel() == 0 and state == base.state:
-            return None
-        kept = []
-        for start, n in chunks:
-            ids = torch.arange(start, start + n)
-            kept.append(ids[torch.isin(ids, live)])
-        new_ids = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.int64)
-        out = self.policy.export_tokens(new_ids)
-        tensors = {
-            "positions": out.meta.positions,
-            "stamps": out.meta.stamps,
-            "modality": out.meta.modality,
-            "frame": out.meta.frame,
-            "chunk_tokens": torch.tensor([k.numel() for k in kept], dtype=torch.int64),
-            "evicted": evicted,
-        }
-        tensors.update({f"kv.{layer}": kv for layer, kv in enumerate(out.kv)})
-        ids = base.ids.clone()
-        ids[evicted] = -1
-        manifest = {
-            "format": FORMAT_VERSION,
-            "written_at": time.time(),
-            "identity": self._identity,
-            "state": state,
-            "segments": base.segments,
-        }
-        lineage = _Lineage(
-            directory=directory,
-            seq=base.seq + 1,
-            segments=base.segments,
-            ids=torch.cat((ids, new_ids)),
-            chunks_saved=len(self._chunks),
-            evicted=base.evicted + evicted.numel(),
-            state=state,
-        )
-        return _Capture(
-            self._generation, lineage.seq, tensors, manifest, lineage, int(live.numel()), self._frames
-        )
-
     def load(self, directory: str | os.PathLike) -> RestoreInfo:
         """Replace the stream with the newest complete snapshot in ``directory``.
 
@@ -667,13 +582,16 @@ class StreamSession:
         """
         t0 = time.perf_counter()
         directory = str(Path(directory).resolve())
-        seq, manifest, segments, refused = SnapshotDir(directory).load_newest()
-        check_identity(manifest["identity"], self._identity, directory)
+        snapshots = SnapshotDir(directory)
+        seq, manifest, refused = snapshots.newest_complete(self._identity)
+        budget = self.config.maintain_budget_ms
         with self._lock:
             self.bridge.reset()
             self._clear_state()
             try:
-                lineage_ids = self._replay(segments)
+                lineage_ids, self._chunks = replay(
+                    snapshots, manifest, self.bridge.replay, lambda: self.policy.maintain(budget)
+                )
                 state = manifest["state"]
                 self._cursor = PositionCursor(**state["cursor"])
                 self._frames = int(state["frames"])
@@ -690,7 +608,7 @@ class StreamSession:
                     f"replaying snapshot {seq} of {directory} failed ({type(error).__name__}: {error}); "
                     "the stream starts empty"
                 ) from error
-            self._lineage = _Lineage(
+            self._lineage = Lineage(
                 directory=directory,
                 seq=seq,
                 segments=manifest["segments"],
@@ -706,37 +624,7 @@ class StreamSession:
             directory, seq, 0, size, tokens, frames, 0.0, 0.0, float(manifest["written_at"])
         )
         ms = (time.perf_counter() - t0) * 1e3
-        return RestoreInfo(directory, seq, len(segments), tokens, frames, ms, refused)
-
-    def _replay(self, segments: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """Put the segments' live tokens back, chunk by chunk (caller holds the lock); returns the
-        lineage's token ids (L,) int64 in this session, -1 for evicted ones."""
-        total = sum(int(seg["stamps"].numel()) for seg in segments)
-        alive = torch.ones(total, dtype=torch.bool)
-        for seg in segments:
-            alive[seg["evicted"]] = False
-        lineage_ids = torch.full((total,), -1, dtype=torch.int64)
-        layers = self.policy.geometry.num_layers
-        offset = 0
-        for seg in segments:
-            start = 0
-            for n in seg["chunk_tokens"].tolist():
-                local = torch.nonzero(alive[offset + start : offset + start + n]).flatten() + start
-                start += n
-                if local.numel() == 0:
-                    continue
-                meta = TokenMeta(
-                    positions=seg["positions"][:, local],
-                    stamps=seg["stamps"][local],
-                    modality=seg["modality"][local],
-                    frame=seg["frame"][local],
-                )
-                ids = self.bridge.replay(meta, [seg[f"kv.{layer}"][local] for layer in range(layers)])
-                self._chunks.append((int(ids[0]), int(ids.numel())))
-                lineage_ids[offset + local] = ids
-                self.policy.maintain(self.config.maintain_budget_ms)
-            offset += int(seg["stamps"].numel())
-        return lineage_ids
+        return RestoreInfo(directory, seq, len(manifest["segments"]), tokens, frames, ms, refused)
 
 
 def _bgr_to_rgb(frame: np.ndarray) -> np.ndarray:

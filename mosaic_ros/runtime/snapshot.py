@@ -27,13 +27,18 @@ import hashlib
 import json
 import os
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+
+from mosaic_ros.runtime.kv.policy import TokenMeta
 
 FORMAT_VERSION = 1
 KEEP_MANIFESTS = 2
@@ -246,25 +251,43 @@ class SnapshotDir:
                 raise SnapshotTorn(f"snapshot manifest {name} names a segment {entry.get('file')!r}")
         return manifest
 
-    def read_segment(self, entry: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Tensors of one segment after checking its size and sha256 (``SnapshotTorn`` otherwise)."""
-        path = self.path / entry["file"]
-        try:
-            data = path.read_bytes()
-        except OSError as error:
-            raise SnapshotTorn(f"snapshot segment {entry['file']} is missing: {error}") from error
-        if len(data) != entry["bytes"]:
+    def _check_size(self, entry: dict[str, Any], size: int) -> None:
+        if size != entry["bytes"]:
             raise SnapshotTorn(
-                f"snapshot segment {entry['file']} is {len(data)} bytes, the manifest says {entry['bytes']} "
+                f"snapshot segment {entry['file']} is {size} bytes, the manifest says {entry['bytes']} "
                 "(truncated or torn)"
             )
+
+    def verify_segment(self, entry: dict[str, Any]) -> None:
+        """Check one segment's size and sha256 reading it in blocks (``SnapshotTorn`` otherwise)."""
+        path = self.path / entry["file"]
+        digest = hashlib.sha256()
+        try:
+            self._check_size(entry, path.stat().st_size)
+            with open(path, "rb") as f:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+        except OSError as error:
+            raise SnapshotTorn(f"snapshot segment {entry['file']} is missing: {error}") from error
+        if digest.hexdigest() != entry["sha256"]:
+            raise SnapshotTorn(f"snapshot segment {entry['file']} fails its sha256 checksum (torn)")
+
+    def read_segment(self, entry: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Tensors of one segment after checking its size and sha256 (``SnapshotTorn`` otherwise)."""
+        try:
+            data = (self.path / entry["file"]).read_bytes()
+        except OSError as error:
+            raise SnapshotTorn(f"snapshot segment {entry['file']} is missing: {error}") from error
+        self._check_size(entry, len(data))
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise SnapshotTorn(f"snapshot segment {entry['file']} fails its sha256 checksum (torn)")
         return load_tensors(data)
 
-    def load_newest(self) -> tuple[int, dict[str, Any], list[dict[str, torch.Tensor]], list[str]]:
-        """The newest complete snapshot: (seq, manifest, segments' tensors in order, messages of
-        the newer torn ones it skipped). ``SnapshotError`` when none is complete."""
+    def newest_complete(self, identity: dict[str, Any]) -> tuple[int, dict[str, Any], list[str]]:
+        """The newest snapshot whose files are all complete (sizes and checksums verified):
+        (seq, manifest, messages of the newer torn ones it skipped). Raises ``SnapshotError``
+        when there is none at all, ``SnapshotTorn`` when none is complete, and
+        ``SnapshotIncompatible`` when it was made with another ``identity``."""
         refused: list[str] = []
         seqs = self.seqs()
         if not seqs:
@@ -272,7 +295,165 @@ class SnapshotDir:
         for seq in seqs:
             try:
                 manifest = self.read_manifest(seq)
-                return seq, manifest, [self.read_segment(e) for e in manifest["segments"]], refused
+                for entry in manifest["segments"]:
+                    self.verify_segment(entry)
             except SnapshotTorn as error:
                 refused.append(f"snapshot {seq} refused: {error}")
+                continue
+            check_identity(manifest["identity"], identity, str(self.path))
+            return seq, manifest, refused
         raise SnapshotTorn(f"no complete snapshot in {self.path}: {'; '.join(refused)}")
+
+
+# ---------------------------------------------------------------------------- one stream
+
+
+@dataclass
+class Lineage:
+    """What of a stream is on disk in ``directory``: the base of its next incremental snapshot.
+
+    ``ids``: (L,) int64, the policy's current id of each token the lineage's segments hold, in
+    order, -1 once evicted; ``chunks_saved``: how many of the stream's chunks are on disk;
+    ``evicted``: lineage tokens evicted so far; ``state``: the stream state last written.
+    """
+
+    directory: str
+    seq: int
+    segments: list[dict[str, Any]]
+    ids: torch.Tensor
+    chunks_saved: int
+    evicted: int
+    state: dict[str, Any]
+
+
+@dataclass
+class Capture:
+    """One snapshot copied out of a policy, to be written by ``write`` (without the stream's lock)."""
+
+    tensors: dict[str, torch.Tensor]
+    manifest: dict[str, Any]
+    lineage: Lineage
+    tokens: int
+
+
+def capture(
+    policy: Any,
+    chunks: list[tuple[int, int]],
+    state: dict[str, Any],
+    identity: dict[str, Any],
+    directory: str,
+    base: Lineage | None,
+) -> Capture | None:
+    """What the next snapshot of a stream adds (the caller holds the stream's lock).
+
+    ``chunks``: (first token id, tokens) of every chunk the stream stored, in order; ``state``:
+    the JSON-able stream state to restore; ``base``: the lineage of the last snapshot (None, or
+    one in another directory, or one whose tokens on disk are mostly evicted: a full snapshot
+    with a new lineage). The new chunks' live tokens are copied out (``export_tokens``) with
+    the lineage indices of tokens evicted since ``base``. None when nothing changed since it.
+    Raises ``SnapshotError`` when the policy cannot export its memory.
+    """
+    try:
+        live = policy.live_token_ids()
+    except (ValueError, NotImplementedError) as error:
+        raise SnapshotError(f"cannot snapshot this stream: {error}") from error
+    unchanged_base = base
+    if base is None or base.directory != directory or base.evicted > live.numel():
+        seq = max(SnapshotDir(directory).seqs(), default=0)
+        base = Lineage(directory, seq, [], torch.zeros(0, dtype=torch.int64), 0, 0, {})
+    evicted = torch.nonzero((base.ids >= 0) & ~torch.isin(base.ids, live)).flatten()
+    new_chunks = chunks[base.chunks_saved :]
+    if base is unchanged_base and not new_chunks and evicted.numel() == 0 and state == base.state:
+        return None
+    kept = []
+    for start, n in new_chunks:
+        ids = torch.arange(start, start + n)
+        kept.append(ids[torch.isin(ids, live)])
+    new_ids = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.int64)
+    out = policy.export_tokens(new_ids)
+    tensors = {
+        "positions": out.meta.positions,
+        "stamps": out.meta.stamps,
+        "modality": out.meta.modality,
+        "frame": out.meta.frame,
+        "chunk_tokens": torch.tensor([k.numel() for k in kept], dtype=torch.int64),
+        "evicted": evicted,
+    }
+    tensors.update({f"kv.{layer}": kv for layer, kv in enumerate(out.kv)})
+    ids = base.ids.clone()
+    ids[evicted] = -1
+    manifest = {
+        "format": FORMAT_VERSION,
+        "written_at": time.time(),
+        "identity": identity,
+        "state": state,
+        "segments": base.segments,
+    }
+    lineage = Lineage(
+        directory=directory,
+        seq=base.seq + 1,
+        segments=base.segments,
+        ids=torch.cat((ids, new_ids)),
+        chunks_saved=len(chunks),
+        evicted=base.evicted + evicted.numel(),
+        state=state,
+    )
+    return Capture(tensors, manifest, lineage, int(live.numel()))
+
+
+def write(cap: Capture) -> tuple[int, int]:
+    """Write a captured snapshot crash-safe; returns (bytes written, bytes of the whole snapshot)
+    and completes ``cap.lineage`` (its segments) for the next one. ``SnapshotError`` on an
+    ``OSError``."""
+    where = cap.lineage.directory
+    try:
+        segments, written, total = SnapshotDir(where).write(cap.lineage.seq, cap.tensors, cap.manifest)
+    except OSError as error:
+        raise SnapshotError(f"cannot write a snapshot in {where}: {error}") from error
+    cap.lineage.segments = segments
+    return written, total
+
+
+def replay(
+    snapshots: SnapshotDir,
+    manifest: dict[str, Any],
+    store: Callable[[TokenMeta, list[torch.Tensor]], torch.Tensor],
+    maintain: Callable[[], object],
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Put a snapshot's live tokens back chunk by chunk, one segment in memory at a time:
+    ``store(meta, kv)`` stores a chunk (kv: per layer (T, 2, H_kv, D)) and returns its token ids
+    (T,), ``maintain()`` runs after each chunk. Returns (the lineage's token ids (L,) int64 in
+    the new policy, -1 for evicted ones; (first id, tokens) of every chunk stored)."""
+    segments = manifest["segments"]
+    evicted = []
+    for entry in segments:
+        with safe_open(snapshots.path / entry["file"], "pt") as f:
+            evicted.append(f.get_tensor("evicted"))
+    total = sum(int(entry["tokens"]) for entry in segments)
+    alive = torch.ones(total, dtype=torch.bool)
+    for ids in evicted:
+        alive[ids] = False
+    lineage_ids = torch.full((total,), -1, dtype=torch.int64)
+    chunks: list[tuple[int, int]] = []
+    offset = 0
+    for entry in segments:
+        seg = snapshots.read_segment(entry)
+        layers = sum(1 for name in seg if name.startswith("kv."))
+        start = 0
+        for n in seg["chunk_tokens"].tolist():
+            local = torch.nonzero(alive[offset + start : offset + start + n]).flatten() + start
+            start += n
+            if local.numel() == 0:
+                continue
+            meta = TokenMeta(
+                positions=seg["positions"][:, local],
+                stamps=seg["stamps"][local],
+                modality=seg["modality"][local],
+                frame=seg["frame"][local],
+            )
+            ids = store(meta, [seg[f"kv.{layer}"][local] for layer in range(layers)])
+            chunks.append((int(ids[0]), int(ids.numel())))
+            lineage_ids[offset + local] = ids
+            maintain()
+        offset += int(entry["tokens"])
+    return lineage_ids, chunks
