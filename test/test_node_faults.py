@@ -461,6 +461,18 @@ def test_sigint_during_an_answer_exits_cleanly_and_fast(tmp_path, ros_module_con
         ),
         ({"device": "tpu"}, (), "cannot start: device 'tpu': "),
         ({"polcy": "dense"}, (), "cannot start: unknown parameter(s) polcy; known: "),
+        # an option of another policy than the one selected
+        (
+            {"policy": "dense", "policy_options": {"run_penalty": 0.5}},
+            (),
+            "cannot start: unknown parameter(s) policy_options.run_penalty; known: ",
+        ),
+        ({"compression": "lz4"}, (), "cannot start: unknown compression 'lz4'; known: vsb, drop_oldest"),
+        (
+            {"model": "tiny-random:llava-ov", "pair_frames": True},
+            (),
+            "cannot start: pair_frames is a Qwen-VL option",
+        ),
         ({"camera_topics": [""]}, (), "cannot start: camera_topics is empty: give at least one image topic"),
         ({"camera_topics": []}, (), "cannot start: camera_topics is empty: give at least one image topic"),
         (

@@ -17,6 +17,7 @@ import sys
 import threading
 import uuid
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -47,7 +48,8 @@ from mosaic_ros.nodes.processes import READY_MARK, ModuleProcess, start_stream_n
 from mosaic_ros.nodes.sampling import FrameSampler
 from mosaic_ros.nodes.stream_main import ros_arguments
 from mosaic_ros.nodes.stream_node import camera_ids_for
-from mosaic_ros.nodes.stream_params import PARAMETERS, STANDARD_PARAMETERS
+from mosaic_ros.nodes.stream_params import PARAMETERS, STANDARD_PARAMETERS, policy_option_parameters
+from mosaic_ros.runtime.kv.policy import policy_options
 from mosaic_ros.runtime.session import SessionError, SessionStatus
 from mosaic_ros.runtime.stats import LatencyStats
 
@@ -582,6 +584,10 @@ def test_node_declares_exactly_the_documented_parameters(stream):
     assert stream.client.spin_until(listed.done, TIMEOUT_S)
     declared = set(listed.result().result.names)
     expected = {spec.name for spec in PARAMETERS} | set(STANDARD_PARAMETERS)
+    # the dense policy's options, derived from the policy: its own and the common ones
+    options = {spec.name for spec in policy_option_parameters("dense", policy_options("dense"))}
+    assert "policy_options.reserve_tokens" in options and "policy_options.page_rows" in options
+    expected |= options
     assert expected <= declared
     others = {name for name in declared - expected if not name.startswith("qos_overrides.")}
     assert others <= {"start_type_description_service"}
@@ -666,3 +672,35 @@ def test_reset_forgets_every_stream(stream):
         assert (
             after.error == f"no frame has been ingested on camera '{camera}' yet; ask again once it streams"
         )
+
+
+def test_a_new_policy_option_becomes_a_typed_read_only_node_parameter(monkeypatch):
+    """Options are derived from the policy class: adding one to a policy's option_defaults (here
+    a policy registered by the test) makes a node parameter with its type, default and
+    descriptor, without a change to the node or its parameter table."""
+    from rcl_interfaces.msg import ParameterType
+
+    from mosaic_ros.runtime.kv.policies.rekv import ReKVPolicy
+    from mosaic_ros.runtime.kv.policy import POLICIES
+
+    class Tuned(ReKVPolicy):
+        name: ClassVar[str] = "tuned"
+        option_defaults: ClassVar[dict] = {**ReKVPolicy.option_defaults, "new_knob": 0.25, "mode": "fast"}
+
+    monkeypatch.setitem(POLICIES, "tuned", Tuned)
+    specs = {spec.name: spec for spec in policy_option_parameters("tuned", policy_options("tuned"))}
+    knob, mode = specs["policy_options.new_knob"], specs["policy_options.mode"]
+    assert (knob.type, knob.default, mode.type, mode.default) == (
+        ParameterType.PARAMETER_DOUBLE,
+        0.25,
+        ParameterType.PARAMETER_STRING,
+        "fast",
+    )
+    descriptor = knob.descriptor()
+    assert (
+        descriptor.read_only
+        and "Option 'new_knob' of the tuned KV policy (default 0.25" in descriptor.description
+    )
+    assert "policy_options.page_rows" in specs  # the options every policy has
+    with pytest.raises(ValueError, match="unknown KV policy 'nonsense'"):
+        policy_options("nonsense")

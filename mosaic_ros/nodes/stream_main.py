@@ -137,7 +137,11 @@ def _start_node(log):
         log.info(f"loading model {settings.model!r} on device {settings.device!r}")
         try:
             adapter = load_model(
-                settings.model, device=settings.device, dtype=settings.dtype, seed=settings.seed
+                settings.model,
+                device=settings.device,
+                dtype=settings.dtype,
+                seed=settings.seed,
+                pair_frames=settings.pair_frames,
             )
         except ModelLoadError as error:
             raise StartError(str(error)) from None

@@ -37,8 +37,13 @@ from mosaic_ros.nodes.image_codec import decode_compressed, decode_image_msg
 from mosaic_ros.nodes.memory_keeper import MemoryKeeper, check_camera_id
 from mosaic_ros.nodes.processes import READY_MARK
 from mosaic_ros.nodes.questions import Outcome, Question, QuestionDesk, Stage
-from mosaic_ros.nodes.stream_params import PARAMETERS, PARAMETERS_BY_NAME
-from mosaic_ros.runtime.kv.policy import known_policies
+from mosaic_ros.nodes.stream_params import (
+    PARAMETERS,
+    PARAMETERS_BY_NAME,
+    POLICY_OPTION_PREFIX,
+    policy_option_parameters,
+)
+from mosaic_ros.runtime.kv.policy import known_policies, policy_options
 from mosaic_ros.runtime.session import SessionConfig, StreamSession
 from mosaic_ros.runtime.stats import LatencyStats
 from mosaic_ros.srv import AskVideo
@@ -81,6 +86,7 @@ class NodeSettings:
     device: str
     dtype: str
     seed: int
+    pair_frames: bool
     session: SessionConfig
     memory_dir: str
     snapshot_period_s: float
@@ -153,6 +159,12 @@ class StreamNode(Node):
         for spec in PARAMETERS:
             value = spec.default if spec.default is not None else Parameter.Type(spec.type)
             self.declare_parameter(spec.name, value, spec.descriptor())
+        policy = self._param("policy")
+        if policy not in known_policies():
+            raise ConfigError(f"unknown KV policy {policy!r}; known: {', '.join(known_policies())}")
+        self.policy_option_specs = policy_option_parameters(policy, policy_options(policy))
+        for spec in self.policy_option_specs:
+            self.declare_parameter(spec.name, spec.default, spec.descriptor())
         self._refuse_unknown_parameters()
         self.settings = self._read_settings()
         self.streams: dict[str, CameraStream] = {}
@@ -188,15 +200,18 @@ class StreamNode(Node):
         topics = [t for t in self._param_or_none("camera_topics") or [] if t]  # [] in YAML: not set
         if not topics:
             raise ConfigError("camera_topics is empty: give at least one image topic")
-        if p("policy") not in known_policies():
-            raise ConfigError(f"unknown KV policy {p('policy')!r}; known: {', '.join(known_policies())}")
         session = SessionConfig(
             policy=p("policy"),
             budget_tokens=p("budget_tokens"),
             window_tokens=p("window_tokens"),
             host_cap_bytes=int(p("host_cap_mb") * 2**20),
             maintain_budget_ms=p("maintain_budget_ms"),
+            compression=p("compression"),
             prefetch=p("prefetch"),
+            policy_options={
+                spec.name.removeprefix(POLICY_OPTION_PREFIX): p(spec.name)
+                for spec in self.policy_option_specs
+            },
             max_question_chars=p("max_question_chars"),
             max_question_tokens=p("max_question_tokens"),
             max_text_tokens=p("max_text_tokens"),
@@ -215,6 +230,7 @@ class StreamNode(Node):
             device=p("device"),
             dtype=p("dtype"),
             seed=p("seed"),
+            pair_frames=p("pair_frames"),
             session=session,
             memory_dir=p("memory_dir"),
             snapshot_period_s=p("snapshot_period_s"),

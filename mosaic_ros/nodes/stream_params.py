@@ -111,6 +111,13 @@ PARAMETERS: tuple[ParamSpec, ...] = (
         "(qwen2.5-vl, qwen3-vl, llava-ov; random weights, for trying the pipeline).",
     ),
     ParamSpec("device", P.PARAMETER_STRING, "auto", "Torch device: auto, cpu, cuda or cuda:N."),
+    ParamSpec(
+        "pair_frames",
+        P.PARAMETER_BOOL,
+        False,
+        "Qwen-VL models: two consecutive frames per temporal patch, as the models' video path "
+        "does (half the tokens and KV per second of video; a pair's first frame waits for its second).",
+    ),
     ParamSpec("dtype", P.PARAMETER_STRING, "auto", "Model dtype: auto, float32, float16 or bfloat16."),
     ParamSpec(
         "policy",
@@ -141,6 +148,13 @@ PARAMETERS: tuple[ParamSpec, ...] = (
         "Cap on host KV memory per stream, MiB (bounded-memory policies); 0 = no cap.",
         low=0.0,
         high=1e9,
+    ),
+    ParamSpec(
+        "compression",
+        P.PARAMETER_STRING,
+        "vsb",
+        "How memory stays under host_cap_mb: vsb (LiveVLM's vision sink bucketing: keeps the "
+        "tokens the stream attends to, over the whole timeline) or drop_oldest.",
     ),
     ParamSpec(
         "maintain_budget_ms",
@@ -236,3 +250,34 @@ PARAMETERS_BY_NAME = {spec.name: spec for spec in PARAMETERS}
 
 # Parameters every rclpy node has; the node honours use_sim_time for its clock.
 STANDARD_PARAMETERS = ("use_sim_time",)
+
+# The selected policy's options (PolicyConfig.options) are parameters too, one per option under
+# this prefix, typed by their defaults: derived from the policy, so a new option needs no change here.
+POLICY_OPTION_PREFIX = "policy_options."
+_OPTION_TYPES = {
+    bool: P.PARAMETER_BOOL,
+    int: P.PARAMETER_INTEGER,
+    float: P.PARAMETER_DOUBLE,
+    str: P.PARAMETER_STRING,
+}
+
+
+def policy_option_parameters(policy: str, options: dict) -> tuple[ParamSpec, ...]:
+    """One read-only parameter per option of ``policy`` (``options``: key -> default, as the
+    runtime's ``policy_options(policy)`` gives them), named ``policy_options.<key>``."""
+    specs = []
+    for key, default in sorted(options.items()):
+        kind = _OPTION_TYPES.get(type(default))
+        if kind is None:
+            raise TypeError(
+                f"option {key!r} of policy {policy!r} has a default of type {type(default).__name__}"
+            )
+        specs.append(
+            ParamSpec(
+                POLICY_OPTION_PREFIX + key,
+                kind,
+                default,
+                f"Option {key!r} of the {policy} KV policy (default {default!r}; see the policy's docs).",
+            )
+        )
+    return tuple(specs)

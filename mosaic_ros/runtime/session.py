@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from mosaic_ros.runtime.kv.bridge import ATTENTION_NAME, KVBridge
+from mosaic_ros.runtime.kv.policies.base import COMPRESSIONS
 from mosaic_ros.runtime.kv.policy import KVGeometry, PolicyConfig, TokenMeta, make_policy
 from mosaic_ros.runtime.models.base import PositionCursor
 from mosaic_ros.runtime.models.preprocess import validate_frames
@@ -90,9 +91,11 @@ class SessionConfig:
     """How a stream is remembered and questioned.
 
     ``sink_tokens=None`` makes the stream's fixed preamble the attention sinks.
-    ``kv_dtype=None`` stores KV in the model's dtype. ``maintain_budget_ms`` bounds deferred
-    KV maintenance after each frame. ``remember_dialogue`` appends each question and its
-    answer to the stream as text, so later questions can refer to them. A question is
+    ``kv_dtype=None`` stores KV in the model's dtype. ``compression`` (``vsb`` or
+    ``drop_oldest``) keeps host KV under ``host_cap_bytes`` when one is set.
+    ``maintain_budget_ms`` bounds deferred KV maintenance after each frame.
+    ``remember_dialogue`` appends each question and its answer to the stream as text, so
+    later questions can refer to them. A question is
     refused beyond ``max_question_chars`` characters or ``max_question_tokens`` tokens (the
     model's prefill cost grows with tokens, and some characters are several tokens each);
     a text event (``add_text``) beyond ``max_text_tokens`` tokens.
@@ -103,6 +106,7 @@ class SessionConfig:
     sink_tokens: int | None = None
     window_tokens: int = 1024
     host_cap_bytes: int = 0
+    compression: str = "vsb"
     prefetch: bool = True
     policy_options: dict = field(default_factory=dict)
     kv_dtype: torch.dtype | None = None
@@ -114,6 +118,8 @@ class SessionConfig:
     remember_dialogue: bool = True
 
     def __post_init__(self) -> None:
+        if self.compression not in COMPRESSIONS:
+            raise SessionError(f"unknown compression {self.compression!r}; known: {', '.join(COMPRESSIONS)}")
         if self.max_question_chars <= 0:
             raise SessionError(f"max_question_chars must be > 0, got {self.max_question_chars}")
         for name in ("max_question_tokens", "max_text_tokens"):
@@ -194,6 +200,7 @@ class StreamSession:
             sink_tokens=sinks,
             window_tokens=cfg.window_tokens,
             host_cap_bytes=cfg.host_cap_bytes,
+            compression=cfg.compression,
             prefetch=cfg.prefetch,
             options=dict(cfg.policy_options),
         )

@@ -201,6 +201,11 @@ class KVPolicy(ABC):
 
     name: ClassVar[str]
 
+    @classmethod
+    def known_options(cls) -> dict[str, Any]:
+        """Every ``PolicyConfig.options`` key this policy takes, with its default."""
+        return {}
+
     def __init__(self, geometry: KVGeometry, config: PolicyConfig, device: torch.device | str = "cpu"):
         self.geometry = geometry
         self.config = config
@@ -270,6 +275,14 @@ def known_policies() -> list[str]:
     from mosaic_ros.runtime.kv import policies  # noqa: F401  (registers the built-in policies)
 
     return sorted(POLICIES)
+
+
+def policy_options(name: str) -> dict[str, Any]:
+    """The options (``PolicyConfig.options`` keys with their defaults) of the policy ``name``;
+    ``ValueError`` listing the known policies for an unknown name."""
+    if name not in known_policies():
+        raise ValueError(f"unknown KV policy {name!r}; known: {', '.join(known_policies())}")
+    return POLICIES[name].known_options()
 
 
 def make_policy(

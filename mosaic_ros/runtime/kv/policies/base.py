@@ -60,9 +60,13 @@ class StoreBackedPolicy(KVPolicy):
     reserves_question_buffers: ClassVar[bool] = True
     option_defaults: ClassVar[dict[str, Any]] = {}
 
+    @classmethod
+    def known_options(cls) -> dict[str, Any]:
+        return {**COMMON_OPTIONS, **cls.option_defaults}
+
     def __init__(self, geometry: KVGeometry, config: PolicyConfig, device: torch.device | str = "cpu"):
         super().__init__(geometry, config, device)
-        known = {**COMMON_OPTIONS, **self.option_defaults}
+        known = self.known_options()
         unknown = sorted(set(config.options) - set(known))
         if unknown:
             raise ValueError(
