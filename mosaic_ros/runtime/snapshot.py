@@ -442,16 +442,18 @@ def replay(
         start = 0
         for n in seg["chunk_tokens"].tolist():
             local = torch.nonzero(alive[offset + start : offset + start + n]).flatten() + start
+            # a chunk with no evicted token is a slice of the segment: views, no copy
+            pick = slice(start, start + n) if local.numel() == n else local
             start += n
             if local.numel() == 0:
                 continue
             meta = TokenMeta(
-                positions=seg["positions"][:, local],
-                stamps=seg["stamps"][local],
-                modality=seg["modality"][local],
-                frame=seg["frame"][local],
+                positions=seg["positions"][:, pick],
+                stamps=seg["stamps"][pick],
+                modality=seg["modality"][pick],
+                frame=seg["frame"][pick],
             )
-            ids = store(meta, [seg[f"kv.{layer}"][local] for layer in range(layers)])
+            ids = store(meta, [seg[f"kv.{layer}"][pick] for layer in range(layers)])
             chunks.append((int(ids[0]), int(ids.numel())))
             lineage_ids[offset + local] = ids
             maintain()
