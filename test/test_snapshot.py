@@ -252,3 +252,28 @@ def test_mosaic_ros_run_saves_a_stream_and_loads_it_again(tmp_path, capsys):
     assert second["frames_ingested"] == first["frames_ingested"] + 1
     assert run.main([*common, "--policy", "window", "--load", str(snapshot)]) == 2
     assert "policy: snapshot 'dense', this session 'window'" in capsys.readouterr().err
+
+
+def test_a_capped_stream_that_dropped_its_oldest_tokens_round_trips(qwen, tmp_path):
+    probe = _stream(qwen, "window", 0)
+    row = probe.policy.geometry.bytes_per_token
+    preamble = probe.status().tokens_in_memory
+    config = SessionConfig(
+        policy="window",
+        compression="drop_oldest",
+        host_cap_bytes=row * (preamble + CONFIG["window_tokens"] + 80),
+        **CONFIG,
+    )
+    session = StreamSession(qwen, config)
+    for i, frame in enumerate(_frames(8)):
+        session.ingest(frame, stamp=0.5 * i)
+        if i == 3:
+            session.save(tmp_path)  # the later evictions go into the next snapshot's list
+    assert session.status().tokens_evicted > 0
+    session.save(tmp_path)
+    restored = StreamSession(qwen, config)
+    restored.load(tmp_path)
+    assert _memory(restored) == _memory(session)
+    tokens_a, logits_a = _answer(session)
+    tokens_b, logits_b = _answer(restored)
+    assert tokens_a == tokens_b and torch.equal(logits_a, logits_b)

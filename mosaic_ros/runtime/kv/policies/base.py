@@ -393,7 +393,8 @@ class StoreBackedPolicy(KVPolicy):
             if not torch.equal(other, live):
                 raise ValueError(
                     f"layers 0 and {layer} hold different tokens ({live.numel()} and {other.numel()}; "
-                    "per-layer compression under the host cap): this memory cannot be exported"
+                    "per-layer compression under the host cap): this memory cannot be exported; "
+                    "compression 'drop_oldest' keeps every layer on the same tokens"
                 )
         return live
 
