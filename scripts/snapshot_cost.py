@@ -10,7 +10,7 @@ one (verify every file's sha256, read, replay through ``add_tokens``/``append``/
 timed. The directory is emptied first and left behind for inspection.
 
     .venv/bin/python scripts/snapshot_cost.py --shape qwen2.5-vl-7b --frames 600 --every 10 \
-        --policy dense --dir /var/tmp/mosaic-snapshot-bench
+        --policy window --dir build/snapshot-bench
 """
 
 from __future__ import annotations
