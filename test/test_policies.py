@@ -134,6 +134,24 @@ def test_no_policy_exceeds_its_budget(name):
         assert stats.tokens_retrieved == handed
 
 
+@pytest.mark.parametrize("name", [*BUILT_IN, "mosaic"])
+def test_a_stream_shorter_than_its_sinks_is_ingested_and_questioned(name):
+    """32 sink tokens over a 17-token preamble (a small model's system prompt): the sinks are
+    all the stream has, and neither ingest nor retrieval may ask for tokens beyond it."""
+    config = PolicyConfig(budget_tokens=96, sink_tokens=32, window_tokens=16)
+    policy = make_policy(name, GEOM, config)
+    total = feed([policy], frames=1, per_frame=17)
+    total += feed([policy], frames=1, per_frame=5, seed=2)  # ingested against the sinks alone
+    assert total < config.sink_tokens
+    for more in (0, 3):  # a question on the preamble alone, then as the stream grows past the sinks
+        total += feed([policy], frames=more, per_frame=17, seed=1)
+        policy.begin_question()
+        for layer in range(GEOM.num_layers):
+            ctx = policy.retrieve(layer, torch.randn(GEOM.num_q_heads, 2, GEOM.head_dim))
+            assert 0 < ctx.num_tokens <= min(config.budget_tokens, total) or name == "dense"
+        policy.end_question()
+
+
 def test_window_keeps_sinks_and_the_newest_tokens():
     config = PolicyConfig(budget_tokens=40, sink_tokens=4, window_tokens=8)
     policy = make_policy("window", GEOM, config)

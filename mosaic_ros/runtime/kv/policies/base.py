@@ -240,7 +240,7 @@ class StoreBackedPolicy(KVPolicy):
         sink_ids = torch.arange(min(sinks, n))
         sink_ids = sink_ids[token_row[sink_ids] >= 0]
         lo = max(sinks, n - 2 * window)
-        recent = torch.arange(lo, n)
+        recent = torch.arange(lo, max(lo, n))  # empty while the stream is shorter than the sinks
         recent = recent[token_row[recent] >= 0]
         if recent.numel() < window and lo > sinks:
             live = store.live_tokens(layer)
@@ -277,7 +277,8 @@ class StoreBackedPolicy(KVPolicy):
         lo = max(n_tok - self.config.window_tokens, sinks)
         upto = self._ingest_upto[layer]
         new_sinks = torch.arange(upto, max(upto, min(sinks, n_tok)))
-        new = torch.cat((new_sinks, torch.arange(max(upto, lo), n_tok)))
+        start = max(upto, lo)
+        new = torch.cat((new_sinks, torch.arange(start, max(start, n_tok))))
         new_rows = store.rows_of(layer, new)
         new_rows = new_rows[new_rows >= 0]
         held = buf.slot_rows[0]
