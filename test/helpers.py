@@ -7,7 +7,9 @@ fail with a message that says what did not happen.
 from __future__ import annotations
 
 import re
+import struct
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -97,4 +99,20 @@ def assert_documented(message: str) -> None:
     """Fail unless the README's refusals section has a text that ``message`` is an instance of."""
     assert any(p.fullmatch(message) for p in documented_refusals()), (
         f"README's {REFUSALS_SECTION!r} does not list {message!r}"
+    )
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid PNG header declaring ``width`` x ``height`` RGB pixels, with almost no pixel data:
+    a decompression bomb's shape (under 100 bytes, whatever size it declares)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(bytes(16)))
+        + chunk(b"IEND", b"")
     )

@@ -376,6 +376,23 @@ def test_check_invariants_catches_corruption():
         index.check_invariants(bank)
 
 
+def text_chunk_keys(rng: random.Random, gen: torch.Generator, heads: int, dim: int, longest: int):
+    """Keys of a long text chunk: 100 to ``longest`` tokens drawn from 3-30 new "words", each a
+    tight group of keys."""
+    n = rng.randint(100, longest)
+    vocab = 2 * torch.randn(rng.randint(3, 30), heads, dim, generator=gen)
+    return vocab[torch.randint(len(vocab), (n,), generator=gen)] + 0.05 * torch.randn(
+        n, heads, dim, generator=gen
+    )
+
+
+def object_chunk_keys(rng: random.Random, gen: torch.Generator, centers: torch.Tensor):
+    """Keys of a frame chunk: 1-24 tokens near random ``centers`` (C, H, D), with a random spread."""
+    n = rng.randint(1, 24)
+    label = torch.randint(len(centers), (n,), generator=gen)
+    return centers[label] + rng.choice((0.05, 0.3, 1.0)) * torch.randn(n, *centers.shape[1:], generator=gen)
+
+
 def long_text_stream(index: ClusterIndex, bank: KeyBank, steps: int, seed: int) -> None:
     """Random operations on ``index``: frame chunks of 1-24 tokens near 12 objects, long text
     chunks of 100-600 tokens drawn from a few new "words" each, and maintenance."""
@@ -386,18 +403,11 @@ def long_text_stream(index: ClusterIndex, bank: KeyBank, steps: int, seed: int) 
     for _ in range(steps):
         if rng.random() < 0.6:
             if rng.random() < 0.2:
-                n = rng.randint(100, 600)
-                vocab = 2 * torch.randn(rng.randint(3, 30), heads, dim, generator=gen)
-                keys = vocab[torch.randint(len(vocab), (n,), generator=gen)]
-                keys = keys + 0.05 * torch.randn(n, heads, dim, generator=gen)
-                modality = torch.zeros(n, dtype=torch.uint8)
+                keys = text_chunk_keys(rng, gen, heads, dim, longest=600)
+                modality = torch.zeros(keys.shape[0], dtype=torch.uint8)
             else:
-                n = rng.randint(1, 24)
-                label = torch.randint(len(centers), (n,), generator=gen)
-                keys = centers[label] + rng.choice((0.05, 0.3, 1.0)) * torch.randn(
-                    n, heads, dim, generator=gen
-                )
-                modality = torch.ones(n, dtype=torch.uint8)
+                keys = object_chunk_keys(rng, gen, centers)
+                modality = torch.ones(keys.shape[0], dtype=torch.uint8)
             ids = bank.add(keys)
             cid = index.assign(keys, ids, modality=modality)
             assert bool((cid >= 0).all()) and bool((index.cluster_of(ids) == cid).all())
@@ -439,19 +449,12 @@ def test_invariants_hold_over_ten_thousand_random_operations():
     for step in range(10_000):
         op = rng.random()
         if op < 0.5:
-            if rng.random() < 0.05:  # a long text chunk (a question or answer): few distinct words
-                n = rng.randint(100, 400)
-                vocab = 2 * torch.randn(rng.randint(3, 30), heads, dim, generator=gen)
-                keys = vocab[torch.randint(len(vocab), (n,), generator=gen)]
-                keys = keys + 0.05 * torch.randn(n, heads, dim, generator=gen)
-                modality = torch.zeros(n, dtype=torch.uint8)
+            if rng.random() < 0.05:  # a long text chunk (a question or answer)
+                keys = text_chunk_keys(rng, gen, heads, dim, longest=400)
+                modality = torch.zeros(keys.shape[0], dtype=torch.uint8)
             else:
-                n = rng.randint(1, 24)
-                label = torch.randint(len(centers), (n,), generator=gen)
-                keys = centers[label] + rng.choice((0.05, 0.3, 1.0)) * torch.randn(
-                    n, heads, dim, generator=gen
-                )
-                modality = torch.randint(2, (n,), generator=gen).to(torch.uint8)
+                keys = object_chunk_keys(rng, gen, centers)
+                modality = torch.randint(2, (keys.shape[0],), generator=gen).to(torch.uint8)
             ids = bank.add(keys)
             cid = index.assign(keys, ids, modality=modality)
             assert bool((cid >= 0).all()) and bool((index.cluster_of(ids) == cid).all())

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import struct
-import zlib
-
 import cv2
 import numpy as np
 import pytest
-from helpers import assert_documented
+from helpers import assert_documented, png_declaring
 
 from mosaic_ros.nodes.image_codec import (
     ENCODINGS,
@@ -144,22 +141,6 @@ def test_corrupt_compressed_images_are_rejected(data, reason):
     with pytest.raises(ImageDecodeError, match=reason) as refused:
         decode_compressed(data)
     assert_documented(str(refused.value))
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A valid PNG header declaring ``width`` x ``height`` RGB pixels, with almost no pixel data:
-    a decompression bomb's shape (under 100 bytes, whatever size it declares)."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(bytes(16)))
-        + chunk(b"IEND", b"")
-    )
 
 
 @pytest.mark.parametrize(

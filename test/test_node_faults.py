@@ -12,12 +12,10 @@ import itertools
 import math
 import re
 import signal
-import struct
 import subprocess
 import sys
 import textwrap
 import uuid
-import zlib
 from dataclasses import dataclass
 
 import cv2
@@ -26,7 +24,7 @@ import pytest
 import rclpy
 from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticArray
-from helpers import assert_documented
+from helpers import assert_documented, png_declaring
 from mosaic_ros.action import AskVideo as AskVideoAction
 from mosaic_ros.srv import AskVideo
 from rclpy.action import ActionClient
@@ -499,21 +497,6 @@ def test_a_bad_configuration_stops_the_node_at_start_with_the_reason(tmp_path, p
 
 
 # ---- hostile input: each case, then a good question must still be answered -----------------
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A PNG header declaring ``width`` x ``height`` pixels with almost no data (a bomb's shape)."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(bytes(16)))
-        + chunk(b"IEND", b"")
-    )
 
 
 def stamped(msg, sec: int, nanosec: int = 0):
