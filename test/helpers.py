@@ -37,6 +37,18 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
         time.sleep(interval)
 
 
+class ListLog:
+    """The rclpy logger's ``info``/``warning``/``error``, keeping every line (for ROS-free tests)."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def info(self, text):
+        self.lines.append(text)
+
+    warning = error = info
+
+
 def spin_until(executor, predicate: Callable[[], T], timeout: float, what: str) -> T:
     """Like :func:`wait_for`, spinning ``executor`` (an rclpy executor) between checks."""
 

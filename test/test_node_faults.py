@@ -457,7 +457,7 @@ def test_sigint_during_an_answer_exits_cleanly_and_fast(tmp_path, ros_module_con
             (),
             "cannot start: unknown KV policy 'nonsense'; known: dense, livevlm, mosaic",
         ),
-        ({"device": "tpu"}, (), "cannot start: device 'tpu': "),
+        ({"device": "tpu"}, (), "cannot start: model 'tiny-random:qwen2.5-vl' on device 'tpu': "),
         ({"polcy": "dense"}, (), "cannot start: unknown parameter(s) polcy; known: "),
         # an option of another policy than the one selected
         (

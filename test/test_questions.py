@@ -7,22 +7,12 @@ import threading
 
 import numpy as np
 import pytest
-from helpers import assert_documented, wait_for
+from helpers import ListLog, assert_documented, wait_for
 
 from mosaic_ros.nodes.camera_stream import CameraStream, ModelGate
 from mosaic_ros.nodes.questions import Question, QuestionDesk, RequestError, Stage, time_window
 from mosaic_ros.runtime.models import load_model
 from mosaic_ros.runtime.session import SessionConfig, SessionError, StampError, StreamFault, StreamSession
-
-
-class ListLog:
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def info(self, text):
-        self.lines.append(text)
-
-    warning = error = info
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ import pytest
 import rclpy
 from action_msgs.msg import GoalStatus
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
-from helpers import assert_documented, wait_for
+from helpers import ListLog, assert_documented, wait_for
 from mosaic_ros.action import AskVideo as AskVideoAction
 from mosaic_ros.srv import AskVideo
 from rclpy.context import Context
@@ -247,16 +247,6 @@ class FakeSession:
         return SessionStatus("dense", 0, 0, 0, 0, 0, 0, None, None, 0.0)
 
 
-class ListLog:
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def info(self, text):
-        self.lines.append(text)
-
-    warning = error = info
-
-
 def offer_and_wait(stream: CameraStream, stamp: float, decode) -> None:
     """Offer one frame and wait until the stream has dealt with it (ingested, refused or failed)."""
 
@@ -268,16 +258,25 @@ def offer_and_wait(stream: CameraStream, stamp: float, decode) -> None:
     wait_for(handled, 5, f"frame at {stamp} handled")
 
 
-def test_negative_and_non_finite_stamps_are_refused_before_they_can_reset_the_stream():
-    session, log = FakeSession(), ListLog()
-    stream = CameraStream("cam", "/cam", session, ModelGate(), 100.0, 0, now=lambda: 0.0, log=log)
+def run_frames(session, offers, now=lambda: 0.0) -> tuple[CameraStream, ListLog]:
+    """A started CameraStream over ``session`` offered each of ``offers`` in turn (a stamp, or a
+    (stamp, decode) pair; a blank 4x4 frame by default), each handled before the next; stopped."""
+    log = ListLog()
+    stream = CameraStream("cam", "/cam", session, ModelGate(), 100.0, 0, now=now, log=log)
     stream.start()
-    frame = np.zeros((4, 4, 3), np.uint8)
+    blank = np.zeros((4, 4, 3), np.uint8)
     try:
-        for stamp in (10.0, -1.0, float("nan"), float("-inf"), 11.0):
-            offer_and_wait(stream, stamp, lambda: frame)
+        for offer in offers:
+            stamp, decode = offer if isinstance(offer, tuple) else (offer, lambda: blank)
+            offer_and_wait(stream, stamp, decode)
     finally:
         stream.stop()
+    return stream, log
+
+
+def test_negative_and_non_finite_stamps_are_refused_before_they_can_reset_the_stream():
+    session = FakeSession()
+    stream, log = run_frames(session, (10.0, -1.0, float("nan"), float("-inf"), 11.0))
     assert session.calls == [("ingest", 10.0), ("ingest", 11.0)]  # no reset: the memory is kept
     assert stream.snapshot().counters.dropped_invalid == 3
     assert "dropping invalid frame on /cam: frame stamp -1.0 s is not a finite time >= 0" in log.lines[0]
@@ -296,31 +295,17 @@ def test_frame_clock_refusals_are_the_documented_ones(stamps):
 def test_an_unstamped_frame_in_a_stamped_stream_is_refused_not_given_the_receipt_time():
     """The receipt time (node clock, here 500 s) would put the frame after the next camera stamp,
     which would then look like a jump back and wipe the memory."""
-    session, log = FakeSession(), ListLog()
-    stream = CameraStream("cam", "/cam", session, ModelGate(), 100.0, 0, now=lambda: 500.0, log=log)
-    stream.start()
-    frame = np.zeros((4, 4, 3), np.uint8)
-    try:
-        for stamp in (10.0, 0.0, 11.0):
-            offer_and_wait(stream, stamp, lambda: frame)
-    finally:
-        stream.stop()
+    session = FakeSession()
+    stream, log = run_frames(session, (10.0, 0.0, 11.0), now=lambda: 500.0)
     assert session.calls == [("ingest", 10.0), ("ingest", 11.0)]
     assert stream.snapshot().counters.dropped_invalid == 1
     assert "frame has no header stamp (0) on a stream whose frames are stamped" in log.lines[0]
 
 
 def test_a_stream_of_unstamped_frames_uses_their_time_of_receipt():
-    session, log = FakeSession(), ListLog()
+    session = FakeSession()
     clock = iter([100.0, 100.5, 101.0, 101.5, 102.0, 102.5])
-    stream = CameraStream("cam", "/cam", session, ModelGate(), 100.0, 0, now=lambda: next(clock), log=log)
-    stream.start()
-    frame = np.zeros((4, 4, 3), np.uint8)
-    try:
-        offer_and_wait(stream, 0.0, lambda: frame)
-        offer_and_wait(stream, 0.0, lambda: frame)
-    finally:
-        stream.stop()
+    _, log = run_frames(session, (0.0, 0.0), now=lambda: next(clock))
     stamps = [call[1] for call in session.calls]
     assert stamps[0] == 100.0 and stamps[1] > stamps[0]
     assert any("frames carry no header stamp; using their time of receipt" in line for line in log.lines)
@@ -333,15 +318,8 @@ def test_the_worker_survives_any_failure_and_reports_it():
                 raise KeyError("not an input error: a bug")
             super().ingest(frame, stamp, channel_order)
 
-    session, log = FailingOnce(), ListLog()
-    stream = CameraStream("cam", "/cam", session, ModelGate(), 100.0, 0, now=lambda: 0.0, log=log)
-    stream.start()
-    frame = np.zeros((4, 4, 3), np.uint8)
-    try:
-        for stamp in (1.0, 2.0, 3.0):
-            offer_and_wait(stream, stamp, lambda: frame)
-    finally:
-        stream.stop()
+    session = FailingOnce()
+    stream, log = run_frames(session, (1.0, 2.0, 3.0))
     counters = stream.snapshot().counters
     assert (counters.ingested, counters.faults) == (2, 1)
     assert counters.last_error == "ingesting the frame at 2.000 s: KeyError: 'not an input error: a bug'"
@@ -350,18 +328,11 @@ def test_the_worker_survives_any_failure_and_reports_it():
 
 
 def test_a_decoder_that_raises_anything_counts_an_invalid_frame():
-    session, log = FakeSession(), ListLog()
-    stream = CameraStream("cam", "/cam", session, ModelGate(), 100.0, 0, now=lambda: 0.0, log=log)
-    stream.start()
-
     def decoder_bug():
         raise MemoryError("cannot allocate")
 
-    try:
-        offer_and_wait(stream, 1.0, decoder_bug)
-        offer_and_wait(stream, 2.0, lambda: np.zeros((4, 4, 3), np.uint8))
-    finally:
-        stream.stop()
+    session = FakeSession()
+    stream, log = run_frames(session, ((1.0, decoder_bug), 2.0))
     assert stream.snapshot().counters.dropped_invalid == 1
     assert "could not be decoded (MemoryError: cannot allocate)" in log.lines[0]
     assert session.calls == [("ingest", 2.0)]

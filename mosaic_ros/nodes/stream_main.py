@@ -145,8 +145,8 @@ def _start_node(log):
             )
         except ModelLoadError as error:
             raise StartError(str(error)) from None
-        except RuntimeError as error:  # torch's words for a device name it does not know
-            raise StartError(f"device {settings.device!r}: {error}") from None
+        except RuntimeError as error:  # torch's words: a device it does not know, out of memory...
+            raise StartError(f"model {settings.model!r} on device {settings.device!r}: {error}") from None
         if settings.model.startswith("tiny-random:"):
             log.warning("tiny-random model: random weights, answers are not meaningful")
         try:
