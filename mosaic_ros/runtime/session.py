@@ -252,7 +252,8 @@ class StreamSession:
         if channel_order not in ("rgb", "bgr"):
             raise SessionError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
         rgb = frame if channel_order == "rgb" else _bgr_to_rgb(frame)
-        validate_frames([rgb])
+        if self.adapter.frames_per_chunk > 1:  # a held frame is checked now, not when its pair is
+            validate_frames([rgb])
         with self._lock:
             newest = self._held[-1][1] if self._held else self._last_stamp
             if newest is not None and stamp < newest:
