@@ -21,15 +21,34 @@ for a selection shared by all heads is compiled (``plan``). On CUDA the copies a
 non-blocking, issued on a side stream from pinned memory, and the compute stream waits on
 an event before it reads the buffer.
 
+Disk tier. With ``disk_dir`` and ``resident_pages`` > 0 (a paged host store only) at most
+``resident_pages`` page tensors, all layers together, the page reserve's ready pages included,
+are held in host memory; beyond that, a cold page is written to its layer's file
+(``disk.PageFiles``) and its tensor reused for the page that needed the room. Cold = least
+recently used: every write into a page, every read of it (``read``, ``iter_pages``, a fetch)
+marks it used. Never spilled: the page holding a layer's last allocated row (where appends and
+moves land); spilled only when no other page can be: pages holding a row of
+``hot_rows(layer)`` (the policy's sinks and local window). A page never written (allocated
+ahead of the tail) is spilled without a write and brought back without a read.
+Row ids do not change: a spilled
+page keeps its rows, and everything reads through it. A fetch reads the rows a question selects
+from a spilled page straight from the file (one read per run of nearby rows) into the device
+buffer, leaving the page on disk (``FetchStats.disk_ms``/``disk_bytes``); ``read`` and
+``iter_pages`` read spilled rows the same way into new tensors; a write into a spilled page
+(a move, a compaction) first reads the whole page back into memory, spilling another.
+
 Accounting. ``host_kv_bytes`` counts CAPACITY: the bytes of every page tensor allocated
 (used or not, the page reserve's ready pages included), i.e. exactly what the process holds
-for KV. ``used_kv_bytes`` counts the rows that hold a live token.
+for KV. ``used_kv_bytes`` counts the rows that hold a live token. ``disk_kv_bytes``: the bytes
+of the spilled pages (their file ranges). Temporary tensors of one call (a ``read``'s result,
+the rows of a spilled page on their way to the device buffer) are not counted.
 """
 
 from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -37,6 +56,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from mosaic_ros.runtime.kv.disk import PageFiles
 from mosaic_ros.runtime.kv.pages import PageReserve
 from mosaic_ros.runtime.kv.plan import copy_runs, plan_shared, write_slot_meta
 from mosaic_ros.runtime.kv.policy import KVContext, KVGeometry, TokenMeta
@@ -44,6 +64,9 @@ from mosaic_ros.runtime.kv.policy import KVContext, KVGeometry, TokenMeta
 # host-to-host runs at least this long are copied by torch (split across its intra-op threads),
 # shorter ones by numpy (a single thread, but about a microsecond less per call)
 HOST_PARALLEL_ROWS = 64
+
+# rows of a spilled page this close together are read in one call (the rows between come along)
+DISK_MERGE_GAP_ROWS = 8
 
 _NO_SESSION = nullcontext()
 
@@ -60,7 +83,8 @@ class FetchStats:
     counts rows shifted inside the buffer. ``copy_ms``: host wall time inside the host->device
     copy calls (on CUDA, issuing them); the rest of a fetch's time is planning. ``cuda_events``
     = (start, end) events on the copy stream when the copies are asynchronous (their elapsed
-    time is the transfer time).
+    time is the transfer time). ``disk_ms``/``disk_bytes``: wall time inside the file reads of
+    rows on spilled pages (disk tier), and the bytes those reads took from the files.
     """
 
     copies: int = 0
@@ -70,6 +94,8 @@ class FetchStats:
     device_moves: int = 0
     copy_ms: float = 0.0
     cuda_events: tuple | None = None
+    disk_ms: float = 0.0
+    disk_bytes: int = 0
 
 
 def row_view(t: torch.Tensor) -> np.ndarray:
@@ -236,6 +262,8 @@ class HostKVStore:
     them); CPU to CPU every run is one copy. ``spare_pages``: for a paged host store, pages kept
     allocated and faulted in ahead of need by a worker thread (``PageReserve``), so growing
     does not take the first-touch page faults on the caller's path (0: none, no thread).
+    ``disk_dir``/``resident_pages``: the disk tier (see the module docstring; ``resident_pages``
+    0 = none), ``hot_rows(layer) -> rows (n,) int64``: rows spilled only when nothing else can be.
     """
 
     def __init__(
@@ -249,6 +277,9 @@ class HostKVStore:
         contiguous: bool = False,
         run_min_rows: int = 32,
         spare_pages: int = 0,
+        disk_dir: str = "",
+        resident_pages: int = 0,
+        hot_rows: Callable[[int], torch.Tensor] | None = None,
     ):
         if page_rows <= 0:
             raise ValueError(f"page_rows must be positive, got {page_rows}")
@@ -280,6 +311,23 @@ class HostKVStore:
         # per layer, (page, row_view(page)) pairs for host pages: building a view costs microseconds
         # (tens of them right after attention has evicted the caches), a fetch touches a dozen pages
         self._views: list[list[tuple[torch.Tensor, np.ndarray]]] = [[] for _ in range(n_layers)]
+        self.resident_pages = resident_pages
+        self.files: PageFiles | None = None
+        self._hot_rows = hot_rows
+        self._used: list[list[int]] = [[] for _ in range(n_layers)]  # per page: tick of its last use
+        self._written: list[set[int]] = [set() for _ in range(n_layers)]  # spilled pages with data on file
+        self._blank: list[set[int]] = [set() for _ in range(n_layers)]  # pages in memory never written
+        self._tick = 0
+        self._resident = 0  # page tensors held, all layers
+        self.disk_read_ms = 0.0  # wall time inside file reads since creation
+        self.disk_write_ms = 0.0
+        self.pages_spilled = 0
+        self.pages_restored = 0  # spilled pages read back into memory to be written
+        if resident_pages:
+            if contiguous or self.device.type != "cpu":
+                raise ValueError("a disk tier needs a paged store in host memory")
+            page_bytes = page_rows * 2 * geometry.token_row_bytes
+            self.files = PageFiles(disk_dir, n_layers, page_bytes)
         self._reserve: PageReserve | None = None
         if spare_pages > 0 and not contiguous and self.device.type == "cpu":
             make = partial(new_page, geometry, page_rows, self.device, self.pin)
@@ -351,14 +399,17 @@ class HostKVStore:
 
     # ------------------------------------------------------------------ physical rows
     def capacity_rows(self, layer: int) -> int:
-        """Rows allocated for ``layer`` (used or not)."""
-        return sum(p.shape[0] for p in self.pages[layer])
+        """Rows allocated for ``layer`` (used or not, in memory or spilled)."""
+        if self.contiguous:
+            return sum(p.shape[0] for p in self.pages[layer])
+        return len(self.pages[layer]) * self.page_rows
 
-    def _row_views(self, layer: int) -> list[np.ndarray]:
-        """``row_view`` of every page of ``layer`` (host pages), kept until the pages change."""
+    def _row_views(self, layer: int) -> list[np.ndarray | None]:
+        """``row_view`` of every page of ``layer`` (host pages; None for a spilled one), kept until
+        the pages change."""
         pages, cached = self.pages[layer], self._views[layer]
         if len(cached) != len(pages) or (pages and cached[-1][0] is not pages[-1]):
-            cached[:] = [(p, row_view(p)) for p in pages]
+            cached[:] = [(p, None if p is None else row_view(p)) for p in pages]
         return [v for _, v in cached]
 
     def _page_rows_of(self, layer: int) -> int:
@@ -366,6 +417,129 @@ class HostKVStore:
 
     def _new_page(self, rows: int) -> torch.Tensor:
         return new_page(self.geometry, rows, self.device, self.pin)
+
+    # ------------------------------------------------------------------ disk tier
+    def _page_tensor(self, keep: frozenset = frozenset()) -> torch.Tensor:
+        """A page tensor for a new or restored page: from the reserve or newly allocated while the
+        disk tier's ``resident_pages`` allow one more, else the tensor of a page spilled now (none
+        of ``keep``, (layer, page) pairs)."""
+        if self.files is not None and self._resident >= self.resident_pages:
+            page = self._spill_one(keep)
+        else:
+            page = self._reserve.take() if self._reserve is not None else self._new_page(self.page_rows)
+        self._resident += 1
+        return page
+
+    def _touch(self, layer: int, pages) -> None:
+        """Mark ``pages`` (ints) of ``layer`` used now (disk tier: the spill order)."""
+        if self.files is None:
+            return
+        self._tick += 1
+        used = self._used[layer]
+        for p in pages:
+            used[p] = self._tick
+
+    def _spilled(self, layer: int) -> np.ndarray:
+        """(pages,) bool: which pages of ``layer`` are on disk."""
+        return np.fromiter((p is None for p in self.pages[layer]), dtype=bool, count=len(self.pages[layer]))
+
+    def _victim(self, keep: frozenset) -> tuple[int, int] | None:
+        """The (layer, page) to spill: the least recently used page holding no hot row, else the
+        least recently used hot one; never a layer's tail page, nor one of ``keep``."""
+        best, best_key = None, None
+        pr = self.page_rows
+        for layer, pages in enumerate(self.pages):
+            tail = (self.high[layer] - 1) // pr if self.high[layer] else -1
+            hot: set[int] = set()
+            if self._hot_rows is not None and self.high[layer]:
+                rows = self._hot_rows(layer)
+                hot = set((rows[rows >= 0] // pr).tolist())
+            used = self._used[layer]
+            for p in range(len(pages)):
+                if p == tail or pages[p] is None or (layer, p) in keep:
+                    continue
+                key = (p in hot, used[p])
+                if best_key is None or key < best_key:
+                    best, best_key = (layer, p), key
+        return best
+
+    def _spill_one(self, keep: frozenset) -> torch.Tensor:
+        """Write the ``_victim`` page to its file and return its tensor (no longer the page's)."""
+        victim = self._victim(keep)
+        if victim is None:
+            raise StoreFullError(
+                f"the disk tier holds {self.resident_pages} pages in memory and every one is in use "
+                "(tail pages of the layers and the pages of this operation); raise the host cap"
+            )
+        layer, p = victim
+        page = self.pages[layer][p]
+        if p in self._blank[layer]:
+            self._blank[layer].discard(p)
+        else:
+            t0 = time.perf_counter()
+            self.files.write_page(layer, p, page.reshape(-1).view(torch.uint8).numpy())
+            self.disk_write_ms += (time.perf_counter() - t0) * 1e3
+            self._written[layer].add(p)
+        self.pages[layer][p] = None
+        self._views[layer] = []
+        self._resident -= 1
+        self.pages_spilled += 1
+        return page
+
+    def _restore(self, layer: int, pages: list[int]) -> None:
+        """Read the spilled ones of ``pages`` of ``layer`` back into memory (spilling others)."""
+        keep = frozenset((layer, p) for p in pages)
+        for p in pages:
+            if self.pages[layer][p] is not None:
+                continue
+            page = self._page_tensor(keep)
+            if p in self._written[layer]:
+                t0 = time.perf_counter()
+                self.files.read(layer, p * self.files.page_bytes, page.reshape(-1).view(torch.uint8).numpy())
+                self.disk_read_ms += (time.perf_counter() - t0) * 1e3
+                self._written[layer].discard(p)
+                self.pages_restored += 1
+            else:
+                self._blank[layer].add(p)
+            self.pages[layer][p] = page
+            self._views[layer] = []
+        self._update_allowance()
+
+    def _read_spilled(self, layer: int, page: int, local: np.ndarray) -> torch.Tensor:
+        """Rows ``local`` (k,) int64 (offsets within the page, any order) of spilled ``page`` as a
+        new (k, 2, H_kv, D) tensor, read from the file: one read per run of rows at most
+        ``DISK_MERGE_GAP_ROWS`` apart."""
+        g = self.geometry
+        uniq, inverse = np.unique(local, return_inverse=True)
+        out = torch.empty(uniq.size, 2, g.num_kv_heads, g.head_dim, dtype=g.dtype)
+        if uniq.size == 0:
+            return out
+        out_rows = row_view(out)
+        row_bytes = 2 * g.token_row_bytes
+        base = page * self.files.page_bytes
+        cut = np.flatnonzero(np.diff(uniq) > DISK_MERGE_GAP_ROWS + 1) + 1
+        first = np.concatenate(([0], cut))
+        last = np.concatenate((cut, [uniq.size]))
+        t0 = time.perf_counter()
+        for a, b in zip(first.tolist(), last.tolist(), strict=True):
+            lo, hi = int(uniq[a]), int(uniq[b - 1]) + 1
+            if hi - lo == b - a:  # every row of the range is wanted: straight into the result
+                self.files.read(layer, base + lo * row_bytes, out_rows[a:b])
+            else:
+                span = np.empty(hi - lo, dtype=out_rows.dtype)
+                self.files.read(layer, base + lo * row_bytes, span)
+                out_rows[a:b] = span[uniq[a:b] - lo]
+        self.disk_read_ms += (time.perf_counter() - t0) * 1e3
+        if uniq.size == local.size and bool((inverse == np.arange(local.size)).all()):
+            return out
+        return out[torch.from_numpy(inverse.reshape(-1))]
+
+    def close(self) -> None:
+        """Stop the page reserve's worker and remove the disk tier's files; the store is unusable after."""
+        if self._reserve is not None:
+            self._reserve.close()
+        if self.files is not None:
+            self.files.close()
 
     def _ensure_rows(self, layer: int, rows_needed: int) -> None:
         """Grow ``layer`` so that rows [0, rows_needed) exist."""
@@ -383,8 +557,9 @@ class HostKVStore:
             self._views[layer] = []
         else:
             while self.capacity_rows(layer) < rows_needed:
-                page = self._reserve.take() if self._reserve is not None else self._new_page(self.page_rows)
-                self.pages[layer].append(page)
+                self.pages[layer].append(self._page_tensor())
+                self._used[layer].append(self._tick)
+                self._blank[layer].add(len(self.pages[layer]) - 1)
             self._update_allowance()
         new_cap = self.capacity_rows(layer)
         grown = torch.full((new_cap,), -1, dtype=torch.int64)
@@ -425,7 +600,24 @@ class HostKVStore:
         return rows // pr, rows % pr
 
     def _write_rows(self, layer: int, rows: torch.Tensor, data: torch.Tensor) -> None:
-        """data (n, 2, H_kv, D) into ``rows`` (n,) (one copy per run)."""
+        """data (n, 2, H_kv, D) into ``rows`` (n,) (one copy per run). With the disk tier, page by
+        page: each spilled page is read back just before its rows are written."""
+        if self.files is None:
+            self._write_runs(layer, rows, data)
+            return
+        order = torch.argsort(rows)
+        rows, data = rows[order], data[order]
+        pages = rows // self.page_rows
+        starts = torch.nonzero(torch.diff(pages, prepend=torch.tensor([-1]))).flatten().tolist()
+        for a, b in zip(starts, [*starts[1:], rows.numel()], strict=True):
+            p = int(pages[a])
+            self._restore(layer, [p])
+            self._touch(layer, (p,))
+            self._blank[layer].discard(p)
+            self._write_runs(layer, rows[a:b], data[a:b])
+
+    def _write_runs(self, layer: int, rows: torch.Tensor, data: torch.Tensor) -> None:
+        """``_write_rows`` into pages in memory."""
         pr = self._page_rows_of(layer)
         first, last, n = int(rows[0]), int(rows[-1]), rows.numel()
         if last - first == n - 1 and first // pr == last // pr and bool((rows[1:] > rows[:-1]).all()):
@@ -491,15 +683,22 @@ class HostKVStore:
         g = self.geometry
         out = torch.empty(rows.numel(), 2, g.num_kv_heads, g.head_dim, dtype=g.dtype, device=self.device)
         pages, local = self._locate(layer, rows)
-        for p in torch.unique(pages).tolist():
+        touched = torch.unique(pages).tolist()
+        for p in touched:
             sel = torch.nonzero(pages == p).flatten()
-            out[sel] = self.pages[layer][p].index_select(0, local[sel].to(self.device))
+            page = self.pages[layer][p]
+            if page is None:
+                out[sel] = self._read_spilled(layer, p, local[sel].numpy())
+            else:
+                out[sel] = page.index_select(0, local[sel].to(self.device))
+        self._touch(layer, touched)
         return out
 
     def iter_pages(self, layer: int):
         """Yield (first_row, rows_view (n, 2, H_kv, D)) over the used part of every page of ``layer``.
 
-        Views include freed rows (their ``row_token`` is -1): mask them with ``row_token``.
+        Views include freed rows (their ``row_token`` is -1): mask them with ``row_token``. A
+        spilled page is read from its file into a new tensor instead of a view.
         """
         pr = self._page_rows_of(layer)
         high = self.high[layer]
@@ -507,7 +706,12 @@ class HostKVStore:
             start = i * pr
             if start >= high:
                 break
-            yield start, page[: min(pr, high - start)]
+            n = min(pr, high - start)
+            if page is None:
+                yield start, self._read_spilled(layer, i, np.arange(n))
+            else:
+                self._touch(layer, (i,))
+                yield start, page[:n]
 
     def rows_of(self, layer: int, token_ids: torch.Tensor) -> torch.Tensor:
         """Physical rows (…) of ``token_ids`` in ``layer`` (-1 where the layer does not hold them)."""
@@ -538,14 +742,25 @@ class HostKVStore:
         occupied = self.row_token[layer][rows] >= 0
         if bool(occupied.any()) and not bool(torch.isin(rows[occupied], old).all()):
             raise ValueError("move: destination rows hold other tokens")
-        if self.device.type == "cpu" and not bool(occupied.any()):
+        if self.device.type == "cpu" and not bool(occupied.any()) and self._in_memory(layer, old, rows):
             self._copy_rows_host(layer, old.numpy(), rows.numpy())
+            self._blank[layer].difference_update(torch.unique(rows // self._page_rows_of(layer)).tolist())
         else:  # through a copy: destinations may overlap the sources (an in-place relayout)
             self._write_rows(layer, rows, self.read(layer, old))
         self.row_token[layer][old] = -1
         self.row_token[layer][rows] = token_ids
         self.token_row[layer][token_ids] = rows
         self.layout_version[layer] += 1
+
+    def _in_memory(self, layer: int, *row_sets: torch.Tensor) -> bool:
+        """Whether every page holding one of the rows is in memory (marking them used)."""
+        if self.files is None:
+            return True
+        pages = torch.unique(torch.cat(row_sets) // self.page_rows).tolist()
+        if any(self.pages[layer][p] is None for p in pages):
+            return False
+        self._touch(layer, pages)
+        return True
 
     def _copy_rows_host(self, layer: int, src: np.ndarray, dst: np.ndarray) -> None:
         """Row ``src[i]`` -> row ``dst[i]`` of ``layer`` on host pages, no row in both sets: one
@@ -590,6 +805,8 @@ class HostKVStore:
         """Order-preserving compaction: live rows move down to [0, live); spare pages are freed.
 
         Runs stay runs (relative order is kept), so a placement laid out by a policy survives.
+        Rows move a page's worth at a time, in ascending order (a row only ever moves down, so a
+        step never overwrites rows a later step reads).
         """
         rt = self.row_token[layer][: self.high[layer]]
         live_rows = torch.nonzero(rt >= 0).flatten()
@@ -599,8 +816,10 @@ class HostKVStore:
             moving = live_rows != torch.arange(n)
             if bool(moving.any()):
                 first = int(torch.nonzero(moving).flatten()[0])
-                data = self.read(layer, live_rows[first:])
-                self._write_rows(layer, torch.arange(first, n), data)
+                step = self.page_rows
+                for a in range(first, n, step):
+                    src = live_rows[a : a + step]
+                    self._write_rows(layer, torch.arange(a, a + src.numel()), self.read(layer, src))
             self.row_token[layer][:n] = ids
             self.row_token[layer][n:] = -1
             self.token_row[layer][ids] = torch.arange(n)
@@ -608,8 +827,14 @@ class HostKVStore:
             self.layout_version[layer] += 1
         if not self.contiguous:
             keep = -(-n // self.page_rows)
-            spare = self.pages[layer][keep:]
+            spare = [p for p in self.pages[layer][keep:] if p is not None]
             del self.pages[layer][keep:]
+            del self._used[layer][keep:]
+            self._written[layer] = {p for p in self._written[layer] if p < keep}
+            self._blank[layer] = {p for p in self._blank[layer] if p < keep}
+            self._resident -= len(spare) if self.files is not None else 0
+            if self.files is not None:
+                self.files.truncate(layer, keep)
             if self._reserve is not None and spare:
                 self._update_allowance()
                 for page in spare:  # already faulted in: the next growth takes them first
@@ -618,11 +843,15 @@ class HostKVStore:
             self.row_token[layer] = self.row_token[layer][: keep * self.page_rows].clone()
 
     def _update_allowance(self) -> None:
-        """Under ``max_rows`` the reserve holds no more pages than the layers may still add."""
+        """Under ``max_rows`` the reserve holds no more pages than the layers may still add; with
+        the disk tier, no more than ``resident_pages`` leave room for."""
         if self._reserve is None or not self.max_rows:
             return
         per_layer = -(-self.max_rows // self.page_rows)
-        self._reserve.set_allowance(sum(max(per_layer - len(p), 0) for p in self.pages))
+        room = sum(max(per_layer - len(p), 0) for p in self.pages)
+        if self.files is not None:
+            room = min(room, self.resident_pages - self._resident)
+        self._reserve.set_allowance(room)
 
     @property
     def page_reserve(self) -> PageReserve | None:
@@ -634,8 +863,20 @@ class HostKVStore:
     def host_kv_bytes(self) -> int:
         """Bytes of every page tensor allocated, all layers (capacity, not used rows), and of the
         reserve's ready pages."""
-        held = sum(p.numel() * p.element_size() for pages in self.pages for p in pages)
+        held = sum(p.numel() * p.element_size() for pages in self.pages for p in pages if p is not None)
         return held + (self._reserve.ready_bytes if self._reserve is not None else 0)
+
+    @property
+    def disk_bytes_read(self) -> int:
+        """Bytes read from the disk tier's files since the store was made (0 without one)."""
+        return self.files.bytes_read if self.files is not None else 0
+
+    @property
+    def disk_kv_bytes(self) -> int:
+        """Bytes of the spilled pages that hold data in their files, all layers (0 without a disk tier)."""
+        if self.files is None:
+            return 0
+        return sum(len(written) for written in self._written) * self.files.page_bytes
 
     @property
     def used_kv_bytes(self) -> int:
@@ -838,6 +1079,18 @@ class HostKVStore:
         """
         unit_bytes = (2 * self.geometry.token_row_bytes) // into.groups
         stats.bytes_moved += rows.size * unit_bytes
+        if self.files is not None:
+            pages = rows // self.page_rows
+            on_disk = self._spilled(layer)[pages]
+            if on_disk.any():
+                ms, read = self.disk_read_ms, self.files.bytes_read
+                self._copy_from_disk(layer, into, rows[on_disk], dst[on_disk], stats)
+                stats.disk_ms += self.disk_read_ms - ms
+                stats.disk_bytes += self.files.bytes_read - read
+                rows, dst, pages = rows[~on_disk], dst[~on_disk], pages[~on_disk]
+                if rows.size == 0:
+                    return
+            self._touch(layer, np.unique(pages).tolist())
         if into.groups == 1:
             starts, slots, lengths = copy_runs(
                 np.ascontiguousarray(rows, dtype=np.int64),
@@ -859,6 +1112,31 @@ class HostKVStore:
         t0 = time.perf_counter()
         self._gather(layer, into, rows, dst, stats)
         stats.copy_ms += (time.perf_counter() - t0) * 1e3
+
+    def _copy_from_disk(
+        self, layer: int, into: DeviceBuffer, rows: np.ndarray, dst: np.ndarray, stats: FetchStats
+    ) -> None:
+        """Rows (k,) on spilled pages into flat buffer slots ``dst`` (k,): per page, the rows are
+        read from the file (``_read_spilled``) and written into their slots with one copy."""
+        cap, pr = into.capacity, self.page_rows
+        pages = rows // pr
+        order = np.argsort(pages, kind="stable")
+        rows, dst, pages = rows[order], dst[order], pages[order]
+        bounds = np.flatnonzero(np.concatenate(([True], pages[1:] != pages[:-1], [True])))
+        groups, slots = np.divmod(dst, cap)
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+            data = self._read_spilled(layer, int(pages[a]), rows[a:b] % pr)
+            t0 = time.perf_counter()
+            to_slots = self._index(slots[a:b], into.device)
+            if into.groups == 1:
+                into.data[to_slots] = data.to(into.device)
+            else:  # each slot holds one head's K and V: pick that head of each row
+                unit = data.permute(2, 0, 1, 3)[torch.from_numpy(groups[a:b]), torch.arange(b - a)]
+                into.data.permute(2, 0, 1, 3)[self._index(groups[a:b], into.device), to_slots] = unit.to(
+                    into.device
+                )
+            stats.copy_ms += (time.perf_counter() - t0) * 1e3
+            stats.copies += 1
 
     def _host_to_host(self, into: DeviceBuffer) -> bool:
         """Whether a fetch into ``into`` is a CPU-to-CPU copy of whole rows (numpy row views)."""
