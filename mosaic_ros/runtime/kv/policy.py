@@ -80,6 +80,8 @@ class PolicyConfig:
     compression: str = "vsb"
     prefetch: bool = True
     options: dict[str, Any] = field(default_factory=dict)
+    disk_dir: str = ""
+    disk_cap_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.budget_tokens <= 0:
@@ -93,6 +95,21 @@ class PolicyConfig:
             )
         if self.host_cap_bytes < 0:
             raise ValueError(f"host_cap_bytes must be >= 0, got {self.host_cap_bytes}")
+        check_disk_tier(self)
+
+
+def check_disk_tier(config: PolicyConfig) -> None:
+    """``ValueError`` unless the disk tier's settings agree: a disk cap >= 0, and > 0 only with a
+    host cap and a ``disk_dir`` (whether the directory is usable is checked when the policy is
+    made)."""
+    if config.disk_cap_bytes < 0:
+        raise ValueError(f"disk_cap_bytes must be >= 0, got {config.disk_cap_bytes}")
+    if config.disk_cap_bytes and not config.host_cap_bytes:
+        raise ValueError(
+            "disk_cap_bytes > 0 needs host_cap_bytes > 0: the disk holds what the host cap does not"
+        )
+    if config.disk_cap_bytes and not config.disk_dir:
+        raise ValueError("disk_cap_bytes > 0 needs a disk_dir (the directory of the disk tier's files)")
 
 
 @dataclass
@@ -161,7 +178,10 @@ class RetrievalStats:
     """What one question's retrieval cost, summed over layers. Times in ms, sizes in bytes.
 
     ``copy_ms`` is the part of ``transfer_ms`` spent inside the copy calls themselves (the
-    rest is residency planning and bookkeeping).
+    rest is residency planning and bookkeeping). ``disk_fetch_ms``: time reading KV of spilled
+    pages from the disk tier's files (for fetches, and for selections that score every key),
+    counted in neither ``select_ms`` nor ``transfer_ms``; ``disk_bytes_read``: what those reads
+    took from the files.
     """
 
     select_ms: float = 0.0
@@ -172,6 +192,8 @@ class RetrievalStats:
     tokens_retrieved: int = 0
     prefetch_hits: int = 0
     prefetch_lookups: int = 0
+    disk_fetch_ms: float = 0.0
+    disk_bytes_read: int = 0
 
     @property
     def prefetch_hit_rate(self) -> float:
@@ -180,10 +202,13 @@ class RetrievalStats:
 
 @dataclass
 class MemoryStats:
-    """Memory held by a policy now. ``units`` are clusters, pages or blocks (per layer, mean)."""
+    """Memory held by a policy now. ``units`` are clusters, pages or blocks (per layer, mean).
+    ``tokens`` counts every token held (host memory, device, disk); ``disk_kv_bytes``: KV in the
+    disk tier's files."""
 
     tokens: int = 0
     host_kv_bytes: int = 0
+    disk_kv_bytes: int = 0
     device_kv_bytes: int = 0
     device_kv_bytes_peak: int = 0
     units: int = 0
@@ -246,6 +271,10 @@ class KVPolicy(ABC):
     @abstractmethod
     def reset(self) -> None:
         """Forget the whole stream."""
+
+    def close(self) -> None:  # noqa: B027 (optional: most policies hold nothing outside their objects)
+        """Release what the policy holds outside its objects (the disk tier's files, threads);
+        the policy is unusable after. Default: nothing to release."""
 
     def live_token_ids(self) -> torch.Tensor:
         """Ids (n,) int64, ascending, of the tokens held, the same set in every layer. Raises

@@ -4,7 +4,10 @@ A subclass decides only *which* tokens a layer hands attention for a question
 (``select``) and, if it is not a plain retrieval policy, what a chunk attends to while
 ingesting. The base class turns token ids into store rows, fetches them into a reusable
 per-layer ``DeviceBuffer`` (sized to the budget, allocated once), times ``select`` and
-``transfer`` separately, and keeps host memory under ``config.host_cap_bytes``.
+``transfer`` separately, and keeps host memory under ``config.host_cap_bytes``: by compression,
+or, with a disk tier (``config.disk_cap_bytes``), by spilling cold store pages to files under
+``config.disk_dir`` first (the store does it; policies see the same rows), compressing only once
+the disk cap is reached too.
 
 Budget: ``config.budget_tokens`` per layer per question, sinks and local window included.
 Sinks are the stream's first ``sink_tokens`` tokens; the local window is the last
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -44,6 +49,21 @@ COMMON_OPTIONS: dict[str, Any] = {
     "vsb_buckets": 32,  # VSB timeline buckets (each keeps its own top tokens)
     "vsb_probe": 16,  # VSB probe tokens taken from the most recent vision tokens
 }
+
+# with a disk tier, pages are made small enough that the host cap holds at least this many per
+# layer (a layer's tail page, and the pages one move or compaction step writes, stay in memory)
+DISK_MIN_PAGES_PER_LAYER = 4
+
+
+def _hot_rows_of(policy: StoreBackedPolicy) -> Callable[[int], torch.Tensor]:
+    """``policy.hot_rows`` for its store, holding the policy only weakly (no reference cycle)."""
+    ref = weakref.ref(policy)
+
+    def hot_rows(layer: int) -> torch.Tensor:
+        owner = ref()
+        return owner.hot_rows(layer) if owner is not None else torch.zeros(0, dtype=torch.int64)
+
+    return hot_rows
 
 
 class StoreBackedPolicy(KVPolicy):
@@ -82,16 +102,20 @@ class StoreBackedPolicy(KVPolicy):
                 raise ValueError(f"option {key} must be positive, got {self.options[key]}")
         if int(self.options["spare_pages"]) < 0:
             raise ValueError(f"option spare_pages must be >= 0, got {self.options['spare_pages']}")
-        self.page_rows, self.max_rows = self._cap_layout()
+        self.page_rows, self.max_rows, self.resident_pages = self._cap_layout()
         self.reset()
 
     # ------------------------------------------------------------------ construction helpers
-    def _cap_layout(self) -> tuple[int, int]:
-        """(page_rows, max_rows per layer) honouring ``host_cap_bytes`` (0 = no cap)."""
+    def _cap_layout(self) -> tuple[int, int, int]:
+        """(page_rows, max_rows per layer, pages in host memory for all layers) honouring
+        ``host_cap_bytes`` (0 = no cap) and the disk tier (``disk_cap_bytes``; 0 = none: the last
+        figure is 0). With a disk tier, ``max_rows`` is what host cap and disk cap hold together,
+        and pages are cut to at most a ``DISK_MIN_PAGES_PER_LAYER``-th of a layer's share of the
+        host cap."""
         page = int(self.options["page_rows"])
         cap = self.config.host_cap_bytes
         if not cap:
-            return page, 0
+            return page, 0, 0
         cap_rows = cap // self.geometry.bytes_per_token
         floor = self.config.sink_tokens + self.config.window_tokens + 1
         if cap_rows < floor:
@@ -99,9 +123,15 @@ class StoreBackedPolicy(KVPolicy):
                 f"host_cap_bytes={cap} holds {cap_rows} tokens ({self.geometry.bytes_per_token} B/token); "
                 f"it must hold at least sinks + window + 1 = {floor}"
             )
-        n_pages = math.ceil(cap_rows / page)
-        page = cap_rows // n_pages
-        return page, page * n_pages
+        disk = self.config.disk_cap_bytes
+        if not disk:
+            n_pages = math.ceil(cap_rows / page)
+            page = cap_rows // n_pages
+            return page, page * n_pages, 0
+        page = min(page, cap_rows // DISK_MIN_PAGES_PER_LAYER)
+        page_bytes = page * 2 * self.geometry.token_row_bytes
+        per_layer = (cap + disk) // (self.geometry.num_layers * page_bytes)
+        return page, page * per_layer, cap // page_bytes
 
     def _new_store(self) -> HostKVStore:
         return HostKVStore(
@@ -111,9 +141,21 @@ class StoreBackedPolicy(KVPolicy):
             pin=self.device.type == "cuda",
             run_min_rows=int(self.options["run_min_rows"]),
             spare_pages=int(self.options["spare_pages"]),
+            disk_dir=self.config.disk_dir,
+            resident_pages=self.resident_pages,
+            hot_rows=_hot_rows_of(self),
         )
 
+    def hot_rows(self, layer: int) -> torch.Tensor:
+        """Rows (n,) int64 of ``layer`` the disk tier spills only when nothing else can go: the sinks
+        and the local window (every frame and question reads them)."""
+        rows = self.store.rows_of(layer, self.ingest_ids(layer))
+        return rows[rows >= 0]
+
     def reset(self) -> None:
+        old = getattr(self, "store", None)
+        if old is not None:
+            old.close()
         self.store = self._new_store()
         self._buffers: dict[int, DeviceBuffer] = {}
         self._ingest_buffers: dict[int, DeviceBuffer] = {}
@@ -337,9 +379,14 @@ class StoreBackedPolicy(KVPolicy):
 
     def retrieve(self, layer: int, query: torch.Tensor) -> KVContext:
         self._check_retrieve(layer, query)
+        store = self.store
+        disk_ms, disk_bytes = store.disk_read_ms, store.disk_bytes_read
         t0 = time.perf_counter()
         ids = self.select(layer, query)
         t1 = time.perf_counter()
+        scan_ms = store.disk_read_ms - disk_ms  # a selection that scores every key reads spilled pages
+        self._stats.disk_fetch_ms += scan_ms
+        self._stats.disk_bytes_read += store.disk_bytes_read - disk_bytes
         n = ids.shape[-1]
         if n > self.config.budget_tokens:
             raise AssertionError(
@@ -348,13 +395,16 @@ class StoreBackedPolicy(KVPolicy):
         buf = self._buffer(layer)
         fs = self.store.fetch(layer, self.store.rows_of(layer, ids), buf)
         t2 = time.perf_counter()
-        self._account(fs, (t1 - t0) * 1e3, (t2 - t1) * 1e3, n)
+        self._account(fs, (t1 - t0) * 1e3 - scan_ms, (t2 - t1) * 1e3, n)
         return buf.context()
 
     def _account(self, fs: FetchStats, select_ms: float, transfer_ms: float, tokens: int) -> None:
+        """Add one fetch and the times around it; its disk reads count apart from ``transfer_ms``."""
         s = self._stats
         s.select_ms += select_ms
-        s.transfer_ms += transfer_ms
+        s.transfer_ms += transfer_ms - fs.disk_ms
+        s.disk_fetch_ms += fs.disk_ms
+        s.disk_bytes_read += fs.disk_bytes
         if fs.cuda_events is not None:
             self._events.append(fs.cuda_events)
         s.copies += fs.copies
@@ -420,8 +470,12 @@ class StoreBackedPolicy(KVPolicy):
         return MemoryStats(
             tokens=int(self.store.alive.sum()),
             host_kv_bytes=self.store.host_kv_bytes,
+            disk_kv_bytes=self.store.disk_kv_bytes,
             device_kv_bytes=self.device_kv_bytes(),
             device_kv_bytes_peak=self._device_peak,
             units=self.units(),
             tokens_evicted=self.tokens_evicted,
         )
+
+    def close(self) -> None:
+        self.store.close()

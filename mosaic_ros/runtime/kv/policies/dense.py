@@ -29,6 +29,11 @@ class DensePolicy(StoreBackedPolicy):
     option_defaults: ClassVar[dict[str, Any]] = {"reserve_tokens": 0}
 
     def _new_store(self) -> HostKVStore:
+        if self.config.disk_cap_bytes:
+            raise ValueError(
+                "policy 'dense' attends to every token on the compute device: it has no disk tier "
+                "(set disk_cap_bytes to 0)"
+            )
         reserve = int(self.options["reserve_tokens"])
         if reserve < 0:
             raise ValueError(f"reserve_tokens must be >= 0, got {reserve}")
