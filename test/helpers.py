@@ -86,6 +86,9 @@ def distinct_latency_stats() -> LatencyStats:
         copies=19,
         prefetch_hit_rate=0.625,
         tokens_evicted=2**44 + 21,
+        disk_fetch_ms=8.96875,
+        disk_bytes_read=2**45 + 23,
+        disk_kv_bytes=2**46 + 24,
     )
 
 

@@ -36,6 +36,9 @@ LATENCY_STATS_FIELDS = {
     "copies": "uint32",
     "prefetch_hit_rate": "float",
     "tokens_evicted": "uint64",
+    "disk_fetch_ms": "double",
+    "disk_bytes_read": "uint64",
+    "disk_kv_bytes": "uint64",
 }
 
 STREAM_STATUS_FIELDS = {

@@ -92,7 +92,8 @@ class SessionConfig:
 
     ``sink_tokens=None`` makes the stream's fixed preamble the attention sinks.
     ``kv_dtype=None`` stores KV in the model's dtype. ``compression`` (``vsb`` or
-    ``drop_oldest``) keeps host KV under ``host_cap_bytes`` when one is set.
+    ``drop_oldest``) keeps host KV under ``host_cap_bytes`` when one is set; with
+    ``disk_cap_bytes`` > 0 cold KV moves to files under ``disk_dir`` first (``PolicyConfig``).
     ``maintain_budget_ms`` bounds deferred KV maintenance after each frame.
     ``remember_dialogue`` appends each question and its answer to the stream as text, so
     later questions can refer to them. A question is
@@ -109,6 +110,8 @@ class SessionConfig:
     compression: str = "vsb"
     prefetch: bool = True
     policy_options: dict = field(default_factory=dict)
+    disk_dir: str = ""
+    disk_cap_bytes: int = 0
     kv_dtype: torch.dtype | None = None
     max_question_chars: int = 2000
     max_question_tokens: int = 512
@@ -203,6 +206,8 @@ class StreamSession:
             compression=cfg.compression,
             prefetch=cfg.prefetch,
             options=dict(cfg.policy_options),
+            disk_dir=cfg.disk_dir,
+            disk_cap_bytes=cfg.disk_cap_bytes,
         )
         self.policy = make_policy(cfg.policy, geometry, policy_config, ad.device)
         self.bridge = KVBridge(self.policy, ad.rotary, ad.num_layers)
@@ -457,6 +462,8 @@ class StreamSession:
         stats.tokens_generated = len(generated)
         stats.retrieval_ms = retrieval.select_ms
         stats.transfer_ms = retrieval.transfer_ms
+        stats.disk_fetch_ms = retrieval.disk_fetch_ms
+        stats.disk_bytes_read = retrieval.disk_bytes_read
         stats.tokens_retrieved = retrieval.tokens_retrieved
         stats.bytes_moved = retrieval.bytes_moved
         stats.copies = retrieval.copies
@@ -475,6 +482,7 @@ class StreamSession:
         stats.tokens_in_memory = mem.tokens
         stats.device_kv_bytes = mem.device_kv_bytes_peak
         stats.host_kv_bytes = mem.host_kv_bytes
+        stats.disk_kv_bytes = mem.disk_kv_bytes
         stats.clusters_in_memory = mem.units
         stats.tokens_evicted = mem.tokens_evicted + self._evicted_before
 

@@ -32,6 +32,9 @@ class LatencyStats:
     copies: int = 0
     prefetch_hit_rate: float = 0.0
     tokens_evicted: int = 0
+    disk_fetch_ms: float = 0.0
+    disk_bytes_read: int = 0
+    disk_kv_bytes: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
