@@ -425,10 +425,12 @@ class HostKVStore:
         of ``keep``, (layer, page) pairs)."""
         if self.files is not None and self._resident >= self.resident_pages:
             page = self._spill_one(keep)
-        else:
-            page = self._reserve.take() if self._reserve is not None else self._new_page(self.page_rows)
+            self._resident += 1
+            return page
         self._resident += 1
-        return page
+        if self.files is not None:
+            self._update_allowance()  # the reserve shrinks first, so it never holds what the cap lacks
+        return self._reserve.take() if self._reserve is not None else self._new_page(self.page_rows)
 
     def _touch(self, layer: int, pages) -> None:
         """Mark ``pages`` (ints) of ``layer`` used now (disk tier: the spill order)."""
