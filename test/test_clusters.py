@@ -1,4 +1,5 @@
-"""ClusterIndex: cohesion-aware assignment, adaptive threshold, deferred splits, scoring, selection."""
+"""ClusterIndex / ClusterBank: cohesion-aware assignment, adaptive threshold, deferred splits, scoring,
+selection, and all layers assigned at once."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import random
 import pytest
 import torch
 
-from mosaic_ros.runtime.kv.clusters import ClusterConfig, ClusterIndex
+from mosaic_ros.runtime.kv.clusters import ClusterBank, ClusterConfig, ClusterIndex
 
 H, D = 4, 32
 
@@ -371,7 +372,7 @@ def test_check_invariants_catches_corruption():
     with pytest.raises(AssertionError, match="centroids drifted"):
         index.check_invariants(bank)
     bank.keys[3] -= 1.0
-    index._tok_cluster[0] = -1  # a token lost from the map
+    index._bank.tok_cluster[0, 0] = -1  # a token lost from the map
     with pytest.raises(AssertionError, match="tokens mapped"):
         index.check_invariants(bank)
 
@@ -476,3 +477,73 @@ def test_invariants_hold_over_ten_thousand_random_operations():
     index.check_invariants(bank)
     assert index.num_tokens == len(held) and not index.pending
     assert index.regions > 0
+
+
+def layered_chunk(rng: random.Random, gen: torch.Generator, objects: list[torch.Tensor], noise: list[float]):
+    """One chunk for every layer (same length, same tags): (keys per layer, modality).
+
+    A frame chunk (1-24 tokens) shows objects; layer l sees each object as one of its own ``l + 1``
+    variants with its own noise, so the layers' clusters differ in number and spread. A long text
+    chunk (15%: 100-400 tokens) draws, per layer, from a few new "words" of its own.
+    """
+    heads, dim = objects[0].shape[1:]
+    if rng.random() < 0.15:
+        n, words = rng.randint(100, 400), rng.randint(3, 30)
+        keys = []
+        for _ in objects:
+            vocab = torch.randn(words, heads, dim, generator=gen)
+            word = torch.randint(words, (n,), generator=gen)
+            keys.append(vocab[word] + 0.05 * torch.randn(n, heads, dim, generator=gen))
+        return keys, torch.zeros(n, dtype=torch.uint8)
+    n = rng.randint(1, 24)
+    pick = torch.randint(12, (n,), generator=gen)
+    keys = []
+    for layer, (obj, sd) in enumerate(zip(objects, noise, strict=True)):
+        variant = pick * (layer + 1) + torch.randint(layer + 1, (n,), generator=gen)
+        keys.append(obj[variant] + sd * torch.randn(n, heads, dim, generator=gen))
+    return keys, torch.ones(n, dtype=torch.uint8)
+
+
+def test_a_bank_assigns_every_layer_as_that_layer_alone():
+    """``ClusterBank.assign`` clusters a chunk in all layers at once (padded candidate sets, one
+    batched product per stage); every layer must decide exactly what a one-layer index given the
+    same stream decides, through regions, the coarse search, splits and long text chunks."""
+    layers, heads, dim = 3, 2, 8
+    cfg = ClusterConfig(max_cluster_tokens=24, route_min_clusters=16)
+    bank = ClusterBank(layers, heads, dim, cfg)
+    alone = [ClusterIndex(heads, dim, cfg) for _ in range(layers)]
+    keys_of = [KeyBank(heads, dim, capacity=1 << 17) for _ in range(layers)]
+    rng, gen = random.Random(3), torch.Generator().manual_seed(3)
+    objects = [torch.randn(12 * (layer + 1), heads, dim, generator=gen) for layer in range(layers)]
+    noise = [0.15, 0.3, 0.5]
+    widest = 0.0
+    for step in range(150):
+        keys, modality = layered_chunk(rng, gen, objects, noise)
+        ids = [store.add(k) for store, k in zip(keys_of, keys, strict=True)]
+        ids = ids[0]  # the same ids in every layer
+        together = bank.assign(torch.stack(keys), ids, modality)
+        for layer, index in enumerate(alone):
+            assert torch.equal(together[layer], index.assign(keys[layer], ids, modality)), (step, layer)
+            assert bank.layers[layer].search_width == index.search_width
+            widest = max(widest, index.search_width)
+        if step % 5 == 4:  # maintenance with a budget no call uses up: the same splits either way
+            for layer, index in enumerate(alone):
+                mine = bank.layers[layer].maintain(keys_of[layer], 60_000.0).splits
+                theirs = index.maintain(keys_of[layer], 60_000.0).splits
+                assert [(s.parent, s.children) for s in mine] == [(s.parent, s.children) for s in theirs]
+    clusters = [index.num_clusters for index in alone]
+    assert len(set(clusters)) == layers  # the layers' sets differ in size: padding was exercised
+    assert widest > 64  # a set beyond the exact-search limit: the coarse stage ran too
+    for layer, index in enumerate(alone):
+        view = bank.layers[layer]
+        assert torch.equal(view.counts, index.counts) and view.regions == index.regions > 0
+        assert view.threshold == index.threshold
+        view.check_invariants(keys_of[layer])
+
+
+def test_a_bank_takes_whole_chunks_of_every_layer():
+    bank = ClusterBank(2, H, D)
+    with pytest.raises(ValueError, match="keys must be"):
+        bank.assign(torch.randn(3, H, D), torch.arange(3))
+    with pytest.raises(ValueError, match="assigned together"):
+        bank.layers[0].assign(torch.randn(3, H, D), torch.arange(3))

@@ -160,12 +160,557 @@ def require(ok: bool, message: str) -> None:
         raise AssertionError(message)
 
 
-class ClusterIndex:
-    """Clusters of one layer's position-free keys, built online, scored in one batched product.
+class ClusterBank:
+    """The clusters of every layer of a model, their statistics stacked over layers.
 
-    Statistics live on ``device`` (float32); token bookkeeping (token -> cluster, members) on the
-    CPU. Token ids are int64, strictly increasing across ``assign`` calls (gaps allowed).
-    Not thread-safe.
+    Per-cluster statistics are ``(L, capacity, ...)`` tensors on ``device`` (float32), so a chunk
+    is assigned in every layer at once (``assign``): the embedding, the scale sample, the join
+    tests and the grouping of rejected tokens are batched products over the layers, with each
+    layer's candidate clusters padded to a common count, instead of one small product per layer.
+    Every layer decides exactly what it would decide alone (``test_clusters``: a bank of L layers
+    against L one-layer banks). Token bookkeeping (token -> cluster per layer) is on the CPU;
+    token ids are int64, strictly increasing across ``assign`` calls (gaps allowed), and every
+    chunk goes to every layer. Maintenance, removal, scoring and checks are per layer
+    (``layers[l]``, a ``ClusterIndex``). Not thread-safe.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        config: ClusterConfig | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if num_layers <= 0 or num_kv_heads <= 0 or head_dim <= 0:
+            raise ValueError(
+                f"num_layers, num_kv_heads and head_dim must be positive, got {num_layers}, {num_kv_heads}, "
+                f"{head_dim}"
+            )
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.config = config or ClusterConfig()
+        self.device = torch.device(device)
+        n, width = num_layers, num_kv_heads * head_dim
+        proj_dim = min(width, _PROJ_DIM)
+        if proj_dim == width:
+            self.proj = torch.eye(width, device=self.device)
+        else:
+            gen = torch.Generator().manual_seed(0)
+            self.proj = (torch.randn(width, proj_dim, generator=gen) / math.sqrt(proj_dim)).to(self.device)
+        dev = self.device
+        # per cluster, (L, capacity): count, sums of unit rows / raw keys / projected unit rows,
+        # |sum_unit|^2, the last chunk that added to it, its region (-1: none)
+        self.count = torch.zeros(n, 0, dtype=torch.int64, device=dev)
+        self.sum_unit = torch.zeros(n, 0, width, device=dev)
+        self.sum_raw = torch.zeros(n, 0, width, device=dev)
+        self.sum_norm2 = torch.zeros(n, 0, device=dev)
+        self.sum_proj = torch.zeros(n, 0, proj_dim, device=dev)
+        self.touched = torch.zeros(n, 0, dtype=torch.int64, device=dev)
+        self.region = torch.zeros(n, 0, dtype=torch.int64, device=dev)
+        # regions (rebuilt per layer in maintain): centres (L, G_cap, P), G per layer (0: none yet)
+        self.centers = torch.zeros(n, 0, proj_dim, device=dev)
+        self.num_regions = [0] * n
+        self.routed = [0] * n  # live clusters of the layer when its regions were last built
+        self.slots = [0] * n
+        self.free: list[list[int]] = [[] for _ in range(n)]  # heaps of reusable ids
+        self.queue: list[deque[int]] = [deque() for _ in range(n)]
+        self.queued: list[set[int]] = [set() for _ in range(n)]
+        self.ranked = [0] * n  # (token, cluster) pairs the search of the last chunk ranked
+        self.ranked_tokens = [0] * n
+        self.centroid_cache: list[Tensor | None] = [None] * n
+        self.chunks = 0  # chunks assigned so far
+        # token bookkeeping, CPU: column i describes token id ``base + i``
+        self.base = 0
+        self.tok_len = 0
+        self.tok_cluster = torch.zeros(n, 0, dtype=torch.int64)
+        self.tok_modality = torch.zeros(0, dtype=torch.uint8)
+        self.last_id: int | None = None
+        self.assigned = 0
+        self.removed = [0] * n
+        # local scale: reference rows (L, R, F) and their tags (R,), log scale per layer (L,) float64
+        self.ref = torch.zeros(n, 0, width, device=dev)
+        self.ref_modality = torch.zeros(0, dtype=torch.uint8, device=dev)
+        self.chunk_max = 0
+        self.log_scale: Tensor | None = None
+        self.scale_updates = 0
+        self.layers = [ClusterIndex._of(self, layer) for layer in range(n)]
+
+    @property
+    def capacity(self) -> int:
+        return self.count.shape[1]
+
+    # -----------------------------------------------------------------------------------------
+    # assignment
+    # -----------------------------------------------------------------------------------------
+
+    def assign(self, keys: Tensor, token_ids: Tensor, modality: Tensor | None = None) -> Tensor:
+        """Place one chunk into clusters in every layer; returns cluster ids (L, T) int64 on the CPU.
+
+        keys: (L, T, H_kv, D) pre-RoPE keys of the chunk per layer, any float dtype/device;
+        token_ids: (T,) int64 strictly increasing and above every id given before; modality:
+        optional (T,) uint8 per-token tag (0 when omitted). Tokens of any modality may share a
+        cluster; the tag only keeps the local-scale measurement within a modality and feeds
+        ``modality_counts``. Clusters that become too loose or too large are queued for
+        ``maintain``, never split here.
+        """
+        count = self._check_chunk(keys, token_ids, modality)
+        ids = token_ids.to("cpu", torch.int64)
+        if count == 0:
+            return ids.expand(self.num_layers, 0).clone()
+        unit, raw = self.embed(keys)
+        proj = unit @ self.proj  # (L, T, P): the coarse search, region routing and projected sums
+        tags = torch.zeros(count, dtype=torch.uint8) if modality is None else modality.to("cpu", torch.uint8)
+        tags = tags.to(self.device)
+        sample, from_reference = self._scale_sample(unit, tags)
+        scale = sample if self.log_scale is None else self.log_scale.exp()
+        cid = torch.full((self.num_layers, count), -1, dtype=torch.int64, device=self.device)
+        self.ranked, self.ranked_tokens = [0] * self.num_layers, [count] * self.num_layers
+        scale_dev = None if scale is None else scale.to(self.device, torch.float32)
+        if scale_dev is not None and max(self.slots) > 0:
+            cid = self._join_existing(unit, proj, scale, scale_dev)
+        rejected = cid < 0
+        if bool(rejected.any()):
+            radius = None if scale is None else (2.0 * self.config.join_radius * scale).to(self.device)
+            rows, valid = _padded_rows(rejected)
+            labels, groups = self._group(_take_rows(unit, rows), valid, radius)
+            table = torch.full((self.num_layers, max(groups) + 1), -1, dtype=torch.int64)
+            for layer, g in enumerate(groups):
+                if g:
+                    table[layer, :g] = torch.tensor(self._alloc(layer, g), dtype=torch.int64)
+            table = table.to(self.device)
+            new = table.gather(1, labels.clamp_min(0))
+            layer_of, at = valid.nonzero(as_tuple=True)
+            cid[layer_of, rows[layer_of, at]] = new[layer_of, at]
+        layer_ids = torch.arange(self.num_layers, device=self.device)[:, None].expand_as(cid)
+        self._add_stats(layer_ids, cid, unit, raw, sign=1.0, proj=proj)
+        self._route(layer_ids.reshape(-1), cid.reshape(-1))  # an older cluster's region stays current
+        self.chunks += 1
+        self.touched.scatter_(1, cid, self.chunks)
+        cid = cid.cpu()
+        self._record(ids, cid, modality)
+        if from_reference:
+            self._update_scale(sample, count)
+        self.chunk_max = max(self.chunk_max, count)
+        keep = _REF_CHUNKS * self.chunk_max
+        self.ref = torch.cat((self.ref, unit), dim=1)[:, -keep:]
+        self.ref_modality = torch.cat((self.ref_modality, tags))[-keep:]
+        self._queue_violators()
+        return cid
+
+    def _check_chunk(self, keys: Tensor, token_ids: Tensor, modality: Tensor | None) -> int:
+        shape = (self.num_layers, self.num_kv_heads, self.head_dim)
+        if keys.dim() != 4 or (keys.shape[0], *keys.shape[2:]) != shape:
+            raise ValueError(f"keys must be ({shape[0]}, T, {shape[1]}, {shape[2]}), got {tuple(keys.shape)}")
+        count = keys.shape[1]
+        if token_ids.shape != (count,):
+            raise ValueError(f"token_ids must be ({count},), got {tuple(token_ids.shape)}")
+        if modality is not None and modality.shape != (count,):
+            raise ValueError(f"modality must be ({count},), got {tuple(modality.shape)}")
+        if count:
+            ids = token_ids.to("cpu", torch.int64)
+            if count > 1 and not bool((ids[1:] > ids[:-1]).all()):
+                raise ValueError("token_ids must be strictly increasing")
+            if self.last_id is not None and int(ids[0]) <= self.last_id:
+                raise ValueError(f"token id {int(ids[0])} is not above the last assigned id {self.last_id}")
+        return count
+
+    def embed(self, keys: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys (..., T, H_kv, D) -> (unit (..., T, F) assignment-space rows, raw (..., T, F) float32)."""
+        raw = keys.to(self.device, torch.float32)
+        unit = raw / raw.norm(dim=-1, keepdim=True).clamp_min(1e-30) / math.sqrt(self.num_kv_heads)
+        return unit.flatten(-2), raw.flatten(-2)
+
+    def _scale_sample(self, unit: Tensor, tags: Tensor) -> tuple[Tensor | None, bool]:
+        """((L,) float64 lower quartile of half the squared nearest-neighbour distance, whether
+        from the reference), or (None, False) when no token has a same-modality neighbour.
+
+        Tokens are only compared with tokens of the same modality tag (a frame after the system
+        prompt is not measured against text). The reference is the previous chunk(s), probed by
+        at most ``_SCALE_PROBES`` evenly spaced tokens of the chunk (a quantile needs no more).
+        When no probe has a same-modality reference row, every token of the chunk is compared
+        with the chunk's other tokens instead; that sample decides this chunk only. Tags are the
+        same in every layer, so every layer measures the same tokens.
+        """
+        if self.ref.shape[1]:
+            stride = -(-unit.shape[1] // _SCALE_PROBES)
+            sims = torch.bmm(unit[:, ::stride], self.ref.transpose(1, 2))
+            sims.masked_fill_((tags[::stride, None] != self.ref_modality[None, :])[None], -math.inf)
+            sample = _quartile(sims)
+            if sample is not None:
+                return sample, True
+        sims = torch.bmm(unit, unit.transpose(1, 2))
+        sims.diagonal(dim1=1, dim2=2).fill_(-math.inf)
+        return _quartile(sims.masked_fill_((tags[:, None] != tags[None, :])[None], -math.inf)), False
+
+    def _update_scale(self, sample: Tensor, count: int) -> None:
+        self.scale_updates += 1
+        if self.log_scale is None:
+            self.log_scale = sample.log()
+            return
+        rate = max(self.config.scale_momentum, 1.0 / self.scale_updates) * min(1.0, count / self.chunk_max)
+        self.log_scale = self.log_scale + rate * (sample.log() - self.log_scale)
+
+    def _join_existing(self, unit: Tensor, proj: Tensor, scale: Tensor, scale_dev: Tensor) -> Tensor:
+        """Join test for every token of every layer at once: (L, T) cluster id, or -1 where rejected.
+
+        Recent clusters first: a chunk's tokens are tested against the clusters the last
+        ``_RECENT_CHUNKS`` chunks touched (consecutive frames mostly show the same content, so
+        these few clusters take most tokens). Only the tokens they reject are tested against the
+        older clusters, so content seen long ago (a revisited scene) still joins its clusters,
+        while a chunk that continues the recent content costs the same however many clusters
+        the stream has made. A layer with no recent or no older cluster tests all of them at once.
+        """
+        width = max(self.slots)
+        live = self.count[:, :width] > 0
+        recent = live & (self.touched[:, :width] > self.chunks - _RECENT_CHUNKS)
+        older = live & ~recent
+        two_stage = recent.any(dim=1) & older.any(dim=1)  # (L,)
+        first = torch.where(two_stage[:, None], recent, live)
+        cid = self._nearest_join(unit, proj, None, scale_dev, first)
+        again = (cid < 0) & two_stage[:, None]
+        if bool(again.any()):
+            rows, valid = _padded_rows(again)
+            sub_unit, sub_proj = _take_rows(unit, rows), _take_rows(proj, rows)
+            # The opened regions may hold no older cluster (only the recent ones, or none: a
+            # long run of new content routes its own clusters there): then nothing older is
+            # near, and the rejected tokens open clusters of their own.
+            opened = self._probe_regions(sub_proj, valid, older & two_stage[:, None])
+            found = self._nearest_join(sub_unit, sub_proj, valid, scale_dev, opened)
+            layer_of, at = valid.nonzero(as_tuple=True)
+            cid[layer_of, rows[layer_of, at]] = found[layer_of, at]
+        return cid
+
+    def _probe_regions(self, proj: Tensor, valid: Tensor, older: Tensor) -> Tensor:
+        """The part of the ``older`` mask (L, C) the rows' searches open: in a layer with regions, the
+        clusters of each valid row's ``_PROBE_REGIONS`` nearest regions (their union over the rows:
+        rows that start new content together are alike) plus clusters not routed yet; in a layer
+        without regions, all of ``older``. ``proj`` (L, R, P) rows, ``valid`` (L, R) bool."""
+        sizes = torch.tensor(self.num_regions, device=self.device)
+        most = int(sizes.max())
+        if most == 0:
+            return older
+        centers = self.centers[:, :most]
+        near = _nearness(proj, centers).masked_fill_(
+            (torch.arange(most, device=self.device)[None, :] >= sizes[:, None])[:, None, :], -math.inf
+        )
+        picks = near.topk(min(_PROBE_REGIONS, most), dim=2).indices  # (L, R, k)
+        # a layer with fewer regions than probes picks padded entries: no cluster is routed there
+        picks = torch.where(valid[:, :, None], picks, most)  # padded rows open only "not routed"
+        opened = torch.zeros(self.num_layers, most + 1, dtype=torch.bool, device=self.device)
+        opened.scatter_(1, picks.flatten(1), True)
+        opened[:, most] = True  # region -1 (not routed) indexes the last entry
+        region = self.region[:, : older.shape[1]]
+        in_opened = opened.gather(1, torch.where(region < 0, most, region))
+        return torch.where((sizes > 0)[:, None], older & in_opened, older)
+
+    def _nearest_join(
+        self, unit: Tensor, proj: Tensor, valid: Tensor | None, scale: Tensor, member: Tensor
+    ) -> Tensor:
+        """Nearest cluster of ``member`` (L, C) bool for every row, if it may join: (L, n) id, else -1.
+
+        ``unit`` (L, n, F) rows, ``proj`` (L, n, P) their projections, ``valid`` (L, n) the rows
+        that count (None: all), ``scale`` (L,) float32 local scales. A layer whose set has up to
+        ``_EXACT_MAX`` clusters (the recent ones, as a rule) gets the exact distances to all of
+        them from one (n, F) x (F, K) product, batched over such layers. Beyond, search in two
+        stages. Coarse: rows and centroids, centred on the mean of the recent reference rows
+        (keys share a large common direction; centring keeps the projection error proportional
+        to the small differences that matter) and projected to ``P = min(F, 64)`` dimensions
+        with a fixed random matrix (``proj``), rank the clusters in one (n, P) x (P, K) product.
+        Fine: the exact distances to the ``_CANDIDATES`` best-ranked clusters pick the nearest.
+        The projection is linear, so per-cluster projected sums are kept alongside the sums.
+        """
+        sizes = member.sum(dim=1)
+        rows = torch.full((self.num_layers,), unit.shape[1]) if valid is None else valid.sum(dim=1).cpu()
+        for layer, (r, k) in enumerate(zip(rows.tolist(), sizes.tolist(), strict=True)):
+            self.ranked[layer] += r * k
+        shape = unit.shape[:2]
+        nearest = torch.full(shape, -1, dtype=torch.int64, device=self.device)
+        dist = torch.full(shape, math.inf, device=self.device)
+        for group in (sizes > 0) & (sizes <= _EXACT_MAX), sizes > _EXACT_MAX:
+            layers = group.nonzero().squeeze(1)
+            if layers.numel() == 0:
+                continue
+            k = int(sizes[layers].max())
+            # each layer's set, ascending ids, padded to k entries
+            cand = torch.sort((~member[layers]).to(torch.uint8), dim=1, stable=True).indices[:, :k]
+            pad = torch.arange(k, device=self.device)[None, :] >= sizes[layers, None]  # (l, k)
+            lay = layers[:, None]
+            inv_n = 1.0 / self.count[lay, cand].clamp_min(1).to(torch.float32)  # (l, k)
+            rows_u = unit[layers]
+            if k <= _EXACT_MAX:
+                dots = torch.bmm(rows_u, self.sum_unit[lay, cand].transpose(1, 2))  # (l, n, k)
+                d = (
+                    1.0
+                    - 2.0 * dots * inv_n[:, None, :]
+                    + (self.sum_norm2[lay, cand] * inv_n * inv_n)[:, None, :]
+                )
+                best, pick = d.masked_fill_(pad[:, None, :], math.inf).min(dim=2)
+                near = cand.gather(1, pick)
+            else:
+                center = self.ref[layers].mean(dim=1) @ self.proj  # (l, P)
+                mean_proj = self.sum_proj[lay, cand] * inv_n[:, :, None] - center[:, None, :]  # (l, k, P)
+                rank = torch.bmm(proj[layers] - center[:, None, :], mean_proj.transpose(1, 2))  # (l, n, k)
+                rank.sub_(0.5 * (mean_proj * mean_proj).sum(dim=2)[:, None, :])
+                rank.masked_fill_(pad[:, None, :], -math.inf)
+                top = cand.gather(1, rank.topk(_CANDIDATES, dim=2).indices.flatten(1)).view(
+                    *rank.shape[:2], -1
+                )
+                lay3 = layers[:, None, None]
+                top_inv_n = 1.0 / self.count[lay3, top].to(torch.float32)  # (l, n, c)
+                dots = (self.sum_unit[lay3, top] * rows_u[:, :, None, :]).sum(dim=3)  # (l, n, c)
+                d = 1.0 - 2.0 * dots * top_inv_n + self.sum_norm2[lay3, top] * top_inv_n * top_inv_n
+                best, pick = d.min(dim=2)
+                near = top.gather(2, pick[:, :, None])[:, :, 0]
+            nearest[layers], dist[layers] = near, best
+        found = nearest >= 0
+        at = nearest.clamp_min(0)
+        lay = torch.arange(self.num_layers, device=self.device)[:, None]
+        dist = dist.clamp_min(0.0)
+        n = self.count[lay, at]
+        size = n.to(torch.float32)
+        var = _variance(n, self.sum_norm2[lay, at])
+        var_after = (size * var + size / (size + 1.0) * dist) / (size + 1.0)
+        s = scale[:, None]
+        ok = (
+            found
+            & (var_after <= self.config.cohesion * s)
+            & (dist <= self.config.join_radius * torch.maximum(var, s) * (1.0 + 1.0 / size.clamp_min(1.0)))
+            & (size < 2 * self.config.max_cluster_tokens)
+        )
+        return torch.where(ok, nearest, -1)
+
+    @staticmethod
+    def _group(unit: Tensor, valid: Tensor, radius: Tensor | None) -> tuple[Tensor, list[int]]:
+        """Group each layer's valid rows densest-first, squared pair distance ``<= radius``.
+
+        unit (L, R, F), valid (L, R) bool, radius (L,) or None (no scale known yet: every row
+        its own group). Returns labels (L, R) int64 (-1 for invalid rows) and groups per layer.
+        A leader (the row with the most free neighbours) takes every free row within the radius;
+        all layers take their next leader in the same step.
+        """
+        layers, rows = valid.shape
+        counts = valid.sum(dim=1)
+        if radius is None:
+            labels = torch.arange(rows, device=unit.device).expand(layers, rows)
+            return torch.where(valid, labels, -1), counts.tolist()
+        near = (2.0 - 2.0 * torch.bmm(unit, unit.transpose(1, 2))) <= radius.to(unit.dtype)[:, None, None]
+        near &= valid[:, :, None] & valid[:, None, :]
+        near.diagonal(dim1=1, dim2=2).copy_(valid)  # a row always groups with itself
+        labels = torch.full((layers, rows), -1, dtype=torch.int64, device=unit.device)
+        free = valid.clone()
+        groups = torch.zeros(layers, dtype=torch.int64, device=unit.device)
+        lay = torch.arange(layers, device=unit.device)
+        while bool(free.any()):
+            degree = (near & free[:, None, :]).sum(dim=2).masked_fill_(~free, -1)
+            active = free.any(dim=1)
+            members = near[lay, degree.argmax(dim=1)] & free & active[:, None]
+            labels = torch.where(members, groups[:, None], labels)
+            free &= ~members
+            groups += active
+        return labels, groups.tolist()
+
+    def _route(self, layers: Tensor, clusters: Tensor) -> None:
+        """Put ``clusters`` (ids (n,) of ``layers`` (n,), statistics set) into their layers' nearest
+        regions, where the layer has regions."""
+        sizes = torch.tensor(self.num_regions, device=self.device)
+        most = int(sizes.max())
+        if most == 0 or clusters.numel() == 0:
+            return
+        pairs = torch.unique(layers * self.capacity + clusters)
+        layers, clusters = pairs // self.capacity, pairs % self.capacity
+        routed = sizes[layers] > 0
+        layers, clusters = layers[routed], clusters[routed]
+        n = self.count[layers, clusters].clamp_min(1).to(torch.float32)
+        mean = self.sum_proj[layers, clusters] / n[:, None]
+        centers = self.centers[layers, :most]  # (n, G, P)
+        near = torch.bmm(centers, mean[:, :, None])[:, :, 0] - 0.5 * (centers * centers).sum(dim=2)
+        near.masked_fill_(torch.arange(most, device=self.device)[None, :] >= sizes[layers, None], -math.inf)
+        self.region[layers, clusters] = near.argmax(dim=1)
+
+    def rebuild_regions(self, layer: int) -> None:
+        """Group the layer's live clusters into ``ceil(sqrt(C))`` regions: k-means over their
+        projected means (seeds: evenly spaced live clusters; deterministic)."""
+        live = (self.count[layer, : self.slots[layer]] > 0).nonzero().squeeze(1)
+        mean = self.sum_proj[layer, live] / self.count[layer, live].to(torch.float32)[:, None]
+        k = math.isqrt(live.numel() - 1) + 1
+        centers = mean[torch.linspace(0, live.numel() - 1, k, device=self.device).round().long()].clone()
+        for _ in range(_REGION_ITERS):
+            near = _nearness(mean, centers).argmax(dim=1)
+            sums = torch.zeros_like(centers).index_add_(0, near, mean)
+            sizes = torch.bincount(near, minlength=k).to(torch.float32)
+            centers = torch.where(sizes[:, None] > 0, sums / sizes.clamp_min(1)[:, None], centers)
+        near = _nearness(mean, centers).argmax(dim=1)
+        if k > self.centers.shape[1]:
+            grown = torch.zeros(self.num_layers, max(k, 2 * self.centers.shape[1]), self.proj.shape[1])
+            grown[:, : self.centers.shape[1]] = self.centers
+            self.centers = grown.to(self.device)
+        self.region[layer].fill_(-1)
+        self.region[layer, live] = near
+        self.centers[layer, :k] = centers
+        self.num_regions[layer] = k
+        self.routed[layer] = live.numel()
+
+    def _alloc(self, layer: int, k: int) -> list[int]:
+        """k cluster ids for new clusters of ``layer``: smallest unused first, then fresh ones."""
+        free = self.free[layer]
+        ids = [heapq.heappop(free) for _ in range(min(k, len(free)))]
+        fresh = k - len(ids)
+        if fresh:
+            slots = self.slots[layer]
+            self._grow(slots + fresh)
+            ids.extend(range(slots, slots + fresh))
+            self.slots[layer] = slots + fresh
+        return ids
+
+    def _grow(self, slots: int) -> None:
+        capacity = self.capacity
+        if slots <= capacity:
+            return
+        capacity = max(slots, 2 * capacity, 16)
+        names = ("count", "sum_unit", "sum_raw", "sum_norm2", "sum_proj", "touched", "region")
+        for name in names:
+            old = getattr(self, name)
+            fill = -1 if name == "region" else 0
+            new = torch.full(
+                (self.num_layers, capacity, *old.shape[2:]), fill, dtype=old.dtype, device=self.device
+            )
+            new[:, : old.shape[1]] = old
+            setattr(self, name, new)
+
+    def add_stats(
+        self, layers: Tensor, cid: Tensor, unit: Tensor, raw: Tensor, sign: float, proj: Tensor | None = None
+    ) -> None:
+        """Add (sign 1) or take out (sign -1) rows ``unit``/``raw`` (..., F) of clusters ``cid`` (...)
+        of ``layers`` (...) in the running sums; ``proj`` their projections (computed if None)."""
+        self._add_stats(layers, cid, unit, raw, sign, proj)
+
+    def _add_stats(
+        self, layers: Tensor, cid: Tensor, unit: Tensor, raw: Tensor, sign: float, proj: Tensor | None
+    ) -> None:
+        flat = (layers.to(self.device) * self.capacity + cid.to(self.device)).reshape(-1)
+        width = unit.shape[-1]
+        unit, raw = unit.reshape(-1, width), raw.reshape(-1, width)
+        proj = unit @ self.proj if proj is None else proj.reshape(unit.shape[0], -1)
+        self.count.view(-1).index_add_(0, flat, torch.full_like(flat, int(sign)))
+        self.sum_unit.view(-1, width).index_add_(0, flat, unit, alpha=sign)
+        self.sum_raw.view(-1, width).index_add_(0, flat, raw, alpha=sign)
+        self.sum_proj.view(-1, proj.shape[1]).index_add_(0, flat, proj, alpha=sign)
+        touched = flat.unique()
+        self.sum_norm2.view(-1)[touched] = (self.sum_unit.view(-1, width)[touched] ** 2).sum(dim=1)
+        for layer in torch.unique(touched // self.capacity).tolist():
+            self.centroid_cache[layer] = None
+
+    def _record(self, ids: Tensor, cid: Tensor, modality: Tensor | None) -> None:
+        """Token maps of a new chunk (ids ascending, cid (L, T) on the CPU)."""
+        if self.last_id is None:
+            self.base = int(ids[0])
+        needed = int(ids[-1]) - self.base + 1
+        if needed > self.tok_cluster.shape[1]:
+            capacity = max(needed, 2 * self.tok_cluster.shape[1], 1024)
+            cluster = torch.full((self.num_layers, capacity), -1, dtype=torch.int64)
+            cluster[:, : self.tok_len] = self.tok_cluster[:, : self.tok_len]
+            mod = torch.zeros(capacity, dtype=torch.uint8)
+            mod[: self.tok_len] = self.tok_modality[: self.tok_len]
+            self.tok_cluster, self.tok_modality = cluster, mod
+        self.tok_len = needed
+        self.tok_cluster[:, ids - self.base] = cid
+        if modality is not None:
+            self.tok_modality[ids - self.base] = modality.to("cpu", torch.uint8)
+        self.last_id = int(ids[-1])
+        self.assigned += ids.shape[0]
+
+    def threshold(self, layer: int) -> float | None:
+        """Cohesion threshold ``tau = cohesion * s`` of ``layer``, None before any scale is known."""
+        if self.log_scale is None:
+            return None
+        return self.config.cohesion * math.exp(float(self.log_scale[layer]))
+
+    def violates(self, layer: int, count: Tensor, sum_norm2: Tensor) -> Tensor:
+        """Boolean per cluster of ``layer``: too large, or looser than ``loose_factor * tau``."""
+        bad = count > self.config.max_cluster_tokens
+        tau = self.threshold(layer)
+        if tau is not None:
+            bad |= (count > 1) & (_variance(count, sum_norm2) > self.config.loose_factor * tau)
+        return bad
+
+    def _queue_violators(self) -> None:
+        width = max(self.slots)
+        count, norm2 = self.count[:, :width], self.sum_norm2[:, :width]
+        bad = count > self.config.max_cluster_tokens
+        if self.log_scale is not None:
+            limit = self.config.loose_factor * (self.config.cohesion * self.log_scale.exp())
+            bad |= (count > 1) & (_variance(count, norm2) > limit.to(self.device, torch.float32)[:, None])
+        for layer, c in bad.nonzero().tolist():
+            if c not in self.queued[layer]:
+                self.queued[layer].add(c)
+                self.queue[layer].append(c)
+
+    def enqueue(self, layer: int, clusters: list[int], bad: list[bool]) -> None:
+        """Queue the ``bad`` ones of ``clusters`` of ``layer`` for splitting (once)."""
+        for c, b in zip(clusters, bad, strict=True):
+            if b and c not in self.queued[layer]:
+                self.queued[layer].add(c)
+                self.queue[layer].append(c)
+
+    def trim_token_map(self) -> None:
+        """Forget the leading run of token ids removed in every layer once it is most of the map."""
+        held = (self.tok_cluster[:, : self.tok_len] >= 0).any(dim=0).nonzero()
+        drop = int(held[0]) if held.numel() else self.tok_len
+        if drop >= 1024 and 2 * drop >= self.tok_len:
+            self.tok_cluster = self.tok_cluster[:, drop:].clone()
+            self.tok_modality = self.tok_modality[drop:].clone()
+            self.base += drop
+            self.tok_len -= drop
+
+
+def _variance(count: Tensor, sum_norm2: Tensor) -> Tensor:
+    """Variance ``1 - |sum / n|^2`` of unit rows from count and squared norm of their sum (0 if empty)."""
+    n = count.clamp_min(1).to(torch.float32)
+    return torch.where(count > 0, (1.0 - sum_norm2 / (n * n)).clamp_min(0.0), torch.zeros_like(n))
+
+
+def _quartile(sims: Tensor) -> Tensor | None:
+    """(L,) float64 lower quartile over rows of ``(1 - max_j sims[l, i, j])``, floored, for ``sims``
+    (L, n, m), over the rows with a finite max (the same rows in every layer); None if none has."""
+    if sims.shape[2] == 0:
+        return None
+    best = sims.max(dim=2).values
+    best = best[:, best[0] > -math.inf]
+    if best.shape[1] == 0:
+        return None
+    nearest = (2.0 - 2.0 * best).clamp_min(0.0)
+    return (nearest.quantile(_SCALE_QUANTILE, dim=1).to("cpu", torch.float64) / 2.0).clamp_min(_MIN_SCALE)
+
+
+def _nearness(points: Tensor, centers: Tensor) -> Tensor:
+    """(..., n, G) ``x . c - |c|^2 / 2`` for points (..., n, P), centres (..., G, P): larger is nearer."""
+    return points @ centers.transpose(-1, -2) - 0.5 * (centers * centers).sum(dim=-1)[..., None, :]
+
+
+def _padded_rows(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Positions of each layer's true entries of ``mask`` (L, T), ascending, padded to the largest
+    count: (rows (L, R) int64, valid (L, R) bool); padded positions point at row 0."""
+    counts = mask.sum(dim=1)
+    width = int(counts.max())
+    rows = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
+    return torch.where(valid, rows, 0), valid
+
+
+def _take_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """x (L, T, F) rows ``rows`` (L, R) per layer -> (L, R, F)."""
+    return x.gather(1, rows[:, :, None].expand(-1, -1, x.shape[2]))
+
+
+class ClusterIndex:
+    """The clusters of one layer's position-free keys, scored in one batched product.
+
+    ``ClusterIndex(num_kv_heads, head_dim)`` is a stand-alone one-layer index (its ``assign``
+    takes one layer's chunk); the layers of a ``ClusterBank`` are ``bank.layers[l]`` and are
+    assigned together by ``ClusterBank.assign``. Statistics live on ``device`` (float32); token
+    bookkeeping on the CPU. Not thread-safe.
     """
 
     def __init__(
@@ -175,472 +720,142 @@ class ClusterIndex:
         config: ClusterConfig | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
-        if num_kv_heads <= 0 or head_dim <= 0:
-            raise ValueError(f"num_kv_heads and head_dim must be positive, got {num_kv_heads}, {head_dim}")
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.config = config or ClusterConfig()
-        self.device = torch.device(device)
-        width = num_kv_heads * head_dim
-        self._slots = 0
-        self._count = torch.zeros(0, dtype=torch.int64, device=self.device)
-        self._sum_unit = torch.zeros(0, width, dtype=torch.float32, device=self.device)
-        self._sum_raw = torch.zeros(0, width, dtype=torch.float32, device=self.device)
-        self._sum_norm2 = torch.zeros(0, dtype=torch.float32, device=self.device)  # |sum_unit|^2
-        proj_dim = min(width, _PROJ_DIM)
-        if proj_dim == width:
-            self._proj = torch.eye(width, device=self.device)
-        else:
-            gen = torch.Generator().manual_seed(0)
-            self._proj = (torch.randn(width, proj_dim, generator=gen) / math.sqrt(proj_dim)).to(self.device)
-        self._sum_proj = torch.zeros(0, proj_dim, dtype=torch.float32, device=self.device)  # sum_unit @ proj
-        self._touched = torch.zeros(0, dtype=torch.int64, device=self.device)  # last chunk that added to it
-        self._chunks = 0  # chunks assigned so far
-        # regions over the clusters (rebuilt in maintain): region id per cluster (-1: none yet),
-        # centres (G, P) in the projected space, and the live clusters when last built
-        self._region = torch.zeros(0, dtype=torch.int64, device=self.device)
-        self._region_centers: Tensor | None = None
-        self._routed = 0
-        self._ranked = 0  # (token, cluster) pairs the coarse search of the last chunk ranked
-        self._ranked_tokens = 0
-        self._free: list[int] = []  # heap of reusable ids
-        self._members: list[list[Tensor]] = []
-        self._queue: deque[int] = deque()
-        self._queued: set[int] = set()
-        self._centroid_cache: Tensor | None = None
-        # token bookkeeping, CPU: entry i describes token id ``_base + i``
-        self._base = 0
-        self._tok_len = 0
-        self._tok_cluster = torch.zeros(0, dtype=torch.int64)
-        self._tok_modality = torch.zeros(0, dtype=torch.uint8)
-        self._last_id: int | None = None
-        self._assigned = 0
-        self._removed = 0
-        # local scale
-        self._ref = torch.zeros(0, width, dtype=torch.float32, device=self.device)
-        self._ref_modality = torch.zeros(0, dtype=torch.uint8, device=self.device)
-        self._chunk_max = 0
-        self._log_scale: float | None = None
-        self._scale_updates = 0
+        bank = ClusterBank(1, num_kv_heads, head_dim, config, device)
+        self._bank, self.layer = bank, 0
+        bank.layers[0] = self
+
+    @classmethod
+    def _of(cls, bank: ClusterBank, layer: int) -> ClusterIndex:
+        index = cls.__new__(cls)
+        index._bank, index.layer = bank, layer
+        return index
 
     # -----------------------------------------------------------------------------------------
     # accessors
     # -----------------------------------------------------------------------------------------
 
     @property
+    def num_kv_heads(self) -> int:
+        return self._bank.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self._bank.head_dim
+
+    @property
+    def config(self) -> ClusterConfig:
+        return self._bank.config
+
+    @property
+    def device(self) -> torch.device:
+        return self._bank.device
+
+    @property
     def num_slots(self) -> int:
         """Length C of every per-cluster tensor (live clusters plus unused ids)."""
-        return self._slots
+        return self._bank.slots[self.layer]
 
     @property
     def num_clusters(self) -> int:
         """Live (non-empty) clusters."""
-        return int((self._count[: self._slots] > 0).sum())
+        return int((self._count() > 0).sum())
 
     @property
     def num_tokens(self) -> int:
         """Tokens currently held (assigned minus removed)."""
-        return self._assigned - self._removed
+        return self._bank.assigned - self._bank.removed[self.layer]
+
+    def _count(self) -> Tensor:
+        return self._bank.count[self.layer, : self.num_slots]
 
     @property
     def counts(self) -> Tensor:
         """(C,) int64 tokens per cluster id (0 for unused ids)."""
-        return self._count[: self._slots].clone()
+        return self._count().clone()
 
     @property
     def centroids(self) -> Tensor:
         """(C, H_kv, D) float32 mean RAW pre-RoPE key per cluster (zeros for unused ids). Read-only."""
-        if self._centroid_cache is None:
-            n = self._count[: self._slots].clamp_min(1).to(torch.float32)
-            mean = self._sum_raw[: self._slots] / n[:, None]
-            self._centroid_cache = mean.view(self._slots, self.num_kv_heads, self.head_dim)
-        return self._centroid_cache
+        b, layer = self._bank, self.layer
+        if b.centroid_cache[layer] is None:
+            slots = self.num_slots
+            n = self._count().clamp_min(1).to(torch.float32)
+            mean = b.sum_raw[layer, :slots] / n[:, None]
+            b.centroid_cache[layer] = mean.view(slots, self.num_kv_heads, self.head_dim)
+        return b.centroid_cache[layer]
 
     @property
     def variances(self) -> Tensor:
         """(C,) float32 variance of each cluster in the assignment space (0 for unused ids)."""
-        return self._variance(self._count[: self._slots], self._sum_norm2[: self._slots])
+        return _variance(self._count(), self._bank.sum_norm2[self.layer, : self.num_slots])
 
     @property
     def local_scale(self) -> float | None:
         """Current local scale ``s`` of the layer (unit-sphere variance), None before it is known."""
-        return None if self._log_scale is None else math.exp(self._log_scale)
+        log_scale = self._bank.log_scale
+        return None if log_scale is None else math.exp(float(log_scale[self.layer]))
 
     @property
     def threshold(self) -> float | None:
         """Current cohesion threshold ``tau = cohesion * s``, None before any scale is known."""
-        scale = self.local_scale
-        return None if scale is None else self.config.cohesion * scale
+        return self._bank.threshold(self.layer)
 
     @property
     def search_width(self) -> float:
         """Clusters the last chunk's nearest-cluster search ranked per token (0 before any search)."""
-        return self._ranked / self._ranked_tokens if self._ranked_tokens else 0.0
+        b = self._bank
+        tokens = b.ranked_tokens[self.layer]
+        return b.ranked[self.layer] / tokens if tokens else 0.0
 
     @property
     def regions(self) -> int:
         """Regions the older clusters are grouped into for the search (0: none built yet)."""
-        return 0 if self._region_centers is None else self._region_centers.shape[0]
+        return self._bank.num_regions[self.layer]
 
     @property
     def pending(self) -> list[int]:
         """Cluster ids queued for splitting, in queue order."""
-        return list(self._queue)
+        return list(self._bank.queue[self.layer])
 
     def members(self, cluster_id: int) -> Tensor:
-        """(n,) int64 ascending token ids of a cluster (empty for an unused id). Read-only."""
-        if not 0 <= cluster_id < self._slots:
-            raise IndexError(f"cluster id {cluster_id} out of range [0, {self._slots})")
-        parts = self._members[cluster_id]
-        if not parts:
-            return torch.zeros(0, dtype=torch.int64)
-        if len(parts) > 1:
-            parts[:] = [torch.cat(parts)]
-        return parts[0]
+        """(n,) int64 ascending token ids of a cluster (empty for an unused id)."""
+        if not 0 <= cluster_id < self.num_slots:
+            raise IndexError(f"cluster id {cluster_id} out of range [0, {self.num_slots})")
+        b = self._bank
+        return (b.tok_cluster[self.layer, : b.tok_len] == cluster_id).nonzero().squeeze(1) + b.base
 
     def cluster_of(self, token_ids: Tensor) -> Tensor:
         """(n,) int64 cluster id of each token id, -1 for ids not held (never assigned or removed)."""
+        b = self._bank
         ids = token_ids.to("cpu", torch.int64).reshape(-1)
-        idx = ids - self._base
-        known = (idx >= 0) & (idx < self._tok_len)
+        idx = ids - b.base
+        known = (idx >= 0) & (idx < b.tok_len)
         out = torch.full_like(ids, -1)
-        out[known] = self._tok_cluster[idx[known]]
+        out[known] = b.tok_cluster[self.layer, idx[known]]
         return out
 
     def modality_counts(self) -> Tensor:
         """(C, M) int64 tokens per cluster and modality value (M = largest modality held + 1)."""
-        cid = self._tok_cluster[: self._tok_len]
+        b = self._bank
+        cid = b.tok_cluster[self.layer, : b.tok_len]
         held = cid >= 0
-        mod = self._tok_modality[: self._tok_len][held].to(torch.int64)
+        mod = b.tok_modality[: b.tok_len][held].to(torch.int64)
         width = int(mod.max()) + 1 if mod.numel() else 1
-        flat = torch.bincount(cid[held] * width + mod, minlength=self._slots * width)
-        return flat.view(self._slots, width)
+        flat = torch.bincount(cid[held] * width + mod, minlength=self.num_slots * width)
+        return flat.view(self.num_slots, width)
 
     # -----------------------------------------------------------------------------------------
     # assignment
     # -----------------------------------------------------------------------------------------
 
     def assign(self, keys: Tensor, token_ids: Tensor, modality: Tensor | None = None) -> Tensor:
-        """Place a chunk of tokens into clusters; returns their cluster ids, (T,) int64 on the CPU.
-
-        keys: (T, H_kv, D) pre-RoPE keys, any float dtype/device; token_ids: (T,) int64 strictly
-        increasing and above every id given before; modality: optional (T,) uint8 per-token tag
-        (0 when omitted). Tokens of any modality may share a cluster; the tag only keeps the
-        local-scale measurement within a modality and feeds ``modality_counts``. Clusters that
-        become too loose or too large are queued for ``maintain``, never split here.
-        """
-        count = self._check_chunk(keys, token_ids, modality)
-        ids = token_ids.to("cpu", torch.int64)
-        if count == 0:
-            return ids.clone()
-        unit, raw = self._embed(keys)
-        proj = unit @ self._proj  # (T, P): the coarse search, region routing and projected sums
-        tags = torch.zeros(count, dtype=torch.uint8) if modality is None else modality.to("cpu", torch.uint8)
-        tags = tags.to(self.device)
-        sample, from_reference = self._scale_sample(unit, tags)
-        scale = self.local_scale if self._log_scale is not None else sample
-        cid = torch.full((count,), -1, dtype=torch.int64, device=self.device)
-        self._ranked, self._ranked_tokens = 0, count
-        if scale is not None and self.num_clusters > 0:
-            cid = self._join_existing(unit, proj, scale)
-        rejected = (cid < 0).nonzero().squeeze(1)
-        if rejected.numel():
-            radius = None if scale is None else 2.0 * self.config.join_radius * scale
-            labels, groups = self._group(unit[rejected], radius)
-            new_ids = torch.tensor(self._alloc(groups), dtype=torch.int64, device=self.device)
-            cid[rejected] = new_ids[labels]
-        self._add_stats(cid, unit, raw, sign=1.0, proj=proj)
-        self._route(cid.unique())  # where they stand now: an older cluster's region stays current
-        self._chunks += 1
-        self._touched[cid] = self._chunks
-        cid = cid.cpu()
-        self._record(ids, cid, modality)
-        if from_reference:
-            self._update_scale(sample, count)
-        self._chunk_max = max(self._chunk_max, count)
-        keep = _REF_CHUNKS * self._chunk_max
-        self._ref = torch.cat((self._ref, unit))[-keep:]
-        self._ref_modality = torch.cat((self._ref_modality, tags))[-keep:]
-        self._queue_violators()
-        return cid
-
-    def _check_chunk(self, keys: Tensor, token_ids: Tensor, modality: Tensor | None) -> int:
+        """``ClusterBank.assign`` of a one-layer index: keys (T, H_kv, D); returns (T,) int64 on the CPU."""
+        if self._bank.num_layers != 1:
+            raise ValueError("the layers of a multi-layer bank are assigned together: ClusterBank.assign")
         shape = (self.num_kv_heads, self.head_dim)
         if keys.dim() != 3 or tuple(keys.shape[1:]) != shape:
             raise ValueError(f"keys must be (T, {shape[0]}, {shape[1]}), got {tuple(keys.shape)}")
-        count = keys.shape[0]
-        if token_ids.shape != (count,):
-            raise ValueError(f"token_ids must be ({count},), got {tuple(token_ids.shape)}")
-        if modality is not None and modality.shape != (count,):
-            raise ValueError(f"modality must be ({count},), got {tuple(modality.shape)}")
-        if count:
-            ids = token_ids.to("cpu", torch.int64)
-            if count > 1 and not bool((ids[1:] > ids[:-1]).all()):
-                raise ValueError("token_ids must be strictly increasing")
-            if self._last_id is not None and int(ids[0]) <= self._last_id:
-                raise ValueError(f"token id {int(ids[0])} is not above the last assigned id {self._last_id}")
-        return count
-
-    def _embed(self, keys: Tensor) -> tuple[Tensor, Tensor]:
-        """(unit (T, F) assignment-space rows, raw (T, F) float32 keys) on the index's device."""
-        raw = keys.to(self.device, torch.float32).reshape(keys.shape[0], self.num_kv_heads, self.head_dim)
-        unit = raw / raw.norm(dim=-1, keepdim=True).clamp_min(1e-30) / math.sqrt(self.num_kv_heads)
-        return unit.reshape(raw.shape[0], -1), raw.reshape(raw.shape[0], -1)
-
-    def _scale_sample(self, unit: Tensor, tags: Tensor) -> tuple[float | None, bool]:
-        """(lower quartile of half the squared nearest-neighbour distance, whether from the reference).
-
-        Tokens are only compared with tokens of the same modality tag (a frame after the system
-        prompt is not measured against text). The reference is the previous chunk(s), probed by
-        at most ``_SCALE_PROBES`` evenly spaced tokens of the chunk (a quantile needs no more).
-        When no probe has a same-modality reference row, every token of the chunk is compared
-        with the chunk's other tokens instead; that sample decides this chunk only.
-        """
-        if self._ref.shape[0]:
-            stride = -(-unit.shape[0] // _SCALE_PROBES)
-            sims = unit[::stride] @ self._ref.T
-            sims.masked_fill_(tags[::stride, None] != self._ref_modality[None, :], -math.inf)
-            sample = self._quartile(sims)
-            if sample is not None:
-                return sample, True
-        sims = (unit @ unit.T).fill_diagonal_(-math.inf)
-        return self._quartile(sims.masked_fill_(tags[:, None] != tags[None, :], -math.inf)), False
-
-    @staticmethod
-    def _quartile(sims: Tensor) -> float | None:
-        """Lower quartile over rows of ``1 - max_j sims[i, j]`` (rows with a finite max), floored."""
-        best = sims.max(dim=1).values if sims.shape[1] else sims.new_zeros(0)
-        best = best[best > -math.inf]
-        if best.numel() == 0:
-            return None
-        nearest = (2.0 - 2.0 * best).clamp_min(0.0)
-        return max(float(nearest.quantile(_SCALE_QUANTILE)) / 2.0, _MIN_SCALE)
-
-    def _update_scale(self, sample: float, count: int) -> None:
-        self._scale_updates += 1
-        if self._log_scale is None:
-            self._log_scale = math.log(sample)
-            return
-        rate = max(self.config.scale_momentum, 1.0 / self._scale_updates) * min(1.0, count / self._chunk_max)
-        self._log_scale += rate * (math.log(sample) - self._log_scale)
-
-    @staticmethod
-    def _variance(count: Tensor, sum_norm2: Tensor) -> Tensor:
-        """Variance ``1 - |sum / n|^2`` of unit rows from count and squared norm of their sum (0 if empty)."""
-        n = count.clamp_min(1).to(torch.float32)
-        return torch.where(count > 0, (1.0 - sum_norm2 / (n * n)).clamp_min(0.0), torch.zeros_like(n))
-
-    def _join_existing(self, unit: Tensor, proj: Tensor, scale: float) -> Tensor:
-        """Join test for every token at once: cluster id, or -1 where rejected.
-
-        Recent clusters first: a chunk's tokens are tested against the clusters the last
-        ``_RECENT_CHUNKS`` chunks touched (consecutive frames mostly show the same content, so
-        these few clusters take most tokens). Only the tokens they reject are tested against the
-        older clusters, so content seen long ago (a revisited scene) still joins its clusters,
-        while a chunk that continues the recent content costs the same however many clusters
-        the stream has made.
-        """
-        live = self._count[: self._slots] > 0
-        recent = live & (self._touched[: self._slots] > self._chunks - _RECENT_CHUNKS)
-        older = live & ~recent
-        if not bool(recent.any()) or not bool(older.any()):
-            return self._nearest_join(unit, proj, scale, live.nonzero().squeeze(1))
-        cid = self._nearest_join(unit, proj, scale, recent.nonzero().squeeze(1))
-        rejected = (cid < 0).nonzero().squeeze(1)
-        if rejected.numel():
-            unit, proj = unit[rejected], proj[rejected]
-            # The opened regions may hold no older cluster (only the recent ones, or none: a
-            # long run of new content routes its own clusters there): then nothing older is
-            # near, and the rejected tokens open clusters of their own.
-            older = self._probe_regions(proj, older)
-            if bool(older.any()):
-                cid[rejected] = self._nearest_join(unit, proj, scale, older.nonzero().squeeze(1))
-        return cid
-
-    def _probe_regions(self, proj: Tensor, older: Tensor) -> Tensor:
-        """The part of the ``older`` mask (C,) the rows' searches open: once regions exist, the
-        clusters of each row's ``_PROBE_REGIONS`` nearest regions (their union over the rows:
-        rows that start new content together are alike) plus clusters not routed yet."""
-        centers = self._region_centers
-        if centers is None:
-            return older
-        probe = min(_PROBE_REGIONS, centers.shape[0])
-        near = self._nearness(proj, centers).topk(probe, dim=1).indices
-        opened = torch.zeros(centers.shape[0] + 1, dtype=torch.bool, device=self.device)
-        opened[near.reshape(-1)] = True
-        opened[-1] = True  # region -1 (not routed) indexes the last entry
-        return older & opened[self._region[: self._slots]]
-
-    def _nearest_join(self, unit: Tensor, proj: Tensor, scale: float, clusters: Tensor) -> Tensor:
-        """Nearest of ``clusters`` (live ids, (K,) K >= 1) for every row, if it may join: its id, else -1.
-
-        ``unit`` (T, F) rows and ``proj`` (T, P) their projections. Up to ``_EXACT_MAX`` clusters
-        (the recent ones, as a rule) the exact distances to all of them come from one (T, F) x
-        (F, K) product. Beyond, search in two stages. Coarse: rows and centroids, centred on
-        the mean of the recent reference rows (keys share a large common direction; centring
-        keeps the projection error proportional to the small differences that matter) and
-        projected to ``P = min(F, 64)`` dimensions with a fixed random matrix (``proj``), rank
-        the clusters in one (T, P) x (P, K) product.
-        Fine: the exact distances to the ``_CANDIDATES`` best-ranked clusters pick the nearest.
-        The projection is linear, so per-cluster projected sums are kept alongside the sums.
-        """
-        self._ranked += unit.shape[0] * clusters.numel()
-        inv_n = 1.0 / self._count[clusters].to(torch.float32)
-        if clusters.numel() > _EXACT_MAX:
-            center = self._ref.mean(dim=0) @ self._proj  # (P,)
-            mean_proj = self._sum_proj[clusters] * inv_n[:, None] - center  # (K, P) centred projected means
-            rank = (proj - center) @ mean_proj.T  # (T, K)
-            rank.sub_(0.5 * (mean_proj * mean_proj).sum(dim=1))
-            cand = clusters[rank.topk(_CANDIDATES, dim=1).indices]  # (T, k) ids
-            cand_inv_n = 1.0 / self._count[cand].to(torch.float32)
-            dots = torch.bmm(self._sum_unit[cand], unit[:, :, None])[:, :, 0]  # (T, k) x . sums
-            dist = 1.0 - 2.0 * dots * cand_inv_n + self._sum_norm2[cand] * cand_inv_n * cand_inv_n
-            nearest_dist, pick = dist.min(dim=1)
-            nearest = cand.gather(1, pick[:, None])[:, 0]
-        else:
-            dots = unit @ self._sum_unit[clusters].T  # (T, K)
-            dist = 1.0 - 2.0 * dots * inv_n + self._sum_norm2[clusters] * inv_n * inv_n
-            nearest_dist, pick = dist.min(dim=1)
-            nearest = clusters[pick]
-        nearest_dist = nearest_dist.clamp_min(0.0)
-        size = self._count[nearest].to(torch.float32)
-        var = self._variance(self._count[nearest], self._sum_norm2[nearest])
-        var_after = (size * var + size / (size + 1.0) * nearest_dist) / (size + 1.0)
-        ok = (
-            (var_after <= self.config.cohesion * scale)
-            & (nearest_dist <= self.config.join_radius * var.clamp_min(scale) * (1.0 + 1.0 / size))
-            & (size < 2 * self.config.max_cluster_tokens)
-        )
-        return torch.where(ok, nearest, torch.full_like(nearest, -1))
-
-    @staticmethod
-    def _group(unit: Tensor, radius: float | None) -> tuple[Tensor, int]:
-        """Group rows (R, F) densest-first, squared pair distance ``<= radius``: (labels (R,), groups).
-
-        ``radius`` None (no scale known yet) gives every row its own group.
-        """
-        rows = unit.shape[0]
-        if radius is None or rows == 1:
-            return torch.arange(rows, device=unit.device), rows
-        near = (2.0 - 2.0 * (unit @ unit.T)) <= radius  # (R, R), diagonal true
-        labels = torch.empty(rows, dtype=torch.int64, device=unit.device)
-        free = torch.ones(rows, dtype=torch.bool, device=unit.device)
-        groups, left = 0, rows
-        while left:
-            degree = (near & free[None, :]).sum(dim=1).masked_fill(~free, -1)
-            members = near[int(degree.argmax())] & free
-            labels[members] = groups
-            free &= ~members
-            left -= int(members.sum())
-            groups += 1
-        return labels, groups
-
-    @staticmethod
-    def _nearness(points: Tensor, centers: Tensor) -> Tensor:
-        """(n, G) ``x . c - |c|^2 / 2``: for each point, larger means a nearer centre."""
-        return points @ centers.T - 0.5 * (centers * centers).sum(dim=1)
-
-    def _route(self, clusters: Tensor) -> None:
-        """Put ``clusters`` (ids, statistics set) into their nearest regions, if regions exist."""
-        centers = self._region_centers
-        if centers is None or clusters.numel() == 0:
-            return
-        mean = self._sum_proj[clusters] / self._count[clusters].clamp_min(1).to(torch.float32)[:, None]
-        near = self._nearness(mean, centers).argmax(dim=1)
-        self._region[clusters] = near
-
-    def _rebuild_regions(self) -> None:
-        """Group the live clusters into ``ceil(sqrt(C))`` regions: k-means over their projected means
-        (seeds: evenly spaced live clusters; deterministic)."""
-        live = (self._count[: self._slots] > 0).nonzero().squeeze(1)
-        mean = self._sum_proj[live] / self._count[live].to(torch.float32)[:, None]
-        k = math.isqrt(live.numel() - 1) + 1
-        centers = mean[torch.linspace(0, live.numel() - 1, k, device=self.device).round().long()].clone()
-        for _ in range(_REGION_ITERS):
-            near = self._nearness(mean, centers).argmax(dim=1)
-            sums = torch.zeros_like(centers).index_add_(0, near, mean)
-            sizes = torch.bincount(near, minlength=k).to(torch.float32)
-            centers = torch.where(sizes[:, None] > 0, sums / sizes.clamp_min(1)[:, None], centers)
-        near = self._nearness(mean, centers).argmax(dim=1)
-        self._region.fill_(-1)
-        self._region[live] = near
-        self._region_centers = centers
-        self._routed = live.numel()
-
-    def _alloc(self, k: int) -> list[int]:
-        """k cluster ids for new clusters: smallest unused first, then fresh ones."""
-        ids = [heapq.heappop(self._free) for _ in range(min(k, len(self._free)))]
-        fresh = k - len(ids)
-        if fresh:
-            self._grow(self._slots + fresh)
-            ids.extend(range(self._slots, self._slots + fresh))
-            self._members.extend([] for _ in range(fresh))
-            self._slots += fresh
-        return ids
-
-    def _grow(self, slots: int) -> None:
-        capacity = self._count.shape[0]
-        if slots <= capacity:
-            return
-        capacity = max(slots, 2 * capacity, 16)
-        old = (self._count, self._sum_unit, self._sum_raw, self._sum_norm2, self._sum_proj, self._touched)
-        grown = [torch.zeros((capacity, *t.shape[1:]), dtype=t.dtype, device=self.device) for t in old]
-        for new, t in zip(grown, old, strict=True):
-            new[: t.shape[0]] = t
-        self._count, self._sum_unit, self._sum_raw, self._sum_norm2, self._sum_proj, self._touched = grown
-        region = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
-        region[: self._region.shape[0]] = self._region
-        self._region = region
-
-    def _add_stats(
-        self, cid: Tensor, unit: Tensor, raw: Tensor, sign: float, proj: Tensor | None = None
-    ) -> None:
-        cid = cid.to(self.device)
-        self._count.index_add_(0, cid, torch.full_like(cid, int(sign)))
-        self._sum_unit.index_add_(0, cid, unit, alpha=sign)
-        self._sum_raw.index_add_(0, cid, raw, alpha=sign)
-        self._sum_proj.index_add_(0, cid, unit @ self._proj if proj is None else proj, alpha=sign)
-        touched = cid.unique()
-        self._sum_norm2[touched] = (self._sum_unit[touched] ** 2).sum(dim=1)
-        self._centroid_cache = None
-
-    def _record(self, ids: Tensor, cid: Tensor, modality: Tensor | None) -> None:
-        """Token map and member lists for a new chunk (ids ascending, cid on the CPU)."""
-        if self._last_id is None:
-            self._base = int(ids[0])
-        needed = int(ids[-1]) - self._base + 1
-        if needed > self._tok_cluster.shape[0]:
-            capacity = max(needed, 2 * self._tok_cluster.shape[0], 1024)
-            cluster = torch.full((capacity,), -1, dtype=torch.int64)
-            cluster[: self._tok_len] = self._tok_cluster[: self._tok_len]
-            mod = torch.zeros(capacity, dtype=torch.uint8)
-            mod[: self._tok_len] = self._tok_modality[: self._tok_len]
-            self._tok_cluster, self._tok_modality = cluster, mod
-        self._tok_len = needed
-        self._tok_cluster[ids - self._base] = cid
-        if modality is not None:
-            self._tok_modality[ids - self._base] = modality.to("cpu", torch.uint8)
-        self._last_id = int(ids[-1])
-        self._assigned += ids.shape[0]
-        order = torch.argsort(cid, stable=True)
-        touched, sizes = torch.unique_consecutive(cid[order], return_counts=True)
-        for c, part in zip(touched.tolist(), torch.split(ids[order], sizes.tolist()), strict=True):
-            self._members[c].append(part)
-
-    def _violates(self, count: Tensor, sum_norm2: Tensor) -> Tensor:
-        """Boolean per cluster: too large, or looser than ``loose_factor * tau``."""
-        bad = count > self.config.max_cluster_tokens
-        tau = self.threshold
-        if tau is not None:
-            bad |= (count > 1) & (self._variance(count, sum_norm2) > self.config.loose_factor * tau)
-        return bad
-
-    def _queue_violators(self) -> None:
-        bad = self._violates(self._count[: self._slots], self._sum_norm2[: self._slots])
-        for c in bad.nonzero().squeeze(1).tolist():
-            if c not in self._queued:
-                self._queued.add(c)
-                self._queue.append(c)
+        return self._bank.assign(keys[None], token_ids, modality)[0]
 
     # -----------------------------------------------------------------------------------------
     # removal (eviction)
@@ -653,6 +868,7 @@ class ClusterIndex:
         ``assign`` (needed to take them out of the running sums). Ids not held are ignored.
         Emptied cluster ids become free for reuse by later clusters.
         """
+        b, layer = self._bank, self.layer
         ids = token_ids.to("cpu", torch.int64).reshape(-1)
         if keys.shape != (ids.shape[0], self.num_kv_heads, self.head_dim):
             raise ValueError(f"keys must be ({ids.shape[0]}, {self.num_kv_heads}, {self.head_dim})")
@@ -663,40 +879,26 @@ class ClusterIndex:
         if held.numel() == 0:
             return torch.zeros(0, dtype=torch.int64)
         ids, cid = ids[held], cid[held]
-        unit, raw = self._embed(keys[held.to(keys.device)])
-        self._add_stats(cid, unit, raw, sign=-1.0)
-        self._tok_cluster[ids - self._base] = -1
-        self._removed += ids.shape[0]
-        order = torch.argsort(cid, stable=True)
-        touched, sizes = torch.unique_consecutive(cid[order], return_counts=True)
-        emptied = []
-        for c, gone in zip(touched.tolist(), torch.split(ids[order], sizes.tolist()), strict=True):
-            keep = self.members(c)
-            keep = keep[~torch.isin(keep, gone)]
-            self._members[c] = [keep] if keep.numel() else []
-            if not keep.numel():
-                emptied.append(c)
-        for c in emptied:  # exact zeros, not float residue
-            self._sum_unit[c] = 0.0
-            self._sum_raw[c] = 0.0
-            self._sum_norm2[c] = 0.0
-            self._sum_proj[c] = 0.0
-            heapq.heappush(self._free, c)
-        if self._queued.intersection(emptied):
-            self._queued.difference_update(emptied)
-            self._queue = deque(c for c in self._queue if c in self._queued)
-        self._trim_token_map()
-        return torch.tensor(emptied, dtype=torch.int64)
-
-    def _trim_token_map(self) -> None:
-        """Forget the leading run of removed token ids once it is most of the map."""
-        held = (self._tok_cluster[: self._tok_len] >= 0).nonzero()
-        drop = int(held[0]) if held.numel() else self._tok_len
-        if drop >= 1024 and 2 * drop >= self._tok_len:
-            self._tok_cluster = self._tok_cluster[drop:].clone()
-            self._tok_modality = self._tok_modality[drop:].clone()
-            self._base += drop
-            self._tok_len -= drop
+        unit, raw = b.embed(keys[held.to(keys.device)])
+        b.add_stats(torch.full_like(cid, layer), cid, unit, raw, sign=-1.0)
+        b.tok_cluster[layer, ids - b.base] = -1
+        b.removed[layer] += ids.shape[0]
+        touched = cid.unique()
+        emptied = touched[b.count[layer, touched.to(self.device)].cpu() == 0]
+        if emptied.numel():  # exact zeros, not float residue
+            at = emptied.to(self.device)
+            b.sum_unit[layer, at] = 0.0
+            b.sum_raw[layer, at] = 0.0
+            b.sum_norm2[layer, at] = 0.0
+            b.sum_proj[layer, at] = 0.0
+            for c in emptied.tolist():
+                heapq.heappush(b.free[layer], c)
+        gone = set(emptied.tolist())
+        if b.queued[layer] & gone:
+            b.queued[layer] -= gone
+            b.queue[layer] = deque(c for c in b.queue[layer] if c in b.queued[layer])
+        b.trim_token_map()
+        return emptied
 
     # -----------------------------------------------------------------------------------------
     # maintenance
@@ -712,46 +914,44 @@ class ClusterIndex:
         regions were last built, the regions are rebuilt (a few k-means passes over the cluster
         means: about a millisecond per thousand clusters).
         """
+        b, layer = self._bank, self.layer
         start = time.perf_counter()
         splits: list[Split] = []
         live = self.num_clusters
-        if budget_ms > 0 and live >= self.config.route_min_clusters and live >= 2 * self._routed:
-            self._rebuild_regions()
-        while self._queue and (time.perf_counter() - start) * 1e3 < budget_ms:
-            c = self._queue.popleft()
-            self._queued.discard(c)
-            count = self._count[c : c + 1]
-            if int(count) >= 2 and bool(self._violates(count, self._sum_norm2[c : c + 1])):
+        if budget_ms > 0 and live >= self.config.route_min_clusters and live >= 2 * b.routed[layer]:
+            b.rebuild_regions(layer)
+        queue, queued = b.queue[layer], b.queued[layer]
+        while queue and (time.perf_counter() - start) * 1e3 < budget_ms:
+            c = queue.popleft()
+            queued.discard(c)
+            count = b.count[layer, c : c + 1]
+            if int(count) >= 2 and bool(b.violates(layer, count, b.sum_norm2[layer, c : c + 1])):
                 splits.append(self._split(c, key_lookup))
-        return MaintenanceReport(splits, (time.perf_counter() - start) * 1e3, len(self._queue))
+        return MaintenanceReport(splits, (time.perf_counter() - start) * 1e3, len(queue))
 
     def _split(self, parent: int, key_lookup: KeyLookup) -> Split:
+        b, layer = self._bank, self.layer
         members = self.members(parent)
-        unit, raw = self._embed(key_lookup(members))
+        unit, raw = b.embed(key_lookup(members))
         side = self._two_means(unit, self.config.split_iters)
-        (child,) = self._alloc(1)
+        (child,) = b._alloc(layer, 1)
         # both children's sums in one product: rows (side == 0, side == 1) x members
         onehot = torch.stack((~side, side)).to(torch.float32)
         sums_unit, sums_raw = onehot @ unit, onehot @ raw
-        pair = [parent, child]
-        self._count[pair] = onehot.sum(dim=1).to(torch.int64)
-        self._sum_unit[pair] = sums_unit
-        self._sum_raw[pair] = sums_raw
-        self._sum_norm2[pair] = (sums_unit * sums_unit).sum(dim=1)
-        self._sum_proj[pair] = sums_unit @ self._proj
-        self._touched[child] = self._touched[parent]
-        self._route(torch.tensor(pair, device=self.device))
+        pair = torch.tensor([parent, child], device=self.device)
+        b.count[layer, pair] = onehot.sum(dim=1).to(torch.int64)
+        b.sum_unit[layer, pair] = sums_unit
+        b.sum_raw[layer, pair] = sums_raw
+        b.sum_norm2[layer, pair] = (sums_unit * sums_unit).sum(dim=1)
+        b.sum_proj[layer, pair] = sums_unit @ b.proj
+        b.touched[layer, child] = b.touched[layer, parent]
+        b._route(torch.full_like(pair, layer), pair)
         side = side.cpu()
         halves = (members[~side], members[side])
-        self._members[parent] = [halves[0]]
-        self._members[child] = [halves[1]]
-        self._tok_cluster[halves[1] - self._base] = child
-        self._centroid_cache = None
-        bad = self._violates(self._count[pair], self._sum_norm2[pair])
-        for c, b in zip(pair, bad.tolist(), strict=True):
-            if b and c not in self._queued:
-                self._queued.add(c)
-                self._queue.append(c)
+        b.tok_cluster[layer, halves[1] - b.base] = child
+        b.centroid_cache[layer] = None
+        bad = b.violates(layer, b.count[layer, pair], b.sum_norm2[layer, pair])
+        b.enqueue(layer, [parent, child], bad.tolist())
         return Split(parent, (parent, child), halves)
 
     @staticmethod
@@ -792,33 +992,33 @@ class ClusterIndex:
         go through one batched product (``kernels.centroid_scores``, which documents the
         aggregation) on the index's device; unused ids score ``-inf``.
         """
-        counts = self._count[: self._slots]
-        return centroid_scores(query, self.centroids, counts, scale=scale, backend=backend)
+        return centroid_scores(query, self.centroids, self._count(), scale=scale, backend=backend)
 
     # -----------------------------------------------------------------------------------------
     # checks
     # -----------------------------------------------------------------------------------------
 
     def check_invariants(self, key_lookup: KeyLookup, atol: float = 1e-3) -> None:
-        """Raise AssertionError, saying what broke, unless the index is consistent.
+        """Raise AssertionError, saying what broke, unless the layer's index is consistent.
 
-        Every token assigned and not removed is in exactly one cluster (token map and member
-        lists agree, nothing is lost by splits); counts, centroids (assignment space, its
-        projection for the coarse search, and raw) and variances match a recomputation from the
-        member keys within ``atol`` (float32 running sums drift by about one rounding per
-        update; raw centroids are compared relative to the largest key magnitude); unused ids
-        are empty and reusable; the split queue is valid.
+        Every token assigned and not removed is in exactly one cluster (the token map, which
+        also lists each cluster's members, agrees with the counts: nothing is lost by splits);
+        counts, centroids (assignment space, its projection for the coarse search, and raw) and
+        variances match a recomputation from the member keys within ``atol`` (float32 running
+        sums drift by about one rounding per update; raw centroids are compared relative to the
+        largest key magnitude); unused ids are empty and reusable; the split queue is valid.
         """
-        slots = self._slots
-        count = self._count[:slots].cpu()
-        cid = self._tok_cluster[: self._tok_len]
+        b, layer = self._bank, self.layer
+        slots = self.num_slots
+        count = self._count().cpu()
+        cid = b.tok_cluster[layer, : b.tok_len]
         held_idx = (cid >= 0).nonzero().squeeze(1)
-        held_ids = held_idx + self._base
+        held_ids = held_idx + b.base
         held_cid = cid[held_idx]
         require(
             held_ids.numel() == self.num_tokens,
-            f"{held_ids.numel()} tokens mapped to clusters, expected {self._assigned} assigned - "
-            f"{self._removed} removed = {self.num_tokens}",
+            f"{held_ids.numel()} tokens mapped to clusters, expected {b.assigned} assigned - "
+            f"{b.removed[layer]} removed = {self.num_tokens}",
         )
         require(bool((held_cid < slots).all()), "a token maps to a cluster id beyond num_slots")
         mapped = torch.bincount(held_cid, minlength=slots)
@@ -826,48 +1026,39 @@ class ClusterIndex:
             torch.equal(mapped, count),
             f"counts disagree with the token map at ids {(mapped != count).nonzero().flatten().tolist()}",
         )
-        members = [self.members(c) for c in range(slots)]
-        sizes = torch.tensor([m.numel() for m in members], dtype=torch.int64)
-        bad = (sizes != count).nonzero().flatten().tolist()
-        require(not bad, f"member lists disagree with counts at cluster ids {bad[:10]}")
-        if members:
-            flat = torch.cat(members)
-            owner = torch.repeat_interleave(torch.arange(slots), sizes)
-            wrong = owner[self.cluster_of(flat) != owner].unique().tolist()
-            require(not wrong, f"clusters {wrong[:10]} list a token mapped elsewhere (duplicated or lost)")
-            rising = (flat[1:] > flat[:-1]) | (owner[1:] != owner[:-1])
-            unsorted = owner[1:][~rising].unique().tolist()
-            require(not unsorted, f"clusters {unsorted[:10]} have members not strictly ascending")
-        free = set(self._free)
-        require(len(free) == len(self._free), "an unused id is listed twice")
+        beyond = b.count[layer, slots:]
+        require(not bool((beyond != 0).any()), "a cluster id beyond num_slots holds tokens")
+        free = set(b.free[layer])
+        require(len(free) == len(b.free[layer]), "an unused id is listed twice")
         live = set((count > 0).nonzero().flatten().tolist())
         require(not free & live, f"ids {sorted(free & live)} are both free and live")
         require(free | live == set(range(slots)), f"ids {sorted(set(range(slots)) - free - live)} are lost")
+        queue, queued = b.queue[layer], b.queued[layer]
         require(
-            set(self._queue) == self._queued and len(self._queue) == len(self._queued),
+            set(queue) == queued and len(queue) == len(queued),
             "split queue and its membership set disagree (or an id is queued twice)",
         )
-        regions = 0 if self._region_centers is None else self._region_centers.shape[0]
-        region = self._region[:slots].cpu()
+        regions = b.num_regions[layer]
+        region = b.region[layer, :slots].cpu()
         stray = ((region < -1) | (region >= regions)).nonzero().flatten()[:10].tolist()
         require(not stray, f"region ids outside [-1, {regions}) at clusters {stray}")
         if held_ids.numel() == 0:
             return
-        unit, raw = self._embed(key_lookup(held_ids))
+        unit, raw = b.embed(key_lookup(held_ids))
         dev_cid = held_cid.to(self.device)
-        sum_unit = torch.zeros_like(self._sum_unit[:slots]).index_add_(0, dev_cid, unit)
-        sum_raw = torch.zeros_like(self._sum_raw[:slots]).index_add_(0, dev_cid, raw)
+        sum_unit = torch.zeros_like(b.sum_unit[layer, :slots]).index_add_(0, dev_cid, unit)
+        sum_raw = torch.zeros_like(b.sum_raw[layer, :slots]).index_add_(0, dev_cid, raw)
         n = count.clamp_min(1).to(self.device, torch.float32)[:, None]
-        mean_unit, stored_unit = sum_unit / n, self._sum_unit[:slots] / n
+        mean_unit, stored_unit = sum_unit / n, b.sum_unit[layer, :slots] / n
         err = float((mean_unit - stored_unit).abs().max())
         require(err <= atol, f"assignment-space centroids drifted by {err:.3g} (> {atol})")
         raw_scale = max(1.0, float(raw.abs().max()))
-        err = float((sum_raw / n - self._sum_raw[:slots] / n).abs().max()) / raw_scale
+        err = float((sum_raw / n - b.sum_raw[layer, :slots] / n).abs().max()) / raw_scale
         require(err <= atol, f"raw centroids drifted by {err:.3g} of the key scale (> {atol})")
         dev = unit - mean_unit[dev_cid]
         true_var = torch.zeros(slots, device=self.device).index_add_(0, dev_cid, (dev * dev).sum(dim=1))
         true_var = true_var / n[:, 0]
         err = float((true_var - self.variances).abs().max())
         require(err <= atol, f"cluster variances off by {err:.3g} (> {atol})")
-        err = float(((sum_unit @ self._proj) / n - self._sum_proj[:slots] / n).abs().max())
+        err = float(((sum_unit @ b.proj) / n - b.sum_proj[layer, :slots] / n).abs().max())
         require(err <= atol, f"projected centroids of the coarse search drifted by {err:.3g} (> {atol})")
