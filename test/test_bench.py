@@ -71,9 +71,9 @@ def test_bench_with_a_budget_covering_the_stream_matches_dense(tmp_path):
     [
         (["--frames", "-3"], "--frames must be positive"),
         (["--policies", "dense,nope"], "registered:"),
-        (["--budget", "0"], "--budget must be positive"),
+        (["--budget", "0"], "budget_tokens must be >= 1, got 0"),
         (["--questions", "0"], "--questions must be positive"),
-        (["--maintain-ms", "-1"], "--maintain-ms must be >= 0"),
+        (["--maintain-ms", "-1"], "maintain_budget_ms must be >= 0, got -1.0"),
     ],
 )
 def test_bench_rejects_bad_arguments_clearly(args, message, capsys):
@@ -142,3 +142,52 @@ def test_bench_replays_kv_captured_from_a_tiny_model_over_a_video(tmp_path):
     assert dense["recall"] == pytest.approx(1.0, abs=1e-4)
     assert dense["out_rel_err"] == pytest.approx(0.0, abs=1e-3)
     assert 0.0 < doc["policies"]["token_topk"]["recall"] < 1.0
+
+
+def test_bench_loads_each_policys_stream_and_gets_the_recall_of_the_run_that_saved_it(tmp_path, capsys):
+    saved, first, second = tmp_path / "streams", tmp_path / "a.json", tmp_path / "b.json"
+    policies = "dense,window,token_topk,rekv,livevlm"
+    args = [*TINY, "--questions", "2", "--dense-questions", "2", "--policies", policies, "--no-progress"]
+    assert main([*args, "--save", str(saved), "--json", str(first)]) == 0
+    assert sorted(p.name for p in saved.iterdir()) == sorted(policies.split(","))
+    assert main([*args, "--load", str(saved), "--json", str(second)]) == 0
+    before = json.loads(first.read_text())["policies"]
+    after = json.loads(second.read_text())
+    assert after["run"]["loaded_from"] == str(saved)
+    for name, res in after["policies"].items():
+        assert res["loaded_from"] == str(saved / name)
+        assert res["tokens_in_memory"] == before[name]["tokens_in_memory"]
+        assert res["recall"] == pytest.approx(before[name]["recall"], rel=1e-6), name
+        assert res["out_rel_err"] == pytest.approx(before[name]["out_rel_err"], rel=1e-5, abs=1e-7), name
+        assert res["ingest_ms_per_frame"] == before[name]["ingest_ms_per_frame"]  # the saving run's
+    assert after["policies"]["window"]["recall"] < 1.0  # the budget selects: recall is not trivially 1
+    capsys.readouterr()
+    for other, differs in (
+        (["--window", "8"], "policy_config.window_tokens: snapshot 16, this session 8"),
+        (["--frames", "10"], "stream.frames: snapshot 12, this session 10"),
+        (
+            ["--option", "window.page_rows=64"],
+            "policy_config.options.page_rows: snapshot None, this session 64",
+        ),
+    ):
+        assert main([*args, *other, "--load", str(saved)]) == 2
+        err = capsys.readouterr().err
+        assert "was made with another model or policy: " in err and differs in err, err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--save", "a", "--load", "b"], "give --save or --load, not both"),
+        (["--budgets", "64,96", "--save", "a"], "--save and --load take one --budget, not a --budgets sweep"),
+        (["--load", "nowhere"], "no snapshot in nowhere/dense"),
+    ],
+)
+def test_bench_save_and_load_refuse_what_they_cannot_do(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        rc = main([*TINY, "--questions", "1", "--policies", "window", "--no-progress", *args])
+    except SystemExit as exc:
+        rc = exc.code
+    assert rc == 2
+    assert message in capsys.readouterr().err

@@ -151,7 +151,8 @@ def test_a_stream_session_runs_on_cuda_with_prefetch() -> None:
 
     adapter = load_model("tiny-random:qwen2.5-vl", device="cuda", dtype="float32")
     session = StreamSession(
-        adapter, SessionConfig(policy="mosaic", budget_tokens=96, window_tokens=32, max_new_tokens=4)
+        adapter,
+        SessionConfig(policy="mosaic", kv=PolicyConfig(budget_tokens=96, window_tokens=32), max_new_tokens=4),
     )
     rng = np.random.default_rng(0)
     for i in range(12):

@@ -15,13 +15,21 @@ import pytest
 import yaml
 from rcl_interfaces.msg import ParameterType
 
-from mosaic_ros.nodes.stream_params import PARAMETERS, PARAMETERS_BY_NAME, STANDARD_PARAMETERS
+from mosaic_ros.nodes.stream_params import (
+    STANDARD_PARAMETERS,
+    parameters,
+    readme_options,
+    readme_table,
+    stream_yaml,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH_FILE = ROOT / "launch" / "stream.launch.py"
 CONFIG_FILE = ROOT / "config" / "stream.yaml"
 README = ROOT / "README.md"
-DECLARED = {spec.name for spec in PARAMETERS} | set(STANDARD_PARAMETERS)
+PARAMETERS_BY_NAME = parameters()
+PARAMETERS = tuple(PARAMETERS_BY_NAME.values())
+DECLARED = set(PARAMETERS_BY_NAME) | set(STANDARD_PARAMETERS)
 
 PYTHON_TYPES = {
     ParameterType.PARAMETER_BOOL: bool,
@@ -68,10 +76,17 @@ def test_launch_arguments_set_only_declared_parameters():
         assert PARAMETERS_BY_NAME[name].type == ParameterType.PARAMETER_STRING_ARRAY
 
 
+def test_config_file_is_the_one_derived_from_the_configuration_tree():
+    assert CONFIG_FILE.read_text() == stream_yaml(), (
+        "config/stream.yaml is stale: python -m mosaic_ros.nodes.stream_params > config/stream.yaml"
+    )
+
+
 def test_config_file_sets_every_declared_parameter_with_its_type():
     params = config_parameters()
     assert set(params) <= DECLARED, set(params) - DECLARED
-    assert set(params) == {spec.name for spec in PARAMETERS}
+    unset = {spec.name for spec in PARAMETERS if spec.default is None and spec.entry.setting.example is None}
+    assert set(params) == {spec.name for spec in PARAMETERS} - unset
     for name, value in params.items():
         spec = PARAMETERS_BY_NAME[name]
         assert type(value) is PYTHON_TYPES[spec.type], f"{name}: {value!r}"
@@ -89,11 +104,12 @@ def test_config_defaults_match_the_declared_ones():
     assert differing == {}
 
 
-def test_readme_documents_every_parameter():
+def test_readme_documents_every_parameter_as_the_tree_does():
     section = README.read_text().split("\n## ROS node\n", 1)[1]
-    documented = [line.split("`")[1] for line in section.splitlines() if line.startswith("| `")]
-    for spec in PARAMETERS:
-        assert spec.name in documented, f"README's ROS node section lacks {spec.name}"
+    assert readme_table() in section, "README's parameter table differs from stream_params.readme_table()"
+    assert readme_options() in section.replace("\n", " "), (
+        "README's policy options differ from readme_options()"
+    )
 
 
 def test_launch_description_builds_where_ros2_launch_is_installed():

@@ -470,7 +470,9 @@ def test_mosaic_runs_inside_a_real_model_and_matches_the_full_context_when_every
     for name in ("window", "mosaic"):
         session = StreamSession(
             adapter,
-            SessionConfig(policy=name, budget_tokens=4096, window_tokens=8, max_new_tokens=4),
+            SessionConfig(
+                policy=name, kv=PolicyConfig(budget_tokens=4096, window_tokens=8), max_new_tokens=4
+            ),
         )
         for i, frame in enumerate(frames):
             session.ingest(frame, float(i))

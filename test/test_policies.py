@@ -180,7 +180,7 @@ def test_time_window_limits_candidates_but_keeps_sinks(name):
 
 
 def test_bad_parameters_raise_clear_errors():
-    with pytest.raises(ValueError, match="budget_tokens must be positive"):
+    with pytest.raises(ValueError, match="budget_tokens must be >= 1, got 0"):
         PolicyConfig(budget_tokens=0)
     with pytest.raises(ValueError, match="exceed budget_tokens"):
         PolicyConfig(budget_tokens=10, sink_tokens=4, window_tokens=8)

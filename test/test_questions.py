@@ -11,6 +11,7 @@ from helpers import ListLog, assert_documented, wait_for
 
 from mosaic_ros.nodes.camera_stream import CameraStream, ModelGate
 from mosaic_ros.nodes.questions import Question, QuestionDesk, RequestError, Stage, time_window
+from mosaic_ros.runtime.kv.policy import PolicyConfig
 from mosaic_ros.runtime.models import load_model
 from mosaic_ros.runtime.session import SessionConfig, SessionError, StampError, StreamFault, StreamSession
 
@@ -226,7 +227,9 @@ def test_total_and_prefill_time_count_keeping_the_dialogue_in_memory(adapter, mo
 
 
 def test_a_failure_inside_the_policy_resets_the_stream_and_it_keeps_ingesting(adapter, monkeypatch):
-    session = StreamSession(adapter, SessionConfig(policy="mosaic", budget_tokens=256, window_tokens=32))
+    session = StreamSession(
+        adapter, SessionConfig(policy="mosaic", kv=PolicyConfig(budget_tokens=256, window_tokens=32))
+    )
     frame = np.zeros((28, 56, 3), np.uint8)
     for i in range(3):
         session.ingest(frame, float(i))
@@ -259,7 +262,9 @@ def test_a_negative_or_non_finite_stamp_is_refused_by_the_session(adapter, stamp
 
 
 def test_a_text_event_joins_the_memory_between_frames(adapter):
-    session = StreamSession(adapter, SessionConfig(policy="mosaic", budget_tokens=512, window_tokens=32))
+    session = StreamSession(
+        adapter, SessionConfig(policy="mosaic", kv=PolicyConfig(budget_tokens=512, window_tokens=32))
+    )
     frame = np.zeros((28, 56, 3), np.uint8)
     session.ingest(frame, 1.0)
     before = session.status().tokens_in_memory
@@ -304,7 +309,10 @@ def test_a_fact_from_a_text_event_is_answered_by_the_real_lm(policy):
     arrived between frames is in memory and retrieved for the question about it."""
     real = load_model("smollm2-llava:135m-instruct", device="cpu")
     session = StreamSession(
-        real, SessionConfig(policy=policy, budget_tokens=256, window_tokens=64, remember_dialogue=False)
+        real,
+        SessionConfig(
+            policy=policy, kv=PolicyConfig(budget_tokens=256, window_tokens=64), remember_dialogue=False
+        ),
     )
     rng = np.random.default_rng(0)
     session.ingest(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8), 0.0)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from mosaic_ros.runtime.kv.policy import PolicyConfig
 from mosaic_ros.runtime.models import load_model
 from mosaic_ros.runtime.models.base import FrameError, PositionCursor
 from mosaic_ros.runtime.session import (
@@ -87,7 +88,11 @@ def test_window_larger_than_stream_equals_dense(qwen):
     for policy in ("dense", "window"):
         session = StreamSession(
             qwen,
-            SessionConfig(policy=policy, budget_tokens=4096, window_tokens=2048, remember_dialogue=False),
+            SessionConfig(
+                policy=policy,
+                kv=PolicyConfig(budget_tokens=4096, window_tokens=2048),
+                remember_dialogue=False,
+            ),
         )
         for i, frame in enumerate(frames):
             session.ingest(frame, float(i))
@@ -138,7 +143,10 @@ def test_concurrent_ingest_and_ask_keep_consistent_counts(qwen):
     session = StreamSession(
         qwen,
         SessionConfig(
-            policy="window", budget_tokens=512, window_tokens=256, max_new_tokens=3, remember_dialogue=False
+            policy="window",
+            kv=PolicyConfig(budget_tokens=512, window_tokens=256),
+            max_new_tokens=3,
+            remember_dialogue=False,
         ),
     )
     session.ingest(_frames(1)[0], 0.0)
@@ -233,7 +241,10 @@ def test_ingest_context_stays_bounded_as_the_stream_grows(qwen, policy):
     """Flat per-frame ingest cost: a new frame attends to sinks + the local window, never to all."""
     window = 48
     session = StreamSession(
-        qwen, SessionConfig(policy=policy, budget_tokens=256, window_tokens=window, remember_dialogue=False)
+        qwen,
+        SessionConfig(
+            policy=policy, kv=PolicyConfig(budget_tokens=256, window_tokens=window), remember_dialogue=False
+        ),
     )
     sinks = session.policy.config.sink_tokens
     sizes = []

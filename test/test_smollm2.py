@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mosaic_ros.nodes.demo import render_synthetic_clip
+from mosaic_ros.runtime.kv.policy import PolicyConfig
 from mosaic_ros.runtime.models import ModelLoadError, load_model, smollm2
 from mosaic_ros.runtime.session import SessionConfig, StreamSession
 
@@ -49,7 +50,9 @@ def test_added_tokens_never_win_greedy_decoding(adapter):
 
 @pytest.mark.parametrize("policy", ["dense", "mosaic"])
 def test_session_answers_a_plain_question(adapter, policy):
-    session = StreamSession(adapter, SessionConfig(policy=policy, budget_tokens=256, window_tokens=64))
+    session = StreamSession(
+        adapter, SessionConfig(policy=policy, kv=PolicyConfig(budget_tokens=256, window_tokens=64))
+    )
     rng = np.random.default_rng(0)
     for stamp in (0.0, 0.5):
         session.ingest(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8), stamp)

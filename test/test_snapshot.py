@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from mosaic_ros.cli import run
 from mosaic_ros.nodes.demo import render_synthetic_clip
+from mosaic_ros.runtime.config import build
 from mosaic_ros.runtime.kv.policy import known_policies
 from mosaic_ros.runtime.models import load_model
 from mosaic_ros.runtime.session import SessionConfig, SessionStatus, StreamSession
@@ -21,6 +22,11 @@ from mosaic_ros.runtime.snapshot import SnapshotError, SnapshotIncompatible, Sna
 QUESTION = "What is in the video?"
 # small budgets so that the retrieval policies select (a budget above the stream would keep all)
 CONFIG = {"budget_tokens": 96, "window_tokens": 32, "max_new_tokens": 8}
+
+
+def _config(**settings) -> SessionConfig:
+    """A session's config from settings by their flat names, as the node and the CLIs give them."""
+    return build(SessionConfig, settings)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +40,7 @@ def _frames(n: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def _stream(adapter, policy: str, frames: int, **config) -> StreamSession:
-    session = StreamSession(adapter, SessionConfig(policy=policy, **{**CONFIG, **config}))
+    session = StreamSession(adapter, _config(policy=policy, **{**CONFIG, **config}))
     for i, frame in enumerate(_frames(frames)):
         session.ingest(frame, stamp=0.5 * i)
     return session
@@ -203,7 +209,7 @@ def test_no_complete_snapshot_is_refused_with_what_is_wrong(qwen, tmp_path):
 def test_a_snapshot_of_another_policy_is_refused(qwen, tmp_path, other, differs):
     session = _stream(qwen, "dense", 1)
     session.save(tmp_path)
-    foreign = StreamSession(qwen, SessionConfig(**{**CONFIG, "policy": "dense", **other}))
+    foreign = StreamSession(qwen, _config(**{**CONFIG, "policy": "dense", **other}))
     with pytest.raises(SnapshotIncompatible) as refused:
         foreign.load(tmp_path)
     assert differs in str(refused.value)
@@ -215,7 +221,7 @@ def test_a_snapshot_of_another_model_is_refused(qwen, tmp_path):
     _stream(qwen, "dense", 1).save(tmp_path)
     other = load_model("tiny-random:qwen2.5-vl", device="cpu", dtype="float32", seed=1)
     with pytest.raises(SnapshotIncompatible, match=r"model\.weights_sample_sha256"):
-        StreamSession(other, SessionConfig(policy="dense", **CONFIG)).load(tmp_path)
+        StreamSession(other, _config(policy="dense", **CONFIG)).load(tmp_path)
 
 
 def test_reset_makes_the_next_snapshot_empty(qwen, tmp_path):
@@ -254,14 +260,35 @@ def test_mosaic_ros_run_saves_a_stream_and_loads_it_again(tmp_path, capsys):
     assert "policy: snapshot 'dense', this session 'window'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("policy", ["dense", "rekv"])
+def test_mosaic_ros_run_loads_a_stream_and_answers_as_the_run_that_saved_it(tmp_path, capsys, policy):
+    """The tiny seeded model on the CPU: the same memory gives the same answer, bit for bit. The
+    dialogue is not remembered, so the saved memory is the video's alone, as the loading run's."""
+    video = render_synthetic_clip(tmp_path / "clip.avi", frames=6, fps=2.0, size=(84, 56))
+    snapshot = tmp_path / "snapshot"
+    common = ["--video", str(video), "--device", "cpu", "--dtype", "float32", "--sample-fps", "2"]
+    common += ["--policy", policy, "--budget", "96", "--window", "32", "--max-new-tokens", "12"]
+    common += ["--no-remember-dialogue", "--ask", QUESTION, "--json"]
+    assert run.main([*common, "--save", str(snapshot)]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert run.main([*common, "--max-frames", "0", "--load", str(snapshot)]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["restored"]["tokens"] == second["tokens_in_memory"] == first["tokens_in_memory"]
+    assert second["frames_ingested"] == first["frames_ingested"] > 0
+    (asked,), (again,) = first["answers"], second["answers"]
+    assert asked["stats"]["tokens_generated"] > 0
+    assert again["answer"] == asked["answer"]
+    assert again["stats"]["tokens_retrieved"] == asked["stats"]["tokens_retrieved"]
+
+
 def test_a_capped_stream_that_dropped_its_oldest_tokens_round_trips(qwen, tmp_path):
     probe = _stream(qwen, "window", 0)
     row = probe.policy.geometry.bytes_per_token
     preamble = probe.status().tokens_in_memory
-    config = SessionConfig(
+    config = _config(
         policy="window",
         compression="drop_oldest",
-        host_cap_bytes=row * (preamble + CONFIG["window_tokens"] + 80),
+        host_cap_mb=row * (preamble + CONFIG["window_tokens"] + 80) / 2**20,
         **CONFIG,
     )
     session = StreamSession(qwen, config)

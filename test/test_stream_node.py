@@ -17,7 +17,7 @@ import sys
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,10 +27,13 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from helpers import ListLog, assert_documented, wait_for
 from mosaic_ros.action import AskVideo as AskVideoAction
 from mosaic_ros.srv import AskVideo
+from rcl_interfaces.msg import ParameterType
 from rclpy.context import Context
+from rclpy.exceptions import ParameterException
 from rclpy.parameter import Parameter
 from rclpy.parameter_client import AsyncParameterClient
 
+from mosaic_ros.nodes import stream_params
 from mosaic_ros.nodes.ask_client import AskClient, make_request
 from mosaic_ros.nodes.bag_tool import BagSummary, video_to_bag
 from mosaic_ros.nodes.camera_stream import (
@@ -47,10 +50,17 @@ from mosaic_ros.nodes.image_codec import ImageDecodeError
 from mosaic_ros.nodes.processes import READY_MARK, ModuleProcess, start_stream_node
 from mosaic_ros.nodes.sampling import FrameSampler
 from mosaic_ros.nodes.stream_main import ros_arguments
-from mosaic_ros.nodes.stream_node import camera_ids_for
-from mosaic_ros.nodes.stream_params import PARAMETERS, STANDARD_PARAMETERS, policy_option_parameters
-from mosaic_ros.runtime.kv.policy import policy_options
-from mosaic_ros.runtime.session import SessionError, SessionStatus
+from mosaic_ros.nodes.stream_node import StreamNode, camera_ids_for
+from mosaic_ros.nodes.stream_params import (
+    STANDARD_PARAMETERS,
+    NodeConfig,
+    policy_option_parameters,
+)
+from mosaic_ros.runtime import config
+from mosaic_ros.runtime.bench.runner import BenchConfig
+from mosaic_ros.runtime.config import nested, setting, strict
+from mosaic_ros.runtime.kv.policy import PolicyConfig
+from mosaic_ros.runtime.session import SessionConfig, SessionError, SessionStatus
 from mosaic_ros.runtime.stats import LatencyStats
 
 FRONT_TOPIC = "/front/image_raw"
@@ -59,6 +69,7 @@ BAG_START_S = 1_000_000.0  # header stamps far from the wall clock: lag is small
 SAMPLE_FPS = 2.5  # half the bags' 5 fps: every second frame
 MAX_NEW_TOKENS = 8
 TIMEOUT_S = 120.0
+CONFIG_FILE = Path(__file__).resolve().parent.parent / "config" / "stream.yaml"
 
 
 @dataclass
@@ -554,9 +565,9 @@ def test_node_declares_exactly_the_documented_parameters(stream):
     listed = parameters.list_parameters()
     assert stream.client.spin_until(listed.done, TIMEOUT_S)
     declared = set(listed.result().result.names)
-    expected = {spec.name for spec in PARAMETERS} | set(STANDARD_PARAMETERS)
+    expected = set(stream_params.parameters()) | set(STANDARD_PARAMETERS)
     # the dense policy's options, derived from the policy: its own and the common ones
-    options = {spec.name for spec in policy_option_parameters("dense", policy_options("dense"))}
+    options = {spec.name for spec in policy_option_parameters("dense")}
     assert "policy_options.reserve_tokens" in options and "policy_options.page_rows" in options
     expected |= options
     assert expected <= declared
@@ -645,33 +656,138 @@ def test_reset_forgets_every_stream(stream):
         )
 
 
-def test_a_new_policy_option_becomes_a_typed_read_only_node_parameter(monkeypatch):
-    """Options are derived from the policy class: adding one to a policy's option_defaults (here
-    a policy registered by the test) makes a node parameter with its type, default and
-    descriptor, without a change to the node or its parameter table."""
-    from rcl_interfaces.msg import ParameterType
+# ---- the node's parameters, in process (no DDS traffic: the node is made, never spun) -----------
 
-    from mosaic_ros.runtime.kv.policies.rekv import ReKVPolicy
-    from mosaic_ros.runtime.kv.policy import POLICIES
 
-    class Tuned(ReKVPolicy):
-        name: ClassVar[str] = "tuned"
-        option_defaults: ClassVar[dict] = {**ReKVPolicy.option_defaults, "new_knob": 0.25, "mode": "fast"}
+def make_node(context, **overrides) -> StreamNode:
+    """A ``StreamNode`` of ``context`` with these parameter overrides (as ``-p`` would give them)."""
+    given = [Parameter(name, value=value) for name, value in overrides.items()]
+    return StreamNode(context=context, parameter_overrides=given)
 
-    monkeypatch.setitem(POLICIES, "tuned", Tuned)
-    specs = {spec.name: spec for spec in policy_option_parameters("tuned", policy_options("tuned"))}
-    knob, mode = specs["policy_options.new_knob"], specs["policy_options.mode"]
-    assert (knob.type, knob.default, mode.type, mode.default) == (
-        ParameterType.PARAMETER_DOUBLE,
-        0.25,
-        ParameterType.PARAMETER_STRING,
-        "fast",
+
+def descriptor_of(node: StreamNode, name: str):
+    return node.describe_parameter(name)
+
+
+def test_the_node_declares_the_tree_with_descriptors_and_reads_compression_and_options(ros_context):
+    node = make_node(
+        ros_context,
+        camera_topics=[FRONT_TOPIC],
+        compression="drop_oldest",
+        sink_tokens=8,
+        **{"policy_options.run_penalty": 0.5, "policy_options.prefetch_predictor": "query"},
     )
-    descriptor = knob.descriptor()
+    try:
+        session = node.settings.session
+        assert (session.policy, session.kv.compression, session.kv.sink_tokens) == (
+            "mosaic",
+            "drop_oldest",
+            8,
+        )
+        assert (
+            session.kv.options["run_penalty"] == 0.5 and session.kv.options["prefetch_predictor"] == "query"
+        )
+        budget = descriptor_of(node, "budget_tokens")
+        assert budget.read_only and "Tokens of KV a question may bring to the device" in budget.description
+        assert (budget.integer_range[0].from_value, budget.integer_range[0].to_value) == (1, 1 << 30)
+        assert descriptor_of(node, "compression").additional_constraints == "one of: vsb, drop_oldest"
+        cap = descriptor_of(node, "host_cap_mb")
+        assert cap.type == ParameterType.PARAMETER_DOUBLE and "(MiB; 0 .. 1e+09)" in cap.description
+        assert not descriptor_of(node, "max_question_chars").read_only  # a live setting of the sessions
+        penalty = descriptor_of(node, "policy_options.run_penalty")
+        assert penalty.read_only and penalty.description.startswith("Copy penalty, in shares of the marginal")
+        assert descriptor_of(node, "policy_options.prefetch_predictor").additional_constraints == (
+            "one of: tokens, query"
+        )
+    finally:
+        node.destroy_node()
+
+
+def test_the_node_starts_from_the_generated_yaml_at_the_trees_defaults(ros_context):
+    node = StreamNode(context=ros_context, cli_args=["--ros-args", "--params-file", str(CONFIG_FILE)])
+    try:
+        expected = NodeConfig()
+        assert node.settings.session == expected.session
+        assert (node.settings.model, node.settings.topics) == (expected.vlm.model, expected.camera_topics)
+    finally:
+        node.destroy_node()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("    polcy: dense\n", "unknown parameter(s) polcy; known: action_result_timeout_s, "),
+        (
+            "    policy_options: {run_penalty: 0.5}\n",  # an option of mosaic, the file's policy is dense
+            "unknown parameter(s) policy_options.run_penalty; known: ",
+        ),
+        (
+            "    policy_options: {page_rows: 0}\n",
+            "Parameter policy_options.page_rows out of range. Min: 1",
+        ),
+    ],
+)
+def test_a_yaml_key_outside_the_tree_is_refused_with_the_known_ones(ros_context, tmp_path, extra, message):
+    params = tmp_path / "params.yaml"
+    params.write_text(CONFIG_FILE.read_text().replace('policy: "mosaic"', 'policy: "dense"') + extra)
+    with pytest.raises((ValueError, ParameterException)) as refused:  # rclpy refuses out-of-range values
+        StreamNode(context=ros_context, cli_args=["--ros-args", "--params-file", str(params)])
+    assert message in str(refused.value)
+
+
+def test_a_setting_added_to_the_policy_config_is_a_parameter_a_flag_and_a_yaml_key(monkeypatch, ros_context):
+    """A new PolicyConfig field, with its metadata, reaches the node (declared with its
+    descriptor, read into the sessions' config), mosaic-ros-bench and mosaic-ros-run (a flag),
+    and the YAML file (a key after its description): only the tree changes here, not the
+    node's or the command lines' code."""
+    from mosaic_ros.cli import bench, run
+
+    @strict
+    @dataclass
+    class TunedPolicyConfig(PolicyConfig):
+        probe_every: int = setting(3, "A knob added by the test.", unit="frames", low=0, high=10)
+
+    @strict
+    @dataclass
+    class TunedSession(SessionConfig):
+        kv: TunedPolicyConfig = nested(TunedPolicyConfig)
+
+    @strict
+    @dataclass
+    class TunedNode(NodeConfig):
+        session: TunedSession = nested(TunedSession, policy="mosaic")
+
+    @strict
+    @dataclass
+    class TunedBench(BenchConfig):
+        kv: TunedPolicyConfig = nested(TunedPolicyConfig, exclude=("options",), sink_tokens=32)
+
+    monkeypatch.setattr(stream_params, "NodeConfig", TunedNode)
+    monkeypatch.setattr(bench, "BenchConfig", TunedBench)
+    monkeypatch.setattr(run, "RUN_DEFAULTS", TunedSession(max_new_tokens=32))
+
+    node = make_node(ros_context, probe_every=7)
+    try:
+        knob = descriptor_of(node, "probe_every")
+        assert knob.read_only and knob.type == ParameterType.PARAMETER_INTEGER
+        assert knob.description.startswith("A knob added by the test (frames; 0 .. 10).")
+        assert (knob.integer_range[0].from_value, knob.integer_range[0].to_value) == (0, 10)
+        assert node.settings.session.kv.probe_every == 7
+    finally:
+        node.destroy_node()
+    with pytest.raises(ParameterException, match="probe_every"):  # rclpy refuses it by its range
+        make_node(ros_context, probe_every=11).destroy_node()
+
     assert (
-        descriptor.read_only
-        and "Option 'new_knob' of the tuned KV policy (default 0.25" in descriptor.description
+        "    # A knob added by the test (frames; 0 .. 10).\n    probe_every: 3\n"
+        in stream_params.stream_yaml()
     )
-    assert "policy_options.page_rows" in specs  # the options every policy has
-    with pytest.raises(ValueError, match="unknown KV policy 'nonsense'"):
-        policy_options("nonsense")
+    assert "| `probe_every` | int | `3` | 0 .. 10 | no |" in stream_params.readme_table()
+
+    parser = bench.build_parser()
+    assert "--probe-every" in parser.format_help()
+    assert config.from_arguments(TunedBench(), parser.parse_args(["--probe-every", "5"])).kv.probe_every == 5
+    run_args = run.build_parser().parse_args(["--video", "v.avi", "--probe-every", "2"])
+    assert config.from_arguments(run.RUN_DEFAULTS, run_args).kv.probe_every == 2
+    with pytest.raises(config.ConfigError, match="probe_every must be <= 10, got 12"):
+        config.from_arguments(TunedBench(), parser.parse_args(["--probe-every", "12"]))

@@ -27,12 +27,14 @@ import time
 
 import torch
 
+from mosaic_ros.runtime import config
 from mosaic_ros.runtime.bench.report import machine, now, plot, table, write_json
 from mosaic_ros.runtime.bench.runner import BenchConfig, run_policies
 from mosaic_ros.runtime.bench.shapes import SHAPES
 from mosaic_ros.runtime.bench.sweep import parse_budgets, summarize, sweep_plot, sweep_table, window_for
 from mosaic_ros.runtime.bench.workloads import SyntheticSpec, SyntheticWorkload
 from mosaic_ros.runtime.kv.policy import POLICIES
+from mosaic_ros.runtime.snapshot import SnapshotError
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -42,7 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny", help="model KV shape")
     p.add_argument("--workload", default="synthetic", help="synthetic | video:PATH | needles")
     p.add_argument("--frames", type=int, default=60, help="frames streamed before the questions")
-    p.add_argument("--budget", type=int, default=8192, help="device KV budget per layer per question, tokens")
     p.add_argument(
         "--budgets",
         help="a sweep, e.g. 1024,2048,4096,8192: the whole run once per budget (replaces --budget; "
@@ -57,16 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--questions", type=int, default=8)
     p.add_argument("--policies", default="dense,window,token_topk,rekv,livevlm", help="comma-separated")
-    p.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="KV storage dtype")
-    p.add_argument("--sinks", type=int, default=32, help="attention-sink tokens kept by every policy")
-    p.add_argument("--window", type=int, default=1024, help="local window tokens (ingest context)")
-    p.add_argument("--host-cap-mb", type=float, default=0.0, help="host KV cap per policy, MiB (0 = none)")
-    p.add_argument("--compression", default="vsb", help="vsb | drop_oldest (used at the host cap)")
-    p.add_argument(
-        "--maintain-ms", type=float, default=5.0, help="maintenance budget between frames, ms (default 5)"
-    )
     p.add_argument(
         "--option",
         action="append",
@@ -74,19 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="POLICY.KEY=VALUE",
         help="a policy option, e.g. livevlm.page_tokens=32 (repeatable)",
     )
-    p.add_argument(
-        "--dense-questions",
-        type=int,
-        default=1,
-        help="questions dense is timed on (its cost does not depend on the question; fidelity uses all)",
-    )
-    p.add_argument(
-        "--no-prefetch", action="store_true", help="turn cross-layer prefetch off (policies that have it)"
-    )
-    p.add_argument(
-        "--wall-pass",
-        action="store_true",
-        help="time every question again end to end, without per-layer syncs (shows overlapped copies)",
+    config.add_arguments(
+        p.add_argument_group("the policies' settings (the configuration tree)"), BenchConfig()
     )
     p.add_argument("--json", dest="json_path", help="write the results as JSON here")
     p.add_argument("--plot", dest="plot_path", help="write a PNG plot here")
@@ -117,21 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_options(items: list[str]) -> dict[str, dict]:
-    out: dict[str, dict] = {}
+    """``POLICY.KEY=VALUE`` items as each policy's options, typed by their defaults
+    (``ConfigError`` for an unknown policy or key, listing the known ones)."""
+    grouped: dict[str, list[str]] = {}
     for item in items:
-        key, sep, raw = item.partition("=")
-        policy, dot, name = key.partition(".")
-        if not sep or not dot or not policy or not name:
-            raise ValueError(f"--option must look like POLICY.KEY=VALUE, got {item!r}")
-        value: object = raw
-        for cast in (int, float):
-            try:
-                value = cast(raw)
-                break
-            except ValueError:
-                continue
-        out.setdefault(policy, {})[name] = value
-    return out
+        policy, dot, rest = item.partition(".")
+        if not dot or not policy or "=" not in rest:
+            raise config.ConfigError(f"--option must look like POLICY.KEY=VALUE, got {item!r}")
+        grouped.setdefault(policy, []).append(rest)
+    return {policy: config.parse_options(policy, rest) for policy, rest in grouped.items()}
 
 
 def _workload(args: argparse.Namespace):
@@ -139,7 +115,7 @@ def _workload(args: argparse.Namespace):
     dtype = DTYPES[args.dtype]
     if args.workload == "synthetic":
         spec = SyntheticSpec(
-            frames=args.frames, questions=args.questions, seed=args.seed, sink_tokens=args.sinks
+            frames=args.frames, questions=args.questions, seed=args.seed, sink_tokens=args.sink_tokens
         )
         return SyntheticWorkload(shape, spec, dtype)
     if args.workload.startswith("video:"):
@@ -184,11 +160,11 @@ def needles_main(args: argparse.Namespace, names: list[str], argv: list[str]) ->
         adapter = load_model(args.model, device=args.device, dtype="float32")
         cfg = NeedleConfig(
             policies=names,
-            budget_tokens=args.budget,
-            window_tokens=args.window,
+            budget_tokens=args.budget_tokens,
+            window_tokens=args.window_tokens,
             options=_parse_options(args.option),
             max_new_tokens=args.max_new_tokens,
-            maintain_ms=args.maintain_ms,
+            maintain_ms=args.maintain_budget_ms,
         )
         result = run_needles(adapter, sets, cfg, progress=not args.no_progress)
     except (ValueError, ModelLoadError) as exc:
@@ -206,10 +182,10 @@ def needles_main(args: argparse.Namespace, names: list[str], argv: list[str]) ->
             "note": "real LM; each event's sentence embeddings stand in for its visual tokens (an oracle "
             "vision tower); the build's own vision tower is random and unused",
             "streams": [s.name for s in sets],
-            "budget": args.budget,
-            "window": args.window,
+            "budget": args.budget_tokens,
+            "window": args.window_tokens,
             "max_new_tokens": args.max_new_tokens,
-            "maintain_ms": args.maintain_ms,
+            "maintain_ms": args.maintain_budget_ms,
         },
         "policies": result["policies"],
         "records": result["records"],
@@ -232,55 +208,44 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"unknown or missing policies {unknown or names}; registered: {', '.join(sorted(POLICIES))}"
         )
-    if args.workload == "needles" or args.needles:
+    if args.workload == "needles" or args.needles:  # its sinks are the model's preamble
+        if args.save or args.load:
+            parser.error("--save and --load take the synthetic and video workloads, not needles")
         return needles_main(args, names, sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = config.from_arguments(BenchConfig(), args)
+    except config.ConfigError as exc:
+        parser.error(str(exc))
     if args.frames <= 0:
         parser.error(f"--frames must be positive, got {args.frames}")
     if args.questions <= 0:
         parser.error(f"--questions must be positive, got {args.questions}")
-    if args.budget <= 0:
-        parser.error(f"--budget must be positive, got {args.budget}")
     try:
-        budgets = parse_budgets(args.budgets) if args.budgets else [args.budget]
+        budgets = parse_budgets(args.budgets) if args.budgets else [cfg.kv.budget_tokens]
     except ValueError as exc:
         parser.error(str(exc))
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    if args.budgets and (cfg.save_dir or cfg.load_dir):
+        parser.error("--save and --load take one --budget, not a --budgets sweep")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but no CUDA device is available")
-    if args.dense_questions <= 0:
-        parser.error(f"--dense-questions must be positive, got {args.dense_questions}")
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
-    if args.maintain_ms < 0:
-        parser.error(f"--maintain-ms must be >= 0, got {args.maintain_ms}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     torch.set_num_threads(choose_threads(args.threads))
     try:
-        options = _parse_options(args.option)
-        cfg = BenchConfig(
-            policies=names,
-            budget_tokens=args.budget,
-            sink_tokens=args.sinks,
-            window_tokens=args.window,
-            host_cap_bytes=int(args.host_cap_mb * 2**20),
-            compression=args.compression,
-            device=args.device,
-            options=options,
-            dense_questions=args.dense_questions,
-            progress=not args.no_progress,
-            maintain_ms=args.maintain_ms,
-            prefetch=not args.no_prefetch,
-            wall_pass=args.wall_pass,
+        cfg = dataclasses.replace(
+            cfg, policies=names, options=_parse_options(args.option), progress=not args.no_progress
         )
         t0 = time.perf_counter()
         workload = _workload(args)
         runs = {}
         for budget in budgets:
-            window = window_for(budget, args.window) if args.budgets else args.window
-            cfg = dataclasses.replace(cfg, budget_tokens=budget, window_tokens=window)
-            runs[budget] = {"window": window, **run_policies(workload, cfg)}
+            window = window_for(budget, args.window_tokens) if args.budgets else args.window_tokens
+            kv = dataclasses.replace(cfg.kv, budget_tokens=budget, window_tokens=window)
+            runs[budget] = {"window": window, **run_policies(workload, dataclasses.replace(cfg, kv=kv))}
         result = runs[budgets[-1]]
         wall = time.perf_counter() - t0
-    except ValueError as exc:
+    except (ValueError, SnapshotError) as exc:
         print(f"mosaic-ros-bench: error: {exc}", file=sys.stderr)
         return 2
     doc = {
@@ -299,12 +264,14 @@ def main(argv: list[str] | None = None) -> int:
             "budget": budgets[-1],
             "window_at_budget": result["window"],
             "questions": args.questions,
-            "dense_questions": min(args.dense_questions, args.questions),
-            "sinks": args.sinks,
-            "window": args.window,
-            "maintain_ms": args.maintain_ms,
-            "prefetch": not args.no_prefetch,
-            "host_cap_bytes": cfg.host_cap_bytes,
+            "dense_questions": min(cfg.dense_questions, args.questions),
+            "sinks": cfg.kv.sink_tokens,
+            "window": cfg.kv.window_tokens,
+            "maintain_ms": cfg.maintain_budget_ms,
+            "prefetch": cfg.kv.prefetch,
+            "host_cap_bytes": cfg.kv.host_cap_bytes,
+            "saved_to": cfg.save_dir,
+            "loaded_from": cfg.load_dir,
             "dtype": args.dtype,
             "seed": args.seed,
             "stream": workload.describe(),

@@ -16,35 +16,34 @@ import time
 import torch
 from tqdm import tqdm
 
+from mosaic_ros.runtime import config
 from mosaic_ros.runtime.models import load_model
 from mosaic_ros.runtime.models.smollm2 import SMOLLM2_PREFIX
 from mosaic_ros.runtime.session import SessionConfig, StreamSession, TimeWindow
 from mosaic_ros.runtime.snapshot import SnapshotError
 from mosaic_ros.runtime.video import sampled_frames, video_info
 
+# The session's settings are flags derived from the tree (``runtime.config``), at these defaults.
+RUN_DEFAULTS = SessionConfig(max_new_tokens=32)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mosaic-ros-run", description=__doc__.split("\n\n")[0])
     p.add_argument("--video", required=True, help="video file OpenCV can read")
+    config.add_arguments(p.add_argument_group("model"), config.ModelConfig())
+    config.add_arguments(p.add_argument_group("session (the configuration tree)"), RUN_DEFAULTS)
     p.add_argument(
-        "--model",
-        default="tiny-random:qwen2.5-vl",
-        help="HF id, local folder, tiny-random:<family> or smollm2-llava:135m-instruct "
-        "(real LM, random vision tower)",
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of --policy, e.g. run_penalty=0.5 (repeatable)",
     )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | float16 | bfloat16")
-    p.add_argument("--policy", default="dense", help="dense, window, token_topk, rekv, livevlm or mosaic")
-    p.add_argument("--budget", type=int, default=8192, help="device KV budget per layer, tokens")
-    p.add_argument("--window-tokens", type=int, default=1024, help="local window attended while ingesting")
-    p.add_argument("--host-cap-mb", type=float, default=0.0, help="host KV cap in MiB (0 = none)")
     p.add_argument("--sample-fps", type=float, default=2.0, help="frames per second taken from the video")
     p.add_argument("--max-frames", type=int, default=None, help="stop after this many sampled frames")
     p.add_argument("--max-side", type=int, default=448, help="shrink frames so the longest side fits (px)")
     p.add_argument("--ask", action="append", default=[], help="question asked after ingesting (repeatable)")
     p.add_argument("--window-seconds", type=float, default=0.0, help="only consider the last N seconds")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     p.add_argument(
@@ -69,18 +68,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
-        info = video_info(args.video)
-        adapter = load_model(args.model, device=args.device, dtype=args.dtype, seed=args.seed)
-        session = StreamSession(
-            adapter,
-            SessionConfig(
-                policy=args.policy,
-                budget_tokens=args.budget,
-                window_tokens=args.window_tokens,
-                host_cap_bytes=int(args.host_cap_mb * 2**20),
-                max_new_tokens=args.max_new_tokens,
-            ),
+        model = config.from_arguments(config.ModelConfig(), args)
+        session_config = config.from_arguments(
+            RUN_DEFAULTS, args, policy_options=config.parse_options(args.policy, args.option)
         )
+        info = video_info(args.video)
+        adapter = load_model(
+            model.model,
+            device=model.device,
+            dtype=model.dtype,
+            seed=model.seed,
+            pair_frames=model.pair_frames,
+        )
+        session = StreamSession(adapter, session_config)
         restored = session.load(args.load) if args.load else None
     except (OSError, ValueError, SnapshotError) as exc:
         print(f"mosaic-ros-run: {exc}", file=sys.stderr)

@@ -38,12 +38,13 @@ from mosaic_ros.nodes.memory_keeper import MemoryKeeper, check_camera_id
 from mosaic_ros.nodes.processes import READY_MARK
 from mosaic_ros.nodes.questions import Outcome, Question, QuestionDesk, Stage
 from mosaic_ros.nodes.stream_params import (
-    PARAMETERS,
-    PARAMETERS_BY_NAME,
     POLICY_OPTION_PREFIX,
+    node_config,
+    parameters,
     policy_option_parameters,
 )
-from mosaic_ros.runtime.kv.policy import known_policies, policy_options
+from mosaic_ros.runtime.config import ConfigError
+from mosaic_ros.runtime.kv.policy import known_policies
 from mosaic_ros.runtime.session import SessionConfig, StreamSession
 from mosaic_ros.runtime.stats import LatencyStats
 from mosaic_ros.srv import AskVideo
@@ -70,10 +71,6 @@ def request_qos(max_pending_questions: int) -> QoSProfile:
         reliability=qos_profile_services_default.reliability,
         durability=qos_profile_services_default.durability,
     )
-
-
-class ConfigError(ValueError):
-    """A parameter set the node cannot start with; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -152,17 +149,21 @@ def question_of(request) -> Question:
 
 
 class StreamNode(Node):
-    """Subscribes to cameras, feeds one ``StreamSession`` per camera, answers questions."""
+    """Subscribes to cameras, feeds one ``StreamSession`` per camera, answers questions.
 
-    def __init__(self):
-        super().__init__("mosaic_stream")
-        for spec in PARAMETERS:
+    ``node_options``: rclpy ``Node`` keywords (e.g. ``context``, ``cli_args``, ``parameter_overrides``).
+    Raises ``ConfigError`` (a ``ValueError``) for a parameter set it cannot start with."""
+
+    def __init__(self, **node_options):
+        super().__init__("mosaic_stream", **node_options)
+        self.parameter_specs = parameters()
+        for spec in self.parameter_specs.values():
             value = spec.default if spec.default is not None else Parameter.Type(spec.type)
             self.declare_parameter(spec.name, value, spec.descriptor())
         policy = self._param("policy")
         if policy not in known_policies():
             raise ConfigError(f"unknown KV policy {policy!r}; known: {', '.join(known_policies())}")
-        self.policy_option_specs = policy_option_parameters(policy, policy_options(policy))
+        self.policy_option_specs = policy_option_parameters(policy)
         for spec in self.policy_option_specs:
             self.declare_parameter(spec.name, spec.default, spec.descriptor())
         self._refuse_unknown_parameters()
@@ -196,44 +197,32 @@ class StreamNode(Node):
             raise ConfigError(f"unknown parameter(s) {', '.join(unknown)}; known: {known}")
 
     def _read_settings(self) -> NodeSettings:
-        p = self._param
-        topics = [t for t in self._param_or_none("camera_topics") or [] if t]  # [] in YAML: not set
+        values = {name: self._param_or_none(name) for name in self.parameter_specs}
+        values["policy_options"] = {  # those set away from the policy's defaults, as a session takes them
+            spec.name.removeprefix(POLICY_OPTION_PREFIX): self._param(spec.name)
+            for spec in self.policy_option_specs
+            if self._param(spec.name) != spec.default
+        }
+        topics = [t for t in values["camera_topics"] or [] if t]  # [] in YAML: not set
         if not topics:
             raise ConfigError("camera_topics is empty: give at least one image topic")
-        session = SessionConfig(
-            policy=p("policy"),
-            budget_tokens=p("budget_tokens"),
-            window_tokens=p("window_tokens"),
-            host_cap_bytes=int(p("host_cap_mb") * 2**20),
-            maintain_budget_ms=p("maintain_budget_ms"),
-            compression=p("compression"),
-            prefetch=p("prefetch"),
-            policy_options={
-                spec.name.removeprefix(POLICY_OPTION_PREFIX): p(spec.name)
-                for spec in self.policy_option_specs
-            },
-            max_question_chars=p("max_question_chars"),
-            max_question_tokens=p("max_question_tokens"),
-            max_text_tokens=p("max_text_tokens"),
-            max_new_tokens=p("max_new_tokens"),
-            remember_dialogue=p("remember_dialogue"),
-        )
-        camera_ids = camera_ids_for(topics, self._param_or_none("camera_ids"))
-        if p("memory_dir"):
+        config = node_config({**values, "camera_topics": topics})
+        camera_ids = camera_ids_for(topics, config.camera_ids)
+        if config.memory_dir:
             for camera_id in camera_ids:
                 if (why := check_camera_id(camera_id)) is not None:
                     raise ConfigError(why)
         return NodeSettings(
             topics=topics,
             camera_ids=camera_ids,
-            model=p("model"),
-            device=p("device"),
-            dtype=p("dtype"),
-            seed=p("seed"),
-            pair_frames=p("pair_frames"),
-            session=session,
-            memory_dir=p("memory_dir"),
-            snapshot_period_s=p("snapshot_period_s"),
+            model=config.vlm.model,
+            device=config.vlm.device,
+            dtype=config.vlm.dtype,
+            seed=config.vlm.seed,
+            pair_frames=config.vlm.pair_frames,
+            session=config.session,
+            memory_dir=config.memory_dir,
+            snapshot_period_s=config.snapshot_period_s,
         )
 
     def _apply_parameters(self, params: list[Parameter]) -> None:
@@ -247,9 +236,13 @@ class StreamNode(Node):
                 self._start_status_timer(param.value)
             elif param.name == "max_new_tokens":
                 self.desk.default_max_new_tokens = param.value
-            elif param.name in ("max_question_chars", "max_question_tokens", "max_text_tokens"):
+            elif (spec := self.parameter_specs.get(param.name)) and spec.entry.path[0] == "session":
+                path = spec.entry.path[1:]  # a live setting of the sessions
                 for stream in self.streams.values():
-                    setattr(stream.session.config, param.name, param.value)
+                    owner = stream.session.config
+                    for attr in path[:-1]:
+                        owner = getattr(owner, attr)
+                    setattr(owner, path[-1], param.value)
         self.get_logger().info("parameters set: " + ", ".join(f"{p.name}={p.value}" for p in params))
 
     # ---- start -------------------------------------------------------------------------
@@ -280,7 +273,7 @@ class StreamNode(Node):
             policy=self.settings.session.policy,
             max_pending=self._param("max_pending_questions"),
             default_max_new_tokens=self._param("max_new_tokens"),
-            max_new_tokens_cap=int(PARAMETERS_BY_NAME["max_new_tokens"].high),
+            max_new_tokens_cap=int(self.parameter_specs["max_new_tokens"].high),
             log=self.get_logger(),
         )
         self._gate = gate

@@ -24,16 +24,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from mosaic_ros.runtime.config import check, check_options, internal, nested, setting, strict
 from mosaic_ros.runtime.kv.bridge import ATTENTION_NAME, KVBridge
-from mosaic_ros.runtime.kv.policies.base import COMPRESSIONS
-from mosaic_ros.runtime.kv.policy import KVGeometry, PolicyConfig, TokenMeta, make_policy
+from mosaic_ros.runtime.kv.policy import KVGeometry, PolicyConfig, TokenMeta, known_policies, make_policy
 from mosaic_ros.runtime.models.base import PositionCursor
 from mosaic_ros.runtime.models.preprocess import validate_frames
 from mosaic_ros.runtime.snapshot import (
@@ -86,52 +86,68 @@ class TimeWindow:
         return cls(now - seconds, now)
 
 
+@strict
 @dataclass
 class SessionConfig:
-    """How a stream is remembered and questioned.
+    """How a stream is remembered and questioned (the root of the runtime's configuration tree,
+    ``runtime.config``: its settings are the node's parameters and the command lines' flags).
 
-    ``sink_tokens=None`` makes the stream's fixed preamble the attention sinks.
-    ``kv_dtype=None`` stores KV in the model's dtype. ``compression`` (``vsb`` or
-    ``drop_oldest``) keeps host KV under ``host_cap_bytes`` when one is set; with
-    ``disk_cap_bytes`` > 0 cold KV moves to files under ``disk_dir`` first (``PolicyConfig``).
-    ``maintain_budget_ms`` bounds deferred KV maintenance after each frame.
-    ``remember_dialogue`` appends each question and its answer to the stream as text, so
-    later questions can refer to them. A question is
-    refused beyond ``max_question_chars`` characters or ``max_question_tokens`` tokens (the
-    model's prefill cost grows with tokens, and some characters are several tokens each);
-    a text event (``add_text``) beyond ``max_text_tokens`` tokens.
+    ``kv`` is the policy's configuration; its ``sink_tokens`` unset makes the stream's fixed
+    preamble the attention sinks, and its ``options`` must be options of ``policy``.
+    ``kv_dtype=None`` stores KV in the model's dtype. ``maintain_budget_ms`` bounds deferred KV
+    maintenance after each frame. ``remember_dialogue`` appends each question and its answer to
+    the stream as text, so later questions can refer to them. A question is refused beyond
+    ``max_question_chars`` characters or ``max_question_tokens`` tokens (the model's prefill cost
+    grows with tokens, and some characters are several tokens each); a text event (``add_text``)
+    beyond ``max_text_tokens`` tokens. The ``live`` settings may change while the session runs.
     """
 
-    policy: str = "dense"
-    budget_tokens: int = 8192
-    sink_tokens: int | None = None
-    window_tokens: int = 1024
-    host_cap_bytes: int = 0
-    compression: str = "vsb"
-    prefetch: bool = True
-    policy_options: dict = field(default_factory=dict)
-    disk_dir: str = ""
-    disk_cap_bytes: int = 0
-    kv_dtype: torch.dtype | None = None
-    max_question_chars: int = 2000
-    max_question_tokens: int = 512
-    max_text_tokens: int = 512
-    max_new_tokens: int = 64
-    maintain_budget_ms: float = 5.0
-    remember_dialogue: bool = True
+    policy: str = setting(
+        "dense",
+        "KV policy: how the stream's KV is kept and what of it a question retrieves.",
+        choices=known_policies,
+        what="KV policy",
+    )
+    kv: PolicyConfig = nested(PolicyConfig)
+    kv_dtype: torch.dtype | None = internal(None)
+    maintain_budget_ms: float = setting(
+        5.0,
+        "Time per frame for deferred KV maintenance (cluster splits and sealing); work that does "
+        "not fit is done later, or on the frame's path once it is overdue.",
+        unit="ms",
+        low=0.0,
+        high=10000.0,
+        flags=("--maintain-ms",),
+    )
+    max_question_chars: int = setting(
+        2000, "Longest question accepted.", unit="characters", low=1, high=100000, live=True
+    )
+    max_question_tokens: int = setting(
+        512,
+        "Longest question accepted, in tokens of the model's tokenizer (its prefill holds the model).",
+        unit="tokens",
+        low=1,
+        high=100000,
+        live=True,
+    )
+    max_text_tokens: int = setting(
+        512,
+        "Longest text event accepted; longer ones are dropped with a warning.",
+        unit="tokens",
+        low=1,
+        high=100000,
+        live=True,
+    )
+    max_new_tokens: int = setting(
+        64, "Answer length when a question gives none.", unit="tokens", low=1, high=4096, live=True
+    )
+    remember_dialogue: bool = setting(
+        True, "Each question and its answer join the stream's memory, so later questions can refer to them."
+    )
 
     def __post_init__(self) -> None:
-        if self.compression not in COMPRESSIONS:
-            raise SessionError(f"unknown compression {self.compression!r}; known: {', '.join(COMPRESSIONS)}")
-        if self.max_question_chars <= 0:
-            raise SessionError(f"max_question_chars must be > 0, got {self.max_question_chars}")
-        for name in ("max_question_tokens", "max_text_tokens"):
-            if getattr(self, name) <= 0:
-                raise SessionError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.max_new_tokens <= 0:
-            raise SessionError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
-        if self.maintain_budget_ms < 0:
-            raise SessionError(f"maintain_budget_ms must be >= 0, got {self.maintain_budget_ms}")
+        check(self)
+        check_options(self.policy, self.kv.options)
 
 
 @dataclass
@@ -189,7 +205,7 @@ class StreamSession:
     def _build(self) -> None:
         cfg, ad = self.config, self.adapter
         preamble = ad.system_chunk(PositionCursor())
-        sinks = preamble.n_tokens if cfg.sink_tokens is None else cfg.sink_tokens
+        sinks = preamble.n_tokens if cfg.kv.sink_tokens is None else cfg.kv.sink_tokens
         geometry = KVGeometry(
             num_layers=ad.num_layers,
             num_kv_heads=ad.num_kv_heads,
@@ -198,17 +214,7 @@ class StreamSession:
             position_dims=ad.position_dims,
             dtype=cfg.kv_dtype or ad.dtype,
         )
-        policy_config = PolicyConfig(
-            budget_tokens=cfg.budget_tokens,
-            sink_tokens=sinks,
-            window_tokens=cfg.window_tokens,
-            host_cap_bytes=cfg.host_cap_bytes,
-            compression=cfg.compression,
-            prefetch=cfg.prefetch,
-            options=dict(cfg.policy_options),
-            disk_dir=cfg.disk_dir,
-            disk_cap_bytes=cfg.disk_cap_bytes,
-        )
+        policy_config = replace(cfg.kv, sink_tokens=sinks)
         self.policy = make_policy(cfg.policy, geometry, policy_config, ad.device)
         self.bridge = KVBridge(self.policy, ad.rotary, ad.num_layers)
         self._identity = identity_of(ad, self.policy)

@@ -527,13 +527,13 @@ def run_needles(adapter: VLMAdapter, sets: list[NeedleSet], cfg: NeedleConfig, p
             records += stream_records
             bench = BenchConfig(
                 policies=names,
-                budget_tokens=cfg.budget_tokens,
-                sink_tokens=sinks,
-                window_tokens=cfg.window_tokens,
+                kv=PolicyConfig(
+                    budget_tokens=cfg.budget_tokens, sink_tokens=sinks, window_tokens=cfg.window_tokens
+                ),
                 device=str(adapter.device),
                 options=cfg.options,
                 progress=False,
-                maintain_ms=cfg.maintain_ms,
+                maintain_budget_ms=cfg.maintain_ms,
             )
             result = run_policies(workload, bench)["policies"]
             for name in names:

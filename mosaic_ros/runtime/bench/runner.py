@@ -25,37 +25,70 @@ No real weights exist here, so answer accuracy is approximated by this fidelity 
 from __future__ import annotations
 
 import gc
+import json
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from tqdm import tqdm
 
 from mosaic_ros.runtime.bench.workloads import Question, Workload
+from mosaic_ros.runtime.config import ConfigError, check, internal, nested, setting, strict
 from mosaic_ros.runtime.kv.attention import Scratch, attend, rotate_context
+from mosaic_ros.runtime.kv.bridge import KVBridge
 from mosaic_ros.runtime.kv.policy import KVContext, KVPolicy, PolicyConfig, make_policy
 from mosaic_ros.runtime.kv.rope import apply_rotary
+from mosaic_ros.runtime.snapshot import SnapshotDir, capture, replay, write
 
 
+@strict
 @dataclass
 class BenchConfig:
-    """What to run. ``policies`` in report order; ``options`` maps a policy name to its options."""
+    """What to run (a level of the configuration tree, ``runtime.config``: its settings are
+    ``mosaic-ros-bench``'s flags). ``policies`` in report order; ``kv``: the settings every policy
+    runs with (sinks default to the synthetic stream's 32-token preamble); ``options`` maps a
+    policy name to its own options. ``save_dir``/``load_dir``: each policy's stream after ingest
+    is saved to, or loaded instead of ingested from, ``DIR/<policy>`` (``save_stream``)."""
 
-    policies: list[str]
-    budget_tokens: int = 8192
-    sink_tokens: int = 32
-    window_tokens: int = 1024
-    host_cap_bytes: int = 0
-    compression: str = "vsb"
-    device: str = "cpu"
-    options: dict[str, dict] = field(default_factory=dict)
-    dense_questions: int = 1
-    progress: bool = True
-    maintain_ms: float = 5.0  # maintenance budget between frames
-    prefetch: bool = True  # cross-layer prefetch, for the policies that have it (mosaic)
-    wall_pass: bool = False  # time every question again end to end, without per-layer syncs
+    policies: list[str] = internal(factory=lambda: ["dense", "window", "token_topk", "rekv", "livevlm"])
+    kv: PolicyConfig = nested(PolicyConfig, exclude=("options",), sink_tokens=32)
+    device: str = setting("cpu", "Torch device the policies fetch to and attend on: cpu or cuda[:N].")
+    options: dict[str, dict] = internal(factory=dict)
+    dense_questions: int = setting(
+        1,
+        "Questions dense is timed on (its cost does not depend on the question; fidelity uses all).",
+        low=1,
+        high=1 << 20,
+    )
+    progress: bool = internal(True)
+    maintain_budget_ms: float = setting(
+        5.0, "Maintenance budget between frames.", unit="ms", low=0.0, high=10000.0, flags=("--maintain-ms",)
+    )
+    wall_pass: bool = setting(
+        False, "Time every question again end to end, without per-layer syncs (shows overlapped copies)."
+    )
+    save_dir: str = setting(
+        "",
+        "After ingest, save each policy's stream into DIR/<policy> (a snapshot, as mosaic-ros-run's).",
+        name="save",
+        metavar="DIR",
+    )
+    load_dir: str = setting(
+        "",
+        "Load each policy's stream from DIR/<policy> (saved by --save with the same stream, shape, "
+        "policy and options) instead of ingesting it; ingest figures are the saving run's.",
+        name="load",
+        metavar="DIR",
+    )
+
+    def __post_init__(self) -> None:
+        check(self)
+        if self.save_dir and self.load_dir:
+            raise ConfigError("give --save or --load, not both")
 
 
 @dataclass
@@ -193,27 +226,77 @@ def ingest_frame(policy: KVPolicy, chunk, maintain_budget_ms: float) -> tuple[fl
 
 
 def _ingest(
-    policy: KVPolicy,
-    workload: Workload,
-    positions: list[torch.Tensor] | None,
-    bar,
-    maintain_budget_ms: float = 5.0,
-) -> dict:
-    """Stream every chunk into ``policy``; returns per-frame ingest/maintenance means (ms)."""
+    policy: KVPolicy, workload: Workload, bar, maintain_budget_ms: float = 5.0
+) -> tuple[dict, torch.Tensor, list[tuple[int, int]]]:
+    """Stream every chunk into ``policy``. Returns (per-frame ingest/maintenance means in ms, the
+    rotary positions (P, N) int64 of every token by id, (first id, tokens) of each chunk: ids
+    are handed out in order from 0 by ``add_tokens``)."""
     ingest_ms, maintain_ms = [], []
+    positions, chunks = [], []
+    first = 0
     for i in range(workload.num_chunks):
         chunk = workload.chunk(i)
         frame_ms = ingest_frame(policy, chunk, maintain_budget_ms)
         if i:  # chunk 0 is the sink preamble
             ingest_ms.append(frame_ms[0])
             maintain_ms.append(frame_ms[1])
-        if positions is not None:
-            positions.append(chunk.meta.positions)
+        positions.append(chunk.meta.positions)
+        chunks.append((first, chunk.meta.num_tokens))
+        first += chunk.meta.num_tokens
         bar.update(1)
-    return {
+    timing = {
         "ingest_ms_per_frame": statistics.fmean(ingest_ms) if ingest_ms else 0.0,
         "maintain_ms_per_frame": statistics.fmean(maintain_ms) if maintain_ms else 0.0,
     }
+    return timing, torch.cat(positions, dim=1), chunks
+
+
+def stream_identity(workload: Workload, policy: KVPolicy) -> dict:
+    """What a saved stream must match to be loaded (``snapshot.check_identity`` names each
+    difference): the stream (the workload's description, its questions aside), the KV geometry,
+    the policy and its whole ``PolicyConfig`` (options included)."""
+    stream = {k: v for k, v in workload.describe().items() if not k.startswith("question")}
+    identity = {
+        "stream": stream,
+        "geometry": asdict(policy.geometry),
+        "policy": policy.name,
+        "policy_config": asdict(policy.config),
+    }
+    return json.loads(json.dumps(identity, default=str))  # the form it has after a round trip
+
+
+def save_stream(
+    policy: KVPolicy, workload: Workload, chunks: list[tuple[int, int]], timing: dict, directory: Path
+) -> None:
+    """Snapshot ``policy``'s ingested stream into ``directory`` (crash-safe, ``runtime.snapshot``),
+    with its identity and ``timing`` (the ingest figures a loading run reports). ``SnapshotError``
+    when the memory cannot be exported or written."""
+    identity = stream_identity(workload, policy)
+    write(capture(policy, chunks, {"timing": timing}, identity, str(directory), None))
+
+
+def load_stream(
+    policy: KVPolicy, workload: Workload, directory: Path, maintain_budget_ms: float
+) -> tuple[dict, torch.Tensor]:
+    """Replay the newest complete snapshot in ``directory`` into the empty ``policy``, as the
+    session's ``load`` does. Returns (the saving run's ingest figures, with ``loaded_from``; the
+    rotary positions (P, N) int64 of the policy's tokens by id). Raises ``SnapshotIncompatible``
+    when it was saved from another stream, shape, policy or options (the message names each
+    difference), ``SnapshotError`` when there is none or none is complete."""
+    snapshots = SnapshotDir(directory)
+    _, manifest, _ = snapshots.newest_complete(stream_identity(workload, policy))
+    bridge = KVBridge(policy, workload.rotary, policy.geometry.num_layers)
+    ids, _ = replay(snapshots, manifest, bridge.replay, lambda: policy.maintain(maintain_budget_ms))
+    positions = torch.zeros((policy.geometry.position_dims, int(ids.max()) + 1), dtype=torch.int64)
+    offset = 0
+    for entry in manifest["segments"]:
+        with safe_open(snapshots.path / entry["file"], "pt") as f:
+            saved = f.get_tensor("positions")
+        held = ids[offset : offset + saved.shape[1]]
+        alive = held >= 0
+        positions[:, held[alive]] = saved[:, alive]
+        offset += saved.shape[1]
+    return {**manifest["state"]["timing"], "loaded_from": str(directory)}, positions
 
 
 def _ask(
@@ -350,17 +433,8 @@ def run_policies(workload: Workload, cfg: BenchConfig) -> dict:
     reference: _Reference | None = None
     order = ["dense"] + [p for p in cfg.policies if p != "dense"]
     results: dict[str, dict] = {}
-    positions: torch.Tensor | None = None
     for name in order:
-        policy_config = PolicyConfig(
-            budget_tokens=cfg.budget_tokens,
-            sink_tokens=cfg.sink_tokens,
-            window_tokens=cfg.window_tokens,
-            host_cap_bytes=cfg.host_cap_bytes,
-            compression=cfg.compression,
-            prefetch=cfg.prefetch,
-            options=_options(name, cfg, workload),
-        )
+        policy_config = replace(cfg.kv, options=_options(name, cfg, workload))
         t_policy = time.perf_counter()
         policy = make_policy(name, geom, policy_config, device)
         asked = questions
@@ -369,10 +443,16 @@ def run_policies(workload: Workload, cfg: BenchConfig) -> dict:
             asked = questions[: cfg.dense_questions] if name in cfg.policies else []
             total = workload.num_chunks + geom.num_layers + len(asked)
         with tqdm(total=total, desc=name, disable=not cfg.progress, leave=False) as bar:
-            collected: list[torch.Tensor] | None = [] if positions is None else None
-            timing = _ingest(policy, workload, collected, bar, cfg.maintain_ms)
-            if collected is not None:
-                positions = torch.cat(collected, dim=1).to(device)
+            if cfg.load_dir:
+                timing, positions = load_stream(
+                    policy, workload, Path(cfg.load_dir) / name, cfg.maintain_budget_ms
+                )
+                bar.update(workload.num_chunks)
+            else:
+                timing, positions, chunks = _ingest(policy, workload, bar, cfg.maintain_budget_ms)
+                if cfg.save_dir:
+                    save_stream(policy, workload, chunks, timing, Path(cfg.save_dir) / name)
+            positions = positions.to(device)
             if reference is None:
                 reference = dense_reference(policy, questions, rotary, bar)
             if not asked:
@@ -401,7 +481,9 @@ def run_policies(workload: Workload, cfg: BenchConfig) -> dict:
         gc.collect()
     moved = [r["bytes_moved"] for n, r in results.items() if n != "dense" and r["bytes_moved"] > 0]
     per_layer = (
-        statistics.median(moved) / geom.num_layers if moved else cfg.budget_tokens * 2 * geom.token_row_bytes
+        statistics.median(moved) / geom.num_layers
+        if moved
+        else cfg.kv.budget_tokens * 2 * geom.token_row_bytes
     )
     memcpy = {
         "bytes_per_copy": int(per_layer),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from mosaic_ros.runtime.bench.workloads import Chunk, Question
-from mosaic_ros.runtime.kv.policy import KVGeometry, TokenMeta
+from mosaic_ros.runtime.kv.policy import KVGeometry, PolicyConfig, TokenMeta
 
 QUESTIONS = (
     "What is happening in the video?",
@@ -54,7 +54,12 @@ class VideoWorkload:
         adapter = load_model(model, device=device, seed=seed)
         session = StreamSession(
             adapter,
-            SessionConfig(policy="dense", budget_tokens=1 << 30, kv_dtype=dtype, remember_dialogue=False),
+            SessionConfig(
+                policy="dense",
+                kv=PolicyConfig(budget_tokens=1 << 30),
+                kv_dtype=dtype,
+                remember_dialogue=False,
+            ),
         )
         store = session.policy.store
         bounds = [store.num_tokens]

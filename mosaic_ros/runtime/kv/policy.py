@@ -18,10 +18,12 @@ position components (1 for 1-D RoPE, 3 for M-RoPE).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
+
+from mosaic_ros.runtime.config import check, options, setting, strict
 
 
 @dataclass(frozen=True)
@@ -62,40 +64,94 @@ class KVGeometry:
         return 2 * self.num_layers * self.token_row_bytes
 
 
+COMPRESSIONS = ("vsb", "drop_oldest")
+DEFAULT_SINK_TOKENS = 32
+
+
+@strict
 @dataclass
 class PolicyConfig:
-    """Settings shared by every policy.
+    """Settings shared by every policy (a level of the configuration tree, ``runtime.config``).
 
     ``budget_tokens`` is the device-side budget per layer and per question, in tokens,
     sinks and local window included: no policy hands attention more than this.
-    ``host_cap_bytes`` (0 = none) caps the stream's host KV; when reached, the configured
-    ``compression`` keeps memory under it. ``options`` carries policy-specific settings,
-    each policy documents and validates its own.
+    ``sink_tokens`` None lets the owner choose (a session: its fixed preamble; a policy made
+    directly: ``DEFAULT_SINK_TOKENS``). ``host_cap_bytes`` (0 = none) caps the stream's host KV;
+    when reached, the configured ``compression`` keeps memory under it. ``options`` carries
+    policy-specific settings, each policy documents and validates its own.
     """
 
-    budget_tokens: int = 8192
-    sink_tokens: int = 32
-    window_tokens: int = 1024
-    host_cap_bytes: int = 0
-    compression: str = "vsb"
-    prefetch: bool = True
-    options: dict[str, Any] = field(default_factory=dict)
-    disk_dir: str = ""
-    disk_cap_bytes: int = 0
+    budget_tokens: int = setting(
+        8192,
+        "Tokens of KV a question may bring to the device, per layer (sinks and local window included).",
+        unit="tokens",
+        low=1,
+        high=1 << 30,
+        flags=("--budget",),
+    )
+    sink_tokens: int | None = setting(
+        None,
+        "Attention sinks: the stream's first tokens, kept and attended by every step. Unset: the "
+        "stream's fixed preamble (the system prompt).",
+        unit="tokens",
+        low=0,
+        high=1 << 24,
+        flags=("--sinks",),
+    )
+    window_tokens: int = setting(
+        1024,
+        "Recent tokens every step attends to while frames are ingested.",
+        unit="tokens",
+        low=0,
+        high=1 << 24,
+        flags=("--window",),
+    )
+    host_cap_bytes: int = setting(
+        0,
+        "Cap on host KV memory per stream (bounded-memory policies); 0 = no cap.",
+        unit="MiB",
+        low=0.0,
+        high=1e9,
+        name="host_cap_mb",
+        scale=2**20,
+    )
+    compression: str = setting(
+        "vsb",
+        "How memory stays under host_cap_mb: vsb (LiveVLM's vision sink bucketing: keeps the "
+        "tokens the stream attends to, over the whole timeline) or drop_oldest.",
+        choices=COMPRESSIONS,
+    )
+    prefetch: bool = setting(True, "Cross-layer prefetch of retrieved KV (policies that have it).")
+    options: dict[str, Any] = options(
+        "The selected policy's own options (key: value), typed by their defaults; another policy's "
+        "are refused."
+    )
+    disk_dir: str = setting(
+        "",
+        "Directory of the disk tier: under host_cap_mb, cold KV pages are spilled to files there "
+        "(one private folder per stream) instead of being dropped, and read back when a question "
+        "selects them. '' = no disk tier.",
+    )
+    disk_cap_bytes: int = setting(
+        0,
+        "Cap on the disk tier's KV per stream; memory is compressed only once it is full too. "
+        "0 = no disk tier (needs host_cap_mb and disk_dir).",
+        unit="MiB",
+        low=0.0,
+        high=1e12,
+        name="disk_cap_mb",
+        scale=2**20,
+    )
 
     def __post_init__(self) -> None:
-        if self.budget_tokens <= 0:
-            raise ValueError(f"budget_tokens must be positive, got {self.budget_tokens}")
-        if self.sink_tokens < 0 or self.window_tokens < 0:
-            raise ValueError("sink_tokens and window_tokens must be >= 0")
-        if self.sink_tokens + self.window_tokens > self.budget_tokens:
+        check(self)
+        check_disk_tier(self)
+        sinks = self.sink_tokens or 0
+        if sinks + self.window_tokens > self.budget_tokens:
             raise ValueError(
-                f"sink_tokens + window_tokens ({self.sink_tokens + self.window_tokens}) exceed "
+                f"sink_tokens + window_tokens ({sinks + self.window_tokens}) exceed "
                 f"budget_tokens ({self.budget_tokens})"
             )
-        if self.host_cap_bytes < 0:
-            raise ValueError(f"host_cap_bytes must be >= 0, got {self.host_cap_bytes}")
-        check_disk_tier(self)
 
 
 def check_disk_tier(config: PolicyConfig) -> None:
@@ -233,6 +289,8 @@ class KVPolicy(ABC):
 
     def __init__(self, geometry: KVGeometry, config: PolicyConfig, device: torch.device | str = "cpu"):
         self.geometry = geometry
+        if config.sink_tokens is None:
+            config = replace(config, sink_tokens=DEFAULT_SINK_TOKENS)
         self.config = config
         self.device = torch.device(device)
 

@@ -28,6 +28,7 @@ import torch
 
 from mosaic_ros.runtime.kv.policies.compression import drop_oldest, vsb_compress
 from mosaic_ros.runtime.kv.policy import (
+    COMPRESSIONS,
     ExportedTokens,
     KVContext,
     KVGeometry,
@@ -38,8 +39,6 @@ from mosaic_ros.runtime.kv.policy import (
     TokenMeta,
 )
 from mosaic_ros.runtime.kv.store import DeviceBuffer, FetchStats, HostKVStore
-
-COMPRESSIONS = ("vsb", "drop_oldest")
 
 COMMON_OPTIONS: dict[str, Any] = {
     "page_rows": 8192,  # store rows per page
