@@ -7,7 +7,9 @@ Prints a table (per question, all layers, medians: select / transfer / attention
 copies, bytes, effective GB/s, recall and output error against dense, memory) and writes
 the same as JSON and a PNG plot. ``--budgets 1024,2048,4096,8192`` sweeps the budget instead
 (``bench.sweep``): recall and output error against device KV per policy, and the device KV each
-policy needs to reach a recall.
+policy needs to reach a recall. The policies' settings are flags derived from the configuration
+tree (``runtime.config``); ``--save DIR`` keeps each policy's stream after ingest in
+``DIR/<policy>``, and a later ``--load DIR`` replays them instead of ingesting.
 """
 
 from __future__ import annotations

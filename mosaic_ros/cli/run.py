@@ -2,6 +2,10 @@
 
     mosaic-ros-run --video clip.avi --model tiny-random:qwen2.5-vl --sample-fps 2 \
         --ask "What happened?" --ask "Who walked by?" --policy dense --json
+
+The session's settings are flags derived from the configuration tree (``runtime.config``:
+``--budget-tokens``, ``--compression``, ``--option KEY=VALUE`` for the policy's options...).
+``--save DIR`` snapshots the stream after the questions, ``--load DIR`` restores one first.
 """
 
 from __future__ import annotations
