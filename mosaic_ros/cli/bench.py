@@ -167,6 +167,7 @@ def needles_main(args: argparse.Namespace, names: list[str], argv: list[str]) ->
             options=_parse_options(args.option),
             max_new_tokens=args.max_new_tokens,
             maintain_ms=args.maintain_budget_ms,
+            reselect_every=args.reselect_every,
         )
         result = run_needles(adapter, sets, cfg, progress=not args.no_progress)
     except (ValueError, ModelLoadError) as exc:

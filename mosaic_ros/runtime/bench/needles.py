@@ -313,12 +313,18 @@ class PolicyStream:
         return tokens, None
 
     def _continuation(self, first: torch.Tensor, ids: list[int], cursor: PositionCursor) -> torch.Tensor:
-        """Log-probabilities (len(ids), vocab) of each next token along ``ids`` after the prefix."""
+        """Log-probabilities (len(ids), vocab) of each next token along ``ids`` after the prefix.
+
+        Teacher-forced in one pass, or one pass per token when the bridge re-selects during
+        decoding (each token then attends to what greedy decoding would have fetched for it)."""
         rows = [first[0]]
         if len(ids) > 1:
-            chunk = self.adapter.tokens_chunk(ids[:-1], cursor)
-            with self.bridge.question_step(chunk.token_positions) as cache:
-                rows.extend(self.adapter.forward(chunk, cache, all_positions=True))
+            step = len(ids) - 1 if not self.bridge.reselect_every else 1
+            for a in range(0, len(ids) - 1, step):
+                chunk = self.adapter.tokens_chunk(ids[a : a + step], cursor)
+                with self.bridge.question_step(chunk.token_positions) as cache:
+                    rows.extend(self.adapter.forward(chunk, cache, all_positions=True))
+                cursor = chunk.cursor
         return torch.log_softmax(torch.stack(rows).float(), dim=-1)
 
 
@@ -392,6 +398,7 @@ class NeedleConfig:
     max_new_tokens: int = 16
     kv_dtype: torch.dtype = torch.float32
     maintain_ms: float = 5.0  # deferred maintenance after each event, ms (as the session's)
+    reselect_every: int = 0  # decode passes between re-selections of the context (0: once per question)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -409,6 +416,7 @@ def _policy_config(name: str, cfg: NeedleConfig, sinks: int) -> PolicyConfig:
         budget_tokens=cfg.budget_tokens,
         sink_tokens=sinks,
         window_tokens=cfg.window_tokens,
+        reselect_every=cfg.reselect_every,
         options=dict(cfg.options.get(name, {})),
     )
 

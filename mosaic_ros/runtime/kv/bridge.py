@@ -11,6 +11,12 @@ The model runs unchanged; two standard extension points are used:
   and attends over context + local tokens (``kv.attention.attend``). After an ingest step
   the chunk's keys are un-rotated and handed to ``policy.append``.
 
+A question retrieves at its prefill, with the question's queries. With the policy's
+``config.reselect_every = k`` (> 0) it retrieves again at every k-th decode pass after the
+prefill, with that pass's own queries: the token that writes an answer looks at other stored
+tokens than the question did, and the context it attends to is then chosen for it. Between
+re-selections a pass reuses the latest context.
+
 The bridge is not thread-safe; its owner serialises forward passes.
 """
 
@@ -51,10 +57,18 @@ class _Step:
 
 @dataclass
 class _Question:
-    """Per-question state: each layer's rotated context, fetched once at prefill, reused by decode."""
+    """Per-question state: each layer's rotated context (fetched at prefill, reused by decode
+    passes until a re-selection replaces it), the decode passes since the prefill, and what the
+    pass in flight does: ``select`` re-selects with its own queries, ``restore`` selects again
+    with the prefill's queries (kept in ``prefill_queries`` when re-selecting is on)."""
 
     context: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     capture: list[torch.Tensor] | None = None
+    prefill_queries: dict[int, torch.Tensor] | None = None
+    passes: int = -1
+    select: bool = False
+    restore: bool = False
+    reselected: bool = False
 
 
 class _LocalLayer(CacheLayerMixin):
@@ -126,12 +140,15 @@ AttentionInterface.register(ATTENTION_NAME, _attention)
 class KVBridge:
     """Connects one stream's policy to the model's attention layers.
 
-    ``rotary`` maps positions (P, N) to (cos, sin) (N, D) exactly as the model rotates.
+    ``rotary`` maps positions (P, N) to (cos, sin) (N, D) exactly as the model rotates. The
+    policy's ``config.reselect_every`` is the number of decode passes between re-selections of a
+    question's context (0: the prefill's selection serves the whole answer).
     """
 
     def __init__(self, policy: KVPolicy, rotary: RotaryFn, num_layers: int):
         self.policy = policy
         self.rotary = rotary
+        self.reselect_every = int(policy.config.reselect_every)
         self._context_rotary = MemoRotary(rotary)
         self._scratch = Scratch()  # ingest's rotated context lives for one layer only
         self.num_layers = num_layers
@@ -173,23 +190,39 @@ class KVBridge:
         if self._question is not None:
             raise RuntimeError("a question is already open")
         self.policy.begin_question(window)
-        self._question = _Question(capture=[None] * self.num_layers if capture else None)
+        self._question = _Question(
+            capture=[None] * self.num_layers if capture else None,
+            prefill_queries={} if self.reselect_every else None,
+        )
 
     @contextmanager
     def question_step(self, positions: torch.Tensor) -> Iterator[StreamCache]:
         """Question prefill or one decode step: positions (P, L) of the new tokens."""
-        if self._question is None:
+        question = self._question
+        if question is None:
             raise RuntimeError("begin_question() first")
+        question.passes += 1
+        every = self.reselect_every
+        question.select = bool(every) and question.passes > 0 and question.passes % every == 0
         cos, sin = self.rotary(positions)
-        with self._active(Mode.QUESTION, _Step(cos, sin, None)):
-            yield self.cache
+        try:
+            with self._active(Mode.QUESTION, _Step(cos, sin, None)):
+                yield self.cache
+        finally:
+            question.reselected |= question.select
+            question.restore = question.select = False
 
     def truncate_question(self, local_tokens: int) -> None:
-        """Drop the open question's local tokens past its first ``local_tokens`` (the context it
-        fetched stays), so another continuation of the same prefix can be scored on the same
-        retrieval."""
-        if self._question is None:
+        """Drop the open question's local tokens past its first ``local_tokens``, so another
+        continuation of the same prefix can be scored on the same retrieval: the prefill's
+        context stays, or, if a decode pass re-selected since, the next pass selects again with
+        the prefill's queries; decode passes count from the prefill again."""
+        question = self._question
+        if question is None:
             raise RuntimeError("no question is open")
+        if question.reselected:
+            question.restore, question.reselected = True, False
+        question.passes = 0
         for layer in self.cache.layers:
             if layer.local_length() < local_tokens:
                 raise ValueError(f"the question holds {layer.local_length()} local tokens, < {local_tokens}")
@@ -249,10 +282,16 @@ class KVBridge:
             self.policy.append(layer, new_keys, local_values[0].transpose(0, 1), step.token_ids)
             return out[None]
         question = self._question
-        if layer not in question.context:
-            query_pre = unapply_rotary(query[0].float(), step.cos, step.sin)
-            if question.capture is not None:
-                question.capture[layer] = query_pre.detach().clone()
+        if layer not in question.context or question.select or question.restore:
+            if question.select or layer not in question.context:
+                query_pre = unapply_rotary(query[0].float(), step.cos, step.sin)
+            else:
+                query_pre = question.prefill_queries[layer]
+            if layer not in question.context:
+                if question.capture is not None:
+                    question.capture[layer] = query_pre.detach().clone()
+                if question.prefill_queries is not None:
+                    question.prefill_queries[layer] = query_pre
             ctx = self.policy.retrieve(layer, query_pre)
             question.context[layer] = (rotate_context(ctx, self._context_rotary), ctx.values)
         ctx_keys, ctx_values = question.context[layer]

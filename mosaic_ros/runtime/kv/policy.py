@@ -122,6 +122,15 @@ class PolicyConfig:
         choices=COMPRESSIONS,
     )
     prefetch: bool = setting(True, "Cross-layer prefetch of retrieved KV (policies that have it).")
+    reselect_every: int = setting(
+        0,
+        "Decode passes between re-selections of a question's KV, each with the pass's own queries "
+        "(the token that writes an answer attends elsewhere than the question); 0 = select once, "
+        "at the question.",
+        unit="passes",
+        low=0,
+        high=1 << 16,
+    )
     options: dict[str, Any] = options(
         "The selected policy's own options (key: value), typed by their defaults; another policy's "
         "are refused."
