@@ -678,7 +678,7 @@ def test_the_node_declares_the_tree_with_descriptors_and_reads_compression_and_o
         **{"policy_options.run_penalty": 0.5, "policy_options.prefetch_predictor": "query"},
     )
     try:
-        session = node.settings.session
+        session = node.settings.config.session
         assert (session.policy, session.kv.compression, session.kv.sink_tokens) == (
             "mosaic",
             "drop_oldest",
@@ -706,9 +706,8 @@ def test_the_node_declares_the_tree_with_descriptors_and_reads_compression_and_o
 def test_the_node_starts_from_the_generated_yaml_at_the_trees_defaults(ros_context):
     node = StreamNode(context=ros_context, cli_args=["--ros-args", "--params-file", str(CONFIG_FILE)])
     try:
-        expected = NodeConfig()
-        assert node.settings.session == expected.session
-        assert (node.settings.model, node.settings.topics) == (expected.vlm.model, expected.camera_topics)
+        assert node.settings.config == NodeConfig(camera_ids=["camera"], text_topics=[""])  # the file's
+        assert node.settings.topics == NodeConfig().camera_topics
     finally:
         node.destroy_node()
 
@@ -772,7 +771,7 @@ def test_a_setting_added_to_the_policy_config_is_a_parameter_a_flag_and_a_yaml_k
         assert knob.read_only and knob.type == ParameterType.PARAMETER_INTEGER
         assert knob.description.startswith("A knob added by the test (frames; 0 .. 10).")
         assert (knob.integer_range[0].from_value, knob.integer_range[0].to_value) == (0, 10)
-        assert node.settings.session.kv.probe_every == 7
+        assert node.settings.config.session.kv.probe_every == 7
     finally:
         node.destroy_node()
     with pytest.raises(ParameterException, match="probe_every"):  # rclpy refuses it by its range

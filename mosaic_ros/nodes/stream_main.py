@@ -133,25 +133,20 @@ def _start_node(log):
 
     node = StreamNode()
     try:
-        settings = node.settings
-        log.info(f"loading model {settings.model!r} on device {settings.device!r}")
+        settings, vlm = node.settings, node.settings.config.vlm
+        log.info(f"loading model {vlm.model!r} on device {vlm.device!r}")
         try:
-            adapter = load_model(
-                settings.model,
-                device=settings.device,
-                dtype=settings.dtype,
-                seed=settings.seed,
-                pair_frames=settings.pair_frames,
-            )
+            adapter = load_model(vlm.model, vlm.device, vlm.dtype, vlm.seed, pair_frames=vlm.pair_frames)
         except ModelLoadError as error:
             raise StartError(str(error)) from None
         except RuntimeError as error:  # torch's words: a device it does not know, out of memory...
-            raise StartError(f"model {settings.model!r} on device {settings.device!r}: {error}") from None
-        if settings.model.startswith("tiny-random:"):
+            raise StartError(f"model {vlm.model!r} on device {vlm.device!r}: {error}") from None
+        if vlm.model.startswith("tiny-random:"):
             log.warning("tiny-random model: random weights, answers are not meaningful")
         try:
             sessions = {
-                camera_id: StreamSession(adapter, settings.session) for camera_id in settings.camera_ids
+                camera_id: StreamSession(adapter, settings.config.session)
+                for camera_id in settings.camera_ids
             }
         except SessionError as error:
             raise StartError(str(error)) from None

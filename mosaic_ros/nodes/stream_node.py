@@ -39,13 +39,14 @@ from mosaic_ros.nodes.processes import READY_MARK
 from mosaic_ros.nodes.questions import Outcome, Question, QuestionDesk, Stage
 from mosaic_ros.nodes.stream_params import (
     POLICY_OPTION_PREFIX,
+    NodeConfig,
     node_config,
     parameters,
     policy_option_parameters,
 )
 from mosaic_ros.runtime.config import ConfigError
 from mosaic_ros.runtime.kv.policy import known_policies
-from mosaic_ros.runtime.session import SessionConfig, StreamSession
+from mosaic_ros.runtime.session import StreamSession
 from mosaic_ros.runtime.stats import LatencyStats
 from mosaic_ros.srv import AskVideo
 
@@ -75,18 +76,12 @@ def request_qos(max_pending_questions: int) -> QoSProfile:
 
 @dataclass(frozen=True)
 class NodeSettings:
-    """What the node was started with (read-only parameters, checked)."""
+    """What the node was started with: its parameters as the tree (``config``; the live ones as
+    they were at start), the camera topics given and their stream names."""
 
+    config: NodeConfig
     topics: list[str]
     camera_ids: list[str]
-    model: str
-    device: str
-    dtype: str
-    seed: int
-    pair_frames: bool
-    session: SessionConfig
-    memory_dir: str
-    snapshot_period_s: float
 
 
 def camera_ids_for(topics: list[str], names: list[str] | None) -> list[str]:
@@ -212,18 +207,7 @@ class StreamNode(Node):
             for camera_id in camera_ids:
                 if (why := check_camera_id(camera_id)) is not None:
                     raise ConfigError(why)
-        return NodeSettings(
-            topics=topics,
-            camera_ids=camera_ids,
-            model=config.vlm.model,
-            device=config.vlm.device,
-            dtype=config.vlm.dtype,
-            seed=config.vlm.seed,
-            pair_frames=config.vlm.pair_frames,
-            session=config.session,
-            memory_dir=config.memory_dir,
-            snapshot_period_s=config.snapshot_period_s,
-        )
+        return NodeSettings(config, topics, camera_ids)
 
     def _apply_parameters(self, params: list[Parameter]) -> None:
         """Apply live parameters once rclpy has set them. The others are declared read-only,
@@ -251,10 +235,11 @@ class StreamNode(Node):
     def executor_threads(self) -> int:
         """Enough threads that every camera, every admitted question and one more request
         (answered "busy" at once), the status timer and ~/reset can run together."""
-        return len(self.settings.topics) + self._param("max_pending_questions") + 3
+        return len(self.settings.topics) + self.settings.config.max_pending_questions + 3
 
     def start(self, sessions: dict[str, StreamSession]) -> None:
         """Serve: one ``CameraStream`` per camera id of ``settings`` over ``sessions[id]``."""
+        config = self.settings.config
         gate = ModelGate()
         for camera_id, topic in zip(self.settings.camera_ids, self.settings.topics, strict=True):
             self.streams[camera_id] = CameraStream(
@@ -262,33 +247,33 @@ class StreamNode(Node):
                 topic,
                 sessions[camera_id],
                 gate,
-                sample_fps=self._param("sample_fps"),
-                max_frame_side=self._param("max_frame_side"),
+                sample_fps=config.sample_fps,
+                max_frame_side=config.max_frame_side,
                 now=self._now_s,
                 log=self.get_logger(),
             )
         self.desk = QuestionDesk(
             self.streams,
             gate,
-            policy=self.settings.session.policy,
-            max_pending=self._param("max_pending_questions"),
-            default_max_new_tokens=self._param("max_new_tokens"),
+            policy=config.session.policy,
+            max_pending=config.max_pending_questions,
+            default_max_new_tokens=config.session.max_new_tokens,
             max_new_tokens_cap=int(self.parameter_specs["max_new_tokens"].high),
             log=self.get_logger(),
         )
         self._gate = gate
-        if self.settings.memory_dir:
+        if config.memory_dir:
             self.keeper = MemoryKeeper(
-                self.streams, self.settings.memory_dir, self.settings.snapshot_period_s, self.get_logger()
+                self.streams, config.memory_dir, config.snapshot_period_s, self.get_logger()
             )
             self.keeper.restore()
         for stream in self.streams.values():
             self._subscribe(stream)
-        text_topics = [t for t in self._param_or_none("text_topics") or [] if t]
+        text_topics = [t for t in config.text_topics or [] if t]
         for topic in text_topics:
             self._subscribe_text(topic)
         questions = ReentrantCallbackGroup()
-        qos = request_qos(self._param("max_pending_questions"))
+        qos = request_qos(config.max_pending_questions)
         self.create_service(AskVideo, "~/ask", self._on_ask, qos_profile=qos, callback_group=questions)
         self.create_service(Trigger, "~/reset", self._on_reset, qos_profile=qos, callback_group=questions)
         self.create_service(Trigger, "~/save", self._on_save, qos_profile=qos, callback_group=questions)
@@ -303,20 +288,20 @@ class StreamNode(Node):
             goal_service_qos_profile=qos,
             result_service_qos_profile=qos,
             cancel_service_qos_profile=qos,
-            result_timeout=self._param("action_result_timeout_s"),
+            result_timeout=config.action_result_timeout_s,
         )
         self._status_pub = self.create_publisher(StreamStatus, "~/status", 10)
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._status_group = MutuallyExclusiveCallbackGroup()
         self._status_timer = None
-        self._start_status_timer(self._param("status_period_s"))
+        self._start_status_timer(config.status_period_s)
         self.add_post_set_parameters_callback(self._apply_parameters)
         for stream in self.streams.values():
             stream.start()
         if self.keeper is not None:
             self.keeper.start()
         cameras = ", ".join(f"{s.camera_id} <- {s.topic}" for s in self.streams.values())
-        self.get_logger().info(f"{READY_MARK} {self.settings.session.policy}; cameras {cameras}")
+        self.get_logger().info(f"{READY_MARK} {config.session.policy}; cameras {cameras}")
 
     def _now_s(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
@@ -325,7 +310,7 @@ class StreamNode(Node):
 
     def _subscribe(self, stream: CameraStream) -> None:
         compressed = stream.topic.rstrip("/").endswith("/compressed")
-        max_pixels = self._param("max_image_pixels")
+        max_pixels = self.settings.config.max_image_pixels
 
         def decode(msg):
             if compressed:
@@ -399,7 +384,7 @@ class StreamNode(Node):
         try:
             question = question_of(request)
         except Exception as error:  # a request whose fields cannot be read
-            stats = LatencyStats(policy=self.settings.session.policy)
+            stats = LatencyStats(policy=self.settings.config.session.policy)
             return Outcome(False, "", f"malformed request: {type(error).__name__}: {error}", stats)
         return self.desk.answer(question, on_progress, cancelled)
 
