@@ -59,7 +59,9 @@ def remove_stale(root: str) -> list[str]:
 def check_disk_dir(root: str) -> None:
     """``ValueError`` saying what is wrong unless ``root`` is an existing, writable directory."""
     if not os.path.exists(root):
-        raise ValueError(f"disk_dir {root!r} does not exist: create it, or set disk_cap_bytes to 0")
+        raise ValueError(
+            f"disk_dir {root!r} does not exist: create it, or turn the disk tier off (disk cap 0)"
+        )
     if not os.path.isdir(root):
         raise ValueError(f"disk_dir {root!r} is not a directory")
     try:
