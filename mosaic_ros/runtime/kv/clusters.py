@@ -88,7 +88,7 @@ KeyLookup = Callable[[Tensor], Tensor]
 _MIN_SCALE = 1e-6  # floor of the local scale (unit-sphere variance units)
 _SCALE_QUANTILE = 0.25  # share of a chunk's tokens that need a same-content match in the reference
 _REF_CHUNKS = 2  # the reference holds this many largest-chunk sizes of the most recent rows
-_SCALE_PROBES = 64  # tokens per chunk whose nearest reference distance is measured
+_SCALE_PROBES = 16  # tokens per chunk whose nearest reference distance is measured
 _PROJ_DIM = 64  # dimensions of the coarse nearest-cluster search
 _CANDIDATES = 4  # clusters per token whose exact distance the fine search evaluates
 _EXACT_MAX = 64  # up to this many clusters, exact distances to all of them (no coarse stage)
@@ -229,9 +229,9 @@ class ClusterBank:
         self.last_id: int | None = None
         self.assigned = 0
         self.removed = [0] * n
-        # local scale: reference rows (L, R, F) and their tags (R,), log scale per layer (L,) float64
-        self.ref = torch.zeros(n, 0, width, device=dev)
-        self.ref_modality = torch.zeros(0, dtype=torch.uint8, device=dev)
+        # local scale: the reference, the latest rows as (unit rows (L, n, F), tags (n,)) pieces of
+        # the chunks they came in (views, never copied), and the log scale per layer (L,) float64
+        self.ref: deque[tuple[Tensor, Tensor]] = deque()
         self.chunk_max = 0
         self.log_scale: Tensor | None = None
         self.scale_updates = 0
@@ -260,7 +260,6 @@ class ClusterBank:
         if count == 0:
             return ids.expand(self.num_layers, 0).clone()
         unit, raw = self.embed(keys)
-        proj = unit @ self.proj  # (L, T, P): the coarse search, region routing and projected sums
         tags = torch.zeros(count, dtype=torch.uint8) if modality is None else modality.to("cpu", torch.uint8)
         tags = tags.to(self.device)
         sample, from_reference = self._scale_sample(unit, tags)
@@ -269,7 +268,7 @@ class ClusterBank:
         self.ranked, self.ranked_tokens = [0] * self.num_layers, [count] * self.num_layers
         scale_dev = None if scale is None else scale.to(self.device, torch.float32)
         if scale_dev is not None and max(self.slots) > 0:
-            cid = self._join_existing(unit, proj, scale, scale_dev)
+            cid = self._join_existing(unit, scale_dev)
         rejected = cid < 0
         if bool(rejected.any()):
             radius = None if scale is None else (2.0 * self.config.join_radius * scale).to(self.device)
@@ -284,7 +283,7 @@ class ClusterBank:
             layer_of, at = valid.nonzero(as_tuple=True)
             cid[layer_of, rows[layer_of, at]] = new[layer_of, at]
         layer_ids = torch.arange(self.num_layers, device=self.device)[:, None].expand_as(cid)
-        self._add_stats(layer_ids, cid, unit, raw, sign=1.0, proj=proj)
+        self._add_stats(layer_ids, cid, unit, raw, sign=1.0)
         self._route(layer_ids.reshape(-1), cid.reshape(-1))  # an older cluster's region stays current
         self.chunks += 1
         self.touched.scatter_(1, cid, self.chunks)
@@ -293,9 +292,7 @@ class ClusterBank:
         if from_reference:
             self._update_scale(sample, count)
         self.chunk_max = max(self.chunk_max, count)
-        keep = _REF_CHUNKS * self.chunk_max
-        self.ref = torch.cat((self.ref, unit), dim=1)[:, -keep:]
-        self.ref_modality = torch.cat((self.ref_modality, tags))[-keep:]
+        self._keep_reference(unit, tags, _REF_CHUNKS * self.chunk_max)
         self._queue_violators()
         return cid
 
@@ -319,8 +316,23 @@ class ClusterBank:
     def embed(self, keys: Tensor) -> tuple[Tensor, Tensor]:
         """Keys (..., T, H_kv, D) -> (unit (..., T, F) assignment-space rows, raw (..., T, F) float32)."""
         raw = keys.to(self.device, torch.float32)
-        unit = raw / raw.norm(dim=-1, keepdim=True).clamp_min(1e-30) / math.sqrt(self.num_kv_heads)
-        return unit.flatten(-2), raw.flatten(-2)
+        inv = (raw.norm(dim=-1, keepdim=True).clamp_min(1e-30) * math.sqrt(self.num_kv_heads)).reciprocal_()
+        return (raw * inv).flatten(-2), raw.flatten(-2)
+
+    def _keep_reference(self, unit: Tensor, tags: Tensor, keep: int) -> None:
+        """Append a chunk's rows to the reference and keep its latest ``keep`` rows."""
+        self.ref.append((unit, tags))
+        total = sum(t.shape[0] for _, t in self.ref)
+        while total - self.ref[0][1].shape[0] >= keep:
+            total -= self.ref.popleft()[1].shape[0]
+        if total > keep:
+            oldest, oldest_tags = self.ref[0]
+            self.ref[0] = (oldest[:, total - keep :], oldest_tags[total - keep :])
+
+    def _reference_mean(self, layers: Tensor) -> Tensor:
+        """(l, F) mean reference row of each of ``layers``."""
+        rows = sum(t.shape[0] for _, t in self.ref)
+        return sum(u[layers].sum(dim=1) for u, _ in self.ref) / rows
 
     def _scale_sample(self, unit: Tensor, tags: Tensor) -> tuple[Tensor | None, bool]:
         """((L,) float64 lower quartile of half the squared nearest-neighbour distance, whether
@@ -333,16 +345,22 @@ class ClusterBank:
         with the chunk's other tokens instead; that sample decides this chunk only. Tags are the
         same in every layer, so every layer measures the same tokens.
         """
-        if self.ref.shape[1]:
+        if self.ref:
             stride = -(-unit.shape[1] // _SCALE_PROBES)
-            sims = torch.bmm(unit[:, ::stride], self.ref.transpose(1, 2))
-            sims.masked_fill_((tags[::stride, None] != self.ref_modality[None, :])[None], -math.inf)
-            sample = _quartile(sims)
+            probes, probe_tags = unit[:, ::stride], tags[::stride]
+            best = None
+            for ref, ref_tags in self.ref:
+                sims = torch.bmm(probes, ref.transpose(1, 2))
+                sims.masked_fill_((probe_tags[:, None] != ref_tags[None, :])[None], -math.inf)
+                piece = sims.max(dim=2).values
+                best = piece if best is None else torch.maximum(best, piece)
+            sample = _quartile(best)
             if sample is not None:
                 return sample, True
         sims = torch.bmm(unit, unit.transpose(1, 2))
         sims.diagonal(dim1=1, dim2=2).fill_(-math.inf)
-        return _quartile(sims.masked_fill_((tags[:, None] != tags[None, :])[None], -math.inf)), False
+        sims.masked_fill_((tags[:, None] != tags[None, :])[None], -math.inf)
+        return _quartile(sims.max(dim=2).values), False
 
     def _update_scale(self, sample: Tensor, count: int) -> None:
         self.scale_updates += 1
@@ -352,7 +370,7 @@ class ClusterBank:
         rate = max(self.config.scale_momentum, 1.0 / self.scale_updates) * min(1.0, count / self.chunk_max)
         self.log_scale = self.log_scale + rate * (sample.log() - self.log_scale)
 
-    def _join_existing(self, unit: Tensor, proj: Tensor, scale: Tensor, scale_dev: Tensor) -> Tensor:
+    def _join_existing(self, unit: Tensor, scale: Tensor) -> Tensor:
         """Join test for every token of every layer at once: (L, T) cluster id, or -1 where rejected.
 
         Recent clusters first: a chunk's tokens are tested against the clusters the last
@@ -368,31 +386,31 @@ class ClusterBank:
         older = live & ~recent
         two_stage = recent.any(dim=1) & older.any(dim=1)  # (L,)
         first = torch.where(two_stage[:, None], recent, live)
-        cid = self._nearest_join(unit, proj, None, scale_dev, first)
+        cid = self._nearest_join(unit, None, scale, first)
         again = (cid < 0) & two_stage[:, None]
         if bool(again.any()):
             rows, valid = _padded_rows(again)
-            sub_unit, sub_proj = _take_rows(unit, rows), _take_rows(proj, rows)
+            sub_unit = _take_rows(unit, rows)
             # The opened regions may hold no older cluster (only the recent ones, or none: a
             # long run of new content routes its own clusters there): then nothing older is
             # near, and the rejected tokens open clusters of their own.
-            opened = self._probe_regions(sub_proj, valid, older & two_stage[:, None])
-            found = self._nearest_join(sub_unit, sub_proj, valid, scale_dev, opened)
+            opened = self._probe_regions(sub_unit, valid, older & two_stage[:, None])
+            found = self._nearest_join(sub_unit, valid, scale, opened)
             layer_of, at = valid.nonzero(as_tuple=True)
             cid[layer_of, rows[layer_of, at]] = found[layer_of, at]
         return cid
 
-    def _probe_regions(self, proj: Tensor, valid: Tensor, older: Tensor) -> Tensor:
+    def _probe_regions(self, unit: Tensor, valid: Tensor, older: Tensor) -> Tensor:
         """The part of the ``older`` mask (L, C) the rows' searches open: in a layer with regions, the
         clusters of each valid row's ``_PROBE_REGIONS`` nearest regions (their union over the rows:
         rows that start new content together are alike) plus clusters not routed yet; in a layer
-        without regions, all of ``older``. ``proj`` (L, R, P) rows, ``valid`` (L, R) bool."""
+        without regions, all of ``older``. ``unit`` (L, R, F) rows, ``valid`` (L, R) bool."""
         sizes = torch.tensor(self.num_regions, device=self.device)
         most = int(sizes.max())
         if most == 0:
             return older
         centers = self.centers[:, :most]
-        near = _nearness(proj, centers).masked_fill_(
+        near = _nearness(unit @ self.proj, centers).masked_fill_(
             (torch.arange(most, device=self.device)[None, :] >= sizes[:, None])[:, None, :], -math.inf
         )
         picks = near.topk(min(_PROBE_REGIONS, most), dim=2).indices  # (L, R, k)
@@ -405,21 +423,20 @@ class ClusterBank:
         in_opened = opened.gather(1, torch.where(region < 0, most, region))
         return torch.where((sizes > 0)[:, None], older & in_opened, older)
 
-    def _nearest_join(
-        self, unit: Tensor, proj: Tensor, valid: Tensor | None, scale: Tensor, member: Tensor
-    ) -> Tensor:
+    def _nearest_join(self, unit: Tensor, valid: Tensor | None, scale: Tensor, member: Tensor) -> Tensor:
         """Nearest cluster of ``member`` (L, C) bool for every row, if it may join: (L, n) id, else -1.
 
-        ``unit`` (L, n, F) rows, ``proj`` (L, n, P) their projections, ``valid`` (L, n) the rows
-        that count (None: all), ``scale`` (L,) float32 local scales. A layer whose set has up to
+        ``unit`` (L, n, F) rows, ``valid`` (L, n) the rows that count (None: all), ``scale`` (L,)
+        float32 local scales. A layer whose set has up to
         ``_EXACT_MAX`` clusters (the recent ones, as a rule) gets the exact distances to all of
         them from one (n, F) x (F, K) product, batched over such layers. Beyond, search in two
         stages. Coarse: rows and centroids, centred on the mean of the recent reference rows
         (keys share a large common direction; centring keeps the projection error proportional
         to the small differences that matter) and projected to ``P = min(F, 64)`` dimensions
-        with a fixed random matrix (``proj``), rank the clusters in one (n, P) x (P, K) product.
-        Fine: the exact distances to the ``_CANDIDATES`` best-ranked clusters pick the nearest.
-        The projection is linear, so per-cluster projected sums are kept alongside the sums.
+        with a fixed random matrix (``self.proj``), rank the clusters in one (n, P) x (P, K)
+        product. Fine: the exact distances to the ``_CANDIDATES`` best-ranked clusters pick the
+        nearest. The projection is linear, so per-cluster projected sums are kept alongside the
+        sums (as the projection of each touched cluster's sum).
         """
         sizes = member.sum(dim=1)
         rows = torch.full((self.num_layers,), unit.shape[1]) if valid is None else valid.sum(dim=1).cpu()
@@ -449,9 +466,10 @@ class ClusterBank:
                 best, pick = d.masked_fill_(pad[:, None, :], math.inf).min(dim=2)
                 near = cand.gather(1, pick)
             else:
-                center = self.ref[layers].mean(dim=1) @ self.proj  # (l, P)
+                center = self._reference_mean(layers) @ self.proj  # (l, P)
                 mean_proj = self.sum_proj[lay, cand] * inv_n[:, :, None] - center[:, None, :]  # (l, k, P)
-                rank = torch.bmm(proj[layers] - center[:, None, :], mean_proj.transpose(1, 2))  # (l, n, k)
+                rows_p = rows_u @ self.proj - center[:, None, :]  # (l, n, P)
+                rank = torch.bmm(rows_p, mean_proj.transpose(1, 2))  # (l, n, k)
                 rank.sub_(0.5 * (mean_proj * mean_proj).sum(dim=2)[:, None, :])
                 rank.masked_fill_(pad[:, None, :], -math.inf)
                 top = cand.gather(1, rank.topk(_CANDIDATES, dim=2).indices.flatten(1)).view(
@@ -502,8 +520,10 @@ class ClusterBank:
         free = valid.clone()
         groups = torch.zeros(layers, dtype=torch.int64, device=unit.device)
         lay = torch.arange(layers, device=unit.device)
+        near_f = near.to(unit.dtype)
         while bool(free.any()):
-            degree = (near & free[:, None, :]).sum(dim=2).masked_fill_(~free, -1)
+            # free neighbours per row, as a product (exact small integers in float32)
+            degree = torch.bmm(near_f, free.to(unit.dtype)[:, :, None])[:, :, 0].masked_fill_(~free, -1.0)
             active = free.any(dim=1)
             members = near[lay, degree.argmax(dim=1)] & free & active[:, None]
             labels = torch.where(members, groups[:, None], labels)
@@ -579,26 +599,23 @@ class ClusterBank:
             new[:, : old.shape[1]] = old
             setattr(self, name, new)
 
-    def add_stats(
-        self, layers: Tensor, cid: Tensor, unit: Tensor, raw: Tensor, sign: float, proj: Tensor | None = None
-    ) -> None:
+    def add_stats(self, layers: Tensor, cid: Tensor, unit: Tensor, raw: Tensor, sign: float) -> None:
         """Add (sign 1) or take out (sign -1) rows ``unit``/``raw`` (..., F) of clusters ``cid`` (...)
-        of ``layers`` (...) in the running sums; ``proj`` their projections (computed if None)."""
-        self._add_stats(layers, cid, unit, raw, sign, proj)
+        of ``layers`` (...) in the running sums; the touched clusters' |sum|^2 and projected sums
+        are recomputed from their sums."""
+        self._add_stats(layers, cid, unit, raw, sign)
 
-    def _add_stats(
-        self, layers: Tensor, cid: Tensor, unit: Tensor, raw: Tensor, sign: float, proj: Tensor | None
-    ) -> None:
+    def _add_stats(self, layers: Tensor, cid: Tensor, unit: Tensor, raw: Tensor, sign: float) -> None:
         flat = (layers.to(self.device) * self.capacity + cid.to(self.device)).reshape(-1)
         width = unit.shape[-1]
         unit, raw = unit.reshape(-1, width), raw.reshape(-1, width)
-        proj = unit @ self.proj if proj is None else proj.reshape(unit.shape[0], -1)
         self.count.view(-1).index_add_(0, flat, torch.full_like(flat, int(sign)))
         self.sum_unit.view(-1, width).index_add_(0, flat, unit, alpha=sign)
         self.sum_raw.view(-1, width).index_add_(0, flat, raw, alpha=sign)
-        self.sum_proj.view(-1, proj.shape[1]).index_add_(0, flat, proj, alpha=sign)
         touched = flat.unique()
-        self.sum_norm2.view(-1)[touched] = (self.sum_unit.view(-1, width)[touched] ** 2).sum(dim=1)
+        sums = self.sum_unit.view(-1, width)[touched]
+        self.sum_norm2.view(-1)[touched] = (sums * sums).sum(dim=1)
+        self.sum_proj.view(-1, self.proj.shape[1])[touched] = sums @ self.proj
         for layer in torch.unique(touched // self.capacity).tolist():
             self.centroid_cache[layer] = None
 
@@ -671,12 +688,9 @@ def _variance(count: Tensor, sum_norm2: Tensor) -> Tensor:
     return torch.where(count > 0, (1.0 - sum_norm2 / (n * n)).clamp_min(0.0), torch.zeros_like(n))
 
 
-def _quartile(sims: Tensor) -> Tensor | None:
-    """(L,) float64 lower quartile over rows of ``(1 - max_j sims[l, i, j])``, floored, for ``sims``
-    (L, n, m), over the rows with a finite max (the same rows in every layer); None if none has."""
-    if sims.shape[2] == 0:
-        return None
-    best = sims.max(dim=2).values
+def _quartile(best: Tensor) -> Tensor | None:
+    """(L,) float64 lower quartile over rows of ``1 - best[l, i]``, floored, for the best similarity
+    of each row (L, n), over the rows with a finite one (the same rows in every layer); None if none."""
     best = best[:, best[0] > -math.inf]
     if best.shape[1] == 0:
         return None
