@@ -4,7 +4,7 @@ Streams the benchmark's synthetic KV (``--shape``) into the policy with the benc
 per-frame step (``runner.ingest_frame``) and prints
 the mean ingest and maintenance milliseconds per frame over consecutive blocks of frames,
 so growth with the stream shows in one run. For policies that cluster (``mosaic``) it also
-prints the part of ingest spent in ``ClusterIndex.assign`` (all layers), the clusters per
+prints the part of ingest spent in ``ClusterBank.assign`` (all layers at once), the clusters per
 layer and the clusters the nearest-cluster search ranked per token (``search_width``, mean
 over layers): the cluster count grows with the stream, the search must not. For every policy
 it prints the rows the store relocated per frame (``HostKVStore.move``: mosaic's sealing,
@@ -29,28 +29,29 @@ import torch
 from mosaic_ros.runtime.bench.runner import ingest_frame
 from mosaic_ros.runtime.bench.shapes import SHAPES
 from mosaic_ros.runtime.bench.workloads import SyntheticSpec, SyntheticWorkload
-from mosaic_ros.runtime.kv.clusters import ClusterIndex
+from mosaic_ros.runtime.kv.clusters import ClusterBank
 from mosaic_ros.runtime.kv.policy import PolicyConfig, make_policy
 from mosaic_ros.runtime.kv.store import HostKVStore
 
 
 class AssignClock:
-    """Wall time spent in ``ClusterIndex.assign`` and the search width of each call."""
+    """Wall time spent in ``ClusterBank.assign`` (all layers at once) and the search width of each
+    call (mean over the layers)."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
         self.widths: list[float] = []
-        inner = ClusterIndex.assign
+        inner = ClusterBank.assign
         clock = self
 
-        def timed(index, keys, token_ids, modality=None):
+        def timed(bank, keys, token_ids, modality=None):
             t0 = time.perf_counter()
-            out = inner(index, keys, token_ids, modality)
+            out = inner(bank, keys, token_ids, modality)
             clock.seconds += time.perf_counter() - t0
-            clock.widths.append(getattr(index, "search_width", float("nan")))
+            clock.widths.append(statistics.fmean(index.search_width for index in bank.layers))
             return out
 
-        ClusterIndex.assign = timed
+        ClusterBank.assign = timed
 
     def take(self) -> tuple[float, float]:
         """(seconds, mean width) since the last take."""

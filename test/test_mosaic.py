@@ -234,6 +234,50 @@ def test_splits_wait_for_maintain_and_the_relayout_keeps_every_token(monkeypatch
     policy.end_question()
 
 
+def test_a_seal_under_a_row_limit_moves_the_oldest_clusters_and_leaves_the_rest():
+    """Maintenance's time box: ``_seal(limit=k)`` moves at most k rows, the finished clusters with
+    the oldest ring tokens first; the next seal moves the rest, so together the two seal exactly
+    the tokens one unlimited seal does."""
+    limited, whole = (make_policy("mosaic", GEOM, small_config(budget_tokens=512)) for _ in range(2))
+    stream = Stream(GEOM)
+    stream.run([limited, whole], frames=6, objects=[0, 1], maintain_ms=None)
+    stream.run([limited, whole], frames=6, objects=[2, 3], maintain_ms=None)  # 0 and 1 go idle unsealed
+    st = limited._layers[0]
+    waiting = st.nursery.clone()
+    idle = [int(n) for n in torch.bincount(st.index.cluster_of(waiting)) if 30 < n < 60]
+    assert len(idle) >= 2  # objects 0 and 1, finished, ~39 tokens each: one fits in 60 rows
+    first = limited._seal(0, limit=60)
+    assert 0 < first <= 60
+    sealed = waiting[~torch.isin(waiting, st.nursery)]
+    still = st.nursery[st.nursery < int(sealed.max())]
+    # what stayed behind older than the newest sealed token is a cluster still open, not a finished one
+    assert not bool(torch.isin(st.index.cluster_of(still), st.index.cluster_of(sealed)).any())
+    limited.check_invariants()
+    rest = limited._seal(0)
+    assert rest > 0 and whole._seal(0) > 0
+    assert torch.equal(st.nursery, whole._layers[0].nursery)
+    limited.check_invariants()
+
+
+def test_a_chunk_is_clustered_once_every_layer_has_it_and_a_partial_one_is_refused():
+    policy = make_policy("mosaic", GEOM, small_config())
+    stream = Stream(GEOM)
+    stream.run([policy], frames=3)
+    meta, keys, values = stream.chunk(13)
+    ids = policy.add_tokens(meta)
+    policy.append(0, keys[0], values[0], ids)
+    assert int(policy.store.rows_of(0, ids[-1:])) < 0  # held, not written yet
+    policy.append(1, keys[1], values[1], ids)
+    assert bool((policy.store.rows_of(0, ids) >= 0).all()) and bool((policy.store.rows_of(1, ids) >= 0).all())
+    policy.check_invariants()
+    meta, keys, values = stream.chunk(13)
+    ids = policy.add_tokens(meta)
+    policy.append(1, keys[1], values[1], ids)  # layer 0 never gets this chunk
+    with pytest.raises(ValueError, match="reached 1 of 2 layers"):
+        policy.add_tokens(stream.chunk(13)[0])
+    policy.check_invariants()
+
+
 def test_evictions_under_the_host_cap_keep_the_index_and_extents_exact():
     cap_tokens = 200
     config = small_config(host_cap_bytes=cap_tokens * GEOM.bytes_per_token)

@@ -3,6 +3,9 @@
 Per layer a ``ClusterIndex`` clusters the position-free keys online, across frames and
 modalities (time markers, questions and answers join clusters like vision tokens do), and
 the layer's rows in the host store are laid out so that a cluster is one contiguous extent.
+The layers' indexes are one ``ClusterBank``: a chunk is held until its last layer is
+appended, then clustered in every layer at once (batched products over the layers) and
+written layer by layer.
 
 Physical layout of a layer (rows of the ``HostKVStore``)::
 
@@ -10,11 +13,11 @@ Physical layout of a layer (rows of the ``HostKVStore``)::
 
 - Sinks (the first ``sink_tokens`` tokens) stay where they were appended; every question
   takes them anyway.
-- The nursery ring is a fixed block of rows filled in arrival order, like a FIFO: ``append``
-  clusters the chunk (``ClusterIndex.assign``) and writes it at the ring's head with one copy,
-  cluster by cluster (a cluster's tokens of one chunk are one run), so ingest costs one
-  assignment and one contiguous write per layer and the local window is one or two runs of
-  the ring plus part of the chunk it starts in.
+- The nursery ring is a fixed block of rows filled in arrival order, like a FIFO: the chunk,
+  once clustered (``ClusterBank.assign``), is written at the ring's head with one copy per
+  layer, cluster by cluster (a cluster's tokens of one chunk are one run), so ingest costs one
+  batched assignment and one contiguous write per layer and the local window is one or two
+  runs of the ring plus part of the chunk it starts in.
 - Sealing (in ``maintain``): a cluster none of whose tokens arrived in the last window plus
   ``hold_windows`` windows is finished for now; its ring tokens (and its old extent, if it had
   one) move to a fresh extent at the tail of the sealed log, members in id order. The
@@ -22,7 +25,8 @@ Physical layout of a layer (rows of the ``HostKVStore``)::
   the cluster last written, so clusters likely to be retrieved together end up adjacent. A
   cluster still growing when the ring's head comes back to its oldest tokens is sealed early
   (``maintain`` seals ``2 x largest chunk`` rows ahead of the head; ``append`` does it itself
-  only if maintenance fell behind). Every token normally moves once in its life.
+  only if maintenance fell behind). Every token normally moves once in its life. A seal in
+  ``maintain`` moves only the rows its time budget allows at the measured cost per row.
 - Deferred splits (``ClusterIndex.maintain`` within the budget): a sealed parent's extent is
   rewritten in place as the two children's extents side by side, the child closer to the
   extent's left neighbour first. Nothing else moves.
@@ -65,7 +69,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mosaic_ros.runtime.kv.clusters import ClusterConfig, ClusterIndex, Split, require
+from mosaic_ros.runtime.kv.clusters import ClusterBank, ClusterConfig, ClusterIndex, Split, require
 from mosaic_ros.runtime.kv.policies.base import StoreBackedPolicy
 from mosaic_ros.runtime.kv.policies.prefetch import Prefetcher, PrefetchResult, count_hits
 from mosaic_ros.runtime.kv.policy import (
@@ -221,8 +225,8 @@ class _Layer:
     ``epoch`` counts layout changes (it keys the adjacency cache).
     """
 
-    def __init__(self, geometry: KVGeometry, config: ClusterConfig, device: torch.device):
-        self.index = ClusterIndex(geometry.num_kv_heads, geometry.head_dim, config, device)
+    def __init__(self, index: ClusterIndex):
+        self.index = index
         self.ext_start = torch.zeros(0, dtype=torch.int64)
         self.ext_len = torch.zeros(0, dtype=torch.int64)
         self.newest = torch.zeros(0, dtype=torch.int64)
@@ -310,10 +314,14 @@ class MosaicPolicy(StoreBackedPolicy):
             self._prefetch.close()
         super().reset()
         cfg = ClusterConfig(max_cluster_tokens=int(self.options["max_cluster_tokens"]))
-        self._layers = [_Layer(self.geometry, cfg, self.device) for _ in range(self.geometry.num_layers)]
+        g = self.geometry
+        self._bank = ClusterBank(g.num_layers, g.num_kv_heads, g.head_dim, cfg, self.device)
+        self._layers = [_Layer(index) for index in self._bank.layers]
+        self._pending: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         self._prefetch = Prefetcher(threaded=self.device.type != "cuda")
         self._largest_chunk = 1
         self._next_maintained = 0
+        self._seal_ms_per_row: float | None = None  # measured cost of maintenance's seals, ms per row
 
     def _key_lookup(self, layer: int):
         store = self.store
@@ -338,18 +346,52 @@ class MosaicPolicy(StoreBackedPolicy):
     # ------------------------------------------------------------------ stream
     def add_tokens(self, meta: TokenMeta) -> Tensor:
         self._settle()
+        self._flush()
         self._largest_chunk = max(self._largest_chunk, meta.num_tokens)
         return super().add_tokens(meta)
 
     def append(self, layer: int, keys: Tensor, values: Tensor, token_ids: Tensor) -> None:
-        """Cluster the chunk (``ClusterIndex.assign``) and write it at the ring's head (one copy)."""
+        """Hold the layer's chunk until every layer has it, then cluster it in all layers at once
+        and write each layer's at its ring's head (``_flush``). A layer's stored KV is read only
+        by the next chunk's ingest context or by questions, both after the last layer's append."""
         self._check_layer(layer)
         self._settle()
-        st = self._layers[layer]
         ids = token_ids.to("cpu", torch.int64)
         if ids.numel() == 0:
             return
-        cid = st.index.assign(keys, ids, self.store.modality[ids])
+        if self._pending and (layer in self._pending or not torch.equal(self._pending_ids(), ids)):
+            self._flush()
+        self._pending[layer] = (keys, values, ids)
+        if len(self._pending) == self.geometry.num_layers:
+            self._flush()
+
+    def _pending_ids(self) -> Tensor:
+        return next(iter(self._pending.values()))[2]
+
+    def _flush(self) -> None:
+        """Cluster the held chunk in every layer (one ``ClusterBank.assign``: batched products over
+        the layers) and write each layer's rows at its ring's head with one copy, cluster by
+        cluster. A chunk some layer never received is dropped with an error."""
+        pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        n = self.geometry.num_layers
+        if len(pending) != n:
+            missing = sorted(set(range(n)) - set(pending))
+            raise ValueError(
+                f"a chunk reached {len(pending)} of {n} layers (not {missing[:8]}): mosaic clusters a "
+                "chunk in every layer at once, so it was dropped"
+            )
+        ids = next(iter(pending.values()))[2]
+        keys = torch.stack([pending[layer][0] for layer in range(n)])
+        cids = self._bank.assign(keys, ids, self.store.modality[ids])
+        for layer in range(n):
+            self._write(layer, pending[layer][0], pending[layer][1], ids, cids[layer])
+
+    def _write(self, layer: int, keys: Tensor, values: Tensor, ids: Tensor, cid: Tensor) -> None:
+        """Write a chunk of ``layer`` (clusters ``cid`` (T,)): sinks at the tail, the rest at the
+        ring's head, cluster by cluster."""
+        st = self._layers[layer]
         st.grow()
         st.newest.scatter_reduce_(0, cid, ids, "amax")
         pinned = ids < self.config.sink_tokens
@@ -424,13 +466,15 @@ class MosaicPolicy(StoreBackedPolicy):
         st.ring_size, st.head = size, 0
 
     # ------------------------------------------------------------------ sealing
-    def _seal(self, layer: int, force: Tensor | None = None) -> None:
+    def _seal(self, layer: int, force: Tensor | None = None, limit: int | None = None) -> int:
         """Move finished clusters' nursery tokens (and their old extents) to fresh extents at the
-        log tail, chain-ordered. With ``force`` (token ids), seal those tokens' clusters instead,
-        every nursery token of theirs older than the local window (or all, if still in the way)."""
+        log tail, chain-ordered; returns the rows moved. With ``force`` (token ids), seal those
+        tokens' clusters instead, every nursery token of theirs older than the local window (or
+        all, if still in the way). With ``limit``, only the clusters (oldest first) whose moves
+        together fit in ``limit`` rows: the rest wait for the next call."""
         st, store = self._layers[layer], self.store
         if st.nursery.numel() == 0:
-            return
+            return 0
         window_lo = store.appended_upto[layer] - self._window_tokens
         ncid = st.index.cluster_of(st.nursery)
         if force is None:
@@ -447,8 +491,10 @@ class MosaicPolicy(StoreBackedPolicy):
             seal = hit & ((st.nursery < window_lo) | torch.isin(st.nursery, force))
         if self.max_rows:  # under the host cap a move needs free rows: seal the oldest that fit
             seal &= self._fits(st, ncid, seal, self.max_rows - store.live_rows[layer])
+        if limit is not None:
+            seal &= self._fits(st, ncid, seal, limit)
         if not bool(seal.any()):
-            return
+            return 0
         moving, moving_cid = st.nursery[seal], ncid[seal]
         clusters = torch.unique(moving_cid)
         reopened = clusters[st.ext_len[clusters] > 0]  # sealed before: their extent moves along
@@ -469,6 +515,7 @@ class MosaicPolicy(StoreBackedPolicy):
         st.ext_len[ordered] = counts
         st.tail = int(ordered[-1])
         st.changed()
+        return ids.numel()
 
     @staticmethod
     def _fits(st: _Layer, ncid: Tensor, seal: Tensor, room: int) -> Tensor:
@@ -505,8 +552,15 @@ class MosaicPolicy(StoreBackedPolicy):
     # ------------------------------------------------------------------ maintenance
     def maintain(self, budget_ms: float) -> float:
         """Deferred splits (re-laid in place), sealing and hole compaction, layer by layer in turn,
-        while ``budget_ms`` lasts (a layer's work is started only while time is left)."""
+        while ``budget_ms`` lasts (a layer's work is started only while time is left).
+
+        A seal moves only as many rows as the time left allows at the measured cost per row
+        (``_seal_ms_per_row``), oldest clusters first, so one layer's seal cannot overrun the
+        budget; what it leaves waits for the next call (or, if maintenance keeps falling behind,
+        is sealed by ``append`` when the ring's head reaches it).
+        """
         self._settle()
+        self._flush()
         start = time.perf_counter()
         n = self.geometry.num_layers
         for k in range(n):
@@ -519,7 +573,13 @@ class MosaicPolicy(StoreBackedPolicy):
             report = st.index.maintain(self._key_lookup(layer), (budget_ms - spent) / (n - k))
             for split in report.splits:
                 self._relayout_split(layer, split)
-            self._seal(layer)
+            t0 = time.perf_counter()
+            cost = self._seal_ms_per_row
+            limit = None if cost is None else int((budget_ms - (t0 - start) * 1e3) / cost)
+            moved = self._seal(layer, limit=limit)
+            if moved:
+                ms = (time.perf_counter() - t0) * 1e3
+                self._seal_ms_per_row = ms / moved if cost is None else 0.7 * cost + 0.3 * ms / moved
             self._compact_holes(layer)
         return (time.perf_counter() - start) * 1e3
 
@@ -616,6 +676,7 @@ class MosaicPolicy(StoreBackedPolicy):
     # ------------------------------------------------------------------ questions
     def begin_question(self, window: tuple[float, float] | None = None) -> None:
         self._settle()
+        self._flush()
         super().begin_question(window)
 
     def retrieve(self, layer: int, query: Tensor) -> KVContext:
@@ -813,6 +874,7 @@ class MosaicPolicy(StoreBackedPolicy):
         extent, exactly one of them; no prefetch is running outside a question.
         """
         require(not self._prefetch.pending or self._in_question, "a prefetch is pending outside a question")
+        require(not self._pending, f"a chunk is held for layers {sorted(self._pending)} only")
         store = self.store
         for layer, st in enumerate(self._layers):
             st.index.check_invariants(self._key_lookup(layer))
