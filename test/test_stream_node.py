@@ -790,3 +790,33 @@ def test_a_setting_added_to_the_policy_config_is_a_parameter_a_flag_and_a_yaml_k
     assert config.from_arguments(run.RUN_DEFAULTS, run_args).kv.probe_every == 2
     with pytest.raises(config.ConfigError, match="probe_every must be <= 10, got 12"):
         config.from_arguments(TunedBench(), parser.parse_args(["--probe-every", "12"]))
+
+
+def test_the_disk_tier_defaults_to_a_folder_of_memory_dir(ros_context, tmp_path):
+    memory = tmp_path / "memory"
+    node = make_node(ros_context, memory_dir=str(memory), host_cap_mb=64.0, disk_cap_mb=1024.0)
+    try:
+        kv = node.settings.config.session.kv
+        assert kv.disk_dir == str(memory / ".disk") and (memory / ".disk").is_dir()
+        assert kv.disk_cap_bytes == 1024 * 2**20
+    finally:
+        node.destroy_node()
+    given = tmp_path / "nvme"
+    given.mkdir()
+    node = make_node(
+        ros_context, memory_dir=str(memory), host_cap_mb=64.0, disk_cap_mb=1024.0, disk_dir=str(given)
+    )
+    try:
+        assert node.settings.config.session.kv.disk_dir == str(given)  # a disk_dir given is kept
+    finally:
+        node.destroy_node()
+    node = make_node(ros_context, memory_dir=str(memory))
+    try:
+        assert node.settings.config.session.kv.disk_dir == ""  # no disk cap: no tier
+    finally:
+        node.destroy_node()
+
+
+def test_a_camera_id_cannot_take_the_nodes_own_folders(ros_context, tmp_path):
+    with pytest.raises(config.ConfigError, match=r"camera_id '.disk' cannot name a snapshot directory"):
+        make_node(ros_context, memory_dir=str(tmp_path), camera_ids=[".disk"])

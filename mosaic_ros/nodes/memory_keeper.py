@@ -19,17 +19,27 @@ from pathlib import Path
 from mosaic_ros.nodes.camera_stream import CameraStream
 from mosaic_ros.runtime.snapshot import SnapshotDir, SnapshotError, SnapshotInfo, SnapshotTorn
 
-_CAMERA_DIR = re.compile(r"^[A-Za-z0-9_.-]+$")
+_CAMERA_DIR = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
+DISK_TIER_DIR = ".disk"  # under memory_dir: the disk tier's files when disk_dir is not given
 
 
 def check_camera_id(camera_id: str) -> str | None:
-    """Why ``camera_id`` cannot name a snapshot directory, or None when it can."""
-    if not _CAMERA_DIR.match(camera_id) or camera_id in (".", ".."):
+    """Why ``camera_id`` cannot name a snapshot directory, or None when it can (a name starting
+    with '.' is refused: those are the node's own, e.g. ``DISK_TIER_DIR``)."""
+    if not _CAMERA_DIR.match(camera_id):
         return (
             f"camera_id {camera_id!r} cannot name a snapshot directory under memory_dir "
-            "(letters, digits, '_', '.', '-' only)"
+            "(letters, digits, '_', '.', '-' only, not starting with '.')"
         )
     return None
+
+
+def disk_tier_dir(memory_dir: str) -> str:
+    """The disk tier's directory under ``memory_dir`` (``DISK_TIER_DIR``), created if missing;
+    ``OSError`` when it cannot be."""
+    path = Path(memory_dir) / DISK_TIER_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
 
 
 @dataclass

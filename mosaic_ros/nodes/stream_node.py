@@ -34,7 +34,7 @@ from mosaic_ros.msg import LatencyStats as LatencyStatsMsg
 from mosaic_ros.msg import StreamStatus
 from mosaic_ros.nodes.camera_stream import CameraStream, ModelGate
 from mosaic_ros.nodes.image_codec import decode_compressed, decode_image_msg
-from mosaic_ros.nodes.memory_keeper import MemoryKeeper, check_camera_id
+from mosaic_ros.nodes.memory_keeper import MemoryKeeper, check_camera_id, disk_tier_dir
 from mosaic_ros.nodes.processes import READY_MARK
 from mosaic_ros.nodes.questions import Outcome, Question, QuestionDesk, Stage
 from mosaic_ros.nodes.stream_params import (
@@ -201,6 +201,13 @@ class StreamNode(Node):
         topics = [t for t in values["camera_topics"] or [] if t]  # [] in YAML: not set
         if not topics:
             raise ConfigError("camera_topics is empty: give at least one image topic")
+        if values["memory_dir"] and values["disk_cap_mb"] and not values["disk_dir"]:
+            try:  # the disk tier's files default to memory_dir/.disk
+                values["disk_dir"] = disk_tier_dir(values["memory_dir"])
+            except OSError as error:
+                raise ConfigError(
+                    f"cannot make the disk tier's directory under memory_dir: {error}"
+                ) from None
         config = node_config({**values, "camera_topics": topics})
         camera_ids = camera_ids_for(topics, config.camera_ids)
         if config.memory_dir:

@@ -139,7 +139,8 @@ class PolicyConfig:
         "",
         "Directory of the disk tier: under host_cap_mb, cold KV pages are spilled to files there "
         "(one private folder per stream) instead of being dropped, and read back when a question "
-        "selects them. '' = no disk tier.",
+        "selects them. '' = no disk tier (on the node, with memory_dir set and disk_cap_mb > 0: "
+        "memory_dir/.disk).",
     )
     disk_cap_bytes: int = setting(
         0,
