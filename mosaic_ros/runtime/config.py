@@ -446,7 +446,7 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, con
             dest=e.name,
             default=e.default,
             metavar=e.setting.metavar,
-            help=f"{e.help()} Default: %(default)s.",
+            help=e.help() if e.default in ("", None, []) else f"{e.help()} Default: %(default)s.",
             **kind,
         )
 
