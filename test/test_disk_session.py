@@ -52,6 +52,9 @@ def test_a_stream_three_times_the_host_cap_answers_as_without_one_and_snapshots(
         assert s.tokens_evicted == 0 and s.host_kv_bytes <= cap < s.disk_kv_bytes
         assert s.disk_fetch_ms > 0 and s.disk_bytes_read > 0  # token_topk scores every key
         assert ref.stats.disk_fetch_ms == 0 and ref.stats.disk_bytes_read == 0 == ref.stats.disk_kv_bytes
+    status = capped.status()
+    assert status.host_kv_bytes <= cap < status.disk_kv_bytes == s.disk_kv_bytes
+    assert free.status().disk_kv_bytes == 0
     capped.save(tmp_path / "snapshot")  # the export reads the spilled pages back
     restored = _session(qwen, **capped_settings)
     restored.load(tmp_path / "snapshot")

@@ -461,6 +461,7 @@ class StreamNode(Node):
                 tokens_in_memory=m.tokens_in_memory,
                 host_kv_bytes=m.host_kv_bytes,
                 device_kv_bytes=m.device_kv_bytes,
+                disk_kv_bytes=m.disk_kv_bytes,
                 clusters_in_memory=m.clusters_in_memory,
                 tokens_evicted=m.tokens_evicted,
                 policy=m.policy,
@@ -529,6 +530,7 @@ class StreamNode(Node):
             "tokens_in_memory": m.tokens_in_memory,
             "host_kv_bytes": m.host_kv_bytes,
             "device_kv_bytes": m.device_kv_bytes,
+            "disk_kv_bytes": m.disk_kv_bytes,
             "questions_pending": pending,
             "policy": m.policy,
         }

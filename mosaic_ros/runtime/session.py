@@ -176,6 +176,7 @@ class SessionStatus:
     last_stamp: float | None
     ingest_ms_mean: float
     texts_ingested: int = 0
+    disk_kv_bytes: int = 0
 
     @property
     def stream_seconds(self) -> float:
@@ -504,6 +505,7 @@ class StreamSession:
                 tokens_in_memory=mem.tokens,
                 host_kv_bytes=mem.host_kv_bytes,
                 device_kv_bytes=mem.device_kv_bytes,
+                disk_kv_bytes=mem.disk_kv_bytes,
                 clusters_in_memory=mem.units,
                 tokens_evicted=mem.tokens_evicted + self._evicted_before,
                 first_stamp=self._first_stamp,
