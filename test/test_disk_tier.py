@@ -266,3 +266,21 @@ def test_store_reads_moves_and_compacts_through_spilled_pages(tmp_path):
     path = store.files.path
     store.close()
     assert not os.path.exists(path)
+
+
+def test_mosaic_names_its_nursery_ring_hot_so_the_tier_keeps_it_in_memory(tmp_path):
+    p = disk_policy("mosaic", tmp_path)
+    rings = []
+
+    def check(policy) -> None:
+        for layer in range(GEOM.num_layers):
+            st = policy._layers[layer]
+            hot = policy.hot_rows(layer)
+            ring = torch.arange(st.ring_lo, st.ring_lo + st.ring_size)
+            assert bool(torch.isin(ring, hot).all())
+            assert bool(torch.isin(policy.store.rows_of(layer, policy.ingest_ids(layer)), hot).all())
+            rings.append(st.ring_size)
+
+    stream([p], after_frame=check)
+    assert max(rings) > 0  # a ring existed (it is dropped and remade at relayouts)
+    p.close()

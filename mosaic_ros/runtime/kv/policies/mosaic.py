@@ -630,6 +630,13 @@ class MosaicPolicy(StoreBackedPolicy):
             self._rebuild(layer)
 
     # ------------------------------------------------------------------ host cap
+    def hot_rows(self, layer: int) -> Tensor:
+        """The base's sinks and local window, and the nursery ring's rows: every frame writes
+        into the ring, so under the disk tier a spilled ring page would be read back at once."""
+        st = self._layers[layer]
+        ring = torch.arange(st.ring_lo, st.ring_lo + st.ring_size, dtype=torch.int64)
+        return torch.cat((super().hot_rows(layer), ring))
+
     @property
     def _headroom(self) -> int:
         """Rows per layer kept free under the host cap: the nursery ring and sealing moves need
