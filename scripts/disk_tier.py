@@ -93,7 +93,7 @@ def main() -> None:
         over_cap += disk.memory().host_kv_bytes > host_cap
     rows = []
     for j, question in enumerate(workload.questions()):
-        drop_page_cache(disk.store.files.path)
+        drop_page_cache(disk.store.pool.files.path)
         stats, disk_wall = ask(disk, question)
         ref, ram_wall = ask(ram, question)
         mem = disk.memory()
@@ -131,8 +131,8 @@ def main() -> None:
         "ingest_ms_per_frame_disk": ingest["disk"] / workload.num_chunks,
         "ingest_ms_per_frame_ram": ingest["ram"] / workload.num_chunks,
         "spill_write_ms_per_frame": store.disk_write_ms / workload.num_chunks,
-        "pages_spilled": store.pages_spilled,
-        "pages_read_back": store.pages_restored,
+        "pages_spilled": store.pool.pages_spilled,
+        "pages_read_back": store.pool.pages_restored,
         "questions": rows,
         "torch": torch.__version__,
     }

@@ -26,9 +26,10 @@ import torch
 from mosaic_ros.runtime.bench.runner import ingest_frame
 from mosaic_ros.runtime.bench.shapes import SHAPES
 from mosaic_ros.runtime.bench.workloads import SyntheticSpec, SyntheticWorkload
+from mosaic_ros.runtime.kv import copy as copy_module
 from mosaic_ros.runtime.kv import store as store_module
+from mosaic_ros.runtime.kv.copy import CopyEngine, HostCopyEngine
 from mosaic_ros.runtime.kv.policy import PolicyConfig, make_policy
-from mosaic_ros.runtime.kv.store import HostKVStore
 
 
 class CopyLog:
@@ -39,26 +40,26 @@ class CopyLog:
         self.runs: dict[int, int] = defaultdict(int)  # run length bucket (power of 2) -> rows
         self.run_copies = [0, 0.0]  # rows, seconds
         self.gathered = [0, 0.0]
-        self._runs, self._gather = HostKVStore._copy_runs, HostKVStore._gather
+        self._runs, self._gather = HostCopyEngine._copy_runs, CopyEngine._gather
         log = self
 
-        def copy_runs(store, layer, into, starts, dst, lengths):
+        def copy_runs(engine, pool, layer, into, starts, dst, lengths):
             t0 = time.perf_counter()
-            log._runs(store, layer, into, starts, dst, lengths)
+            log._runs(engine, pool, layer, into, starts, dst, lengths)
             if into.capacity == log.budget:
                 log.run_copies[0] += int(lengths.sum())
                 log.run_copies[1] += time.perf_counter() - t0
                 for ln in lengths.tolist():
                     log.runs[1 << (int(ln).bit_length() - 1)] += ln
 
-        def gather(store, layer, into, rows, dst, stats):
+        def gather(engine, pool, layer, into, rows, dst, stats):
             t0 = time.perf_counter()
-            log._gather(store, layer, into, rows, dst, stats)
+            log._gather(engine, pool, layer, into, rows, dst, stats)
             if into.capacity == log.budget:
                 log.gathered[0] += rows.size
                 log.gathered[1] += time.perf_counter() - t0
 
-        HostKVStore._copy_runs, HostKVStore._gather = copy_runs, gather
+        HostCopyEngine._copy_runs, CopyEngine._gather = copy_runs, gather
 
     def reset(self) -> None:
         self.runs.clear()
@@ -72,8 +73,12 @@ class KernelLog:
     def __init__(self):
         self.active = False
         self.seconds = 0.0
-        for name in ("plan_shared", "copy_runs", "write_slot_meta"):
-            setattr(store_module, name, self._timed(getattr(store_module, name)))
+        for module, name in (
+            (store_module, "plan_shared"),
+            (copy_module, "copy_runs"),
+            (copy_module, "write_slot_meta"),
+        ):
+            setattr(module, name, self._timed(getattr(module, name)))
 
     def _timed(self, kernel):
         def call(*args):

@@ -49,11 +49,11 @@ def pinned_store(n: int, chunk: int = 50) -> tuple[HostKVStore, dict[int, torch.
 
 def test_store_pages_are_pinned_and_fetches_are_asynchronous_and_exact() -> None:
     store, truth = pinned_store(600)
-    assert store.pin and all(page.is_pinned() for page in store.pages[0])
+    assert store.pin and all(page.is_pinned() for page in store.pool.pages[0])
     buf = DeviceBuffer(GEOM, 400, CUDA)
     sel = torch.cat((torch.arange(0, 200), torch.arange(300, 340), torch.tensor([401, 433, 599])))
     stats = store.fetch(0, store.rows_of(0, sel), buf)
-    assert stats.cuda_events is not None  # copies were issued on the side stream
+    assert stats.events is not None  # copies were issued on the side stream
     assert stats.bytes_moved == sel.numel() * 2 * GEOM.token_row_bytes
     ctx = buf.context()
     ids = ctx.token_ids[0].cpu()
@@ -73,6 +73,25 @@ def test_a_prefetch_without_waiting_is_complete_once_the_next_fetch_waits() -> N
     ctx = buf.context()
     ids = ctx.token_ids[0].cpu()
     assert torch.equal(ctx.keys.cpu(), truth[1][ids][:, 0].permute(1, 0, 2))
+
+
+def test_fetches_into_a_buffer_on_any_gpu_use_that_gpus_stream_and_count_their_staging() -> None:
+    """The copy engine keys its side streams by the buffer's device, whichever device is current."""
+    store, truth = pinned_store(600)
+    scattered = torch.arange(0, 600, 3)  # short runs: gathered through the pinned staging tensor
+    for index in range(torch.cuda.device_count()):
+        device = torch.device("cuda", index)
+        buf = DeviceBuffer(GEOM, 200, device)
+        with torch.cuda.device(torch.cuda.device_count() - 1 - index):
+            stats = store.fetch(0, store.rows_of(0, scattered), buf)
+        assert store.engine(buf).stream(device).device == device
+        assert stats.events is not None and stats.device_ms() > 0
+        ctx = buf.context()
+        assert ctx.keys.device == device
+        ids = ctx.token_ids[0].cpu()
+        assert sorted(ids.tolist()) == scattered.tolist()
+        assert torch.equal(ctx.keys.cpu(), truth[0][ids][:, 0].permute(1, 0, 2))
+    assert store.staging_bytes >= scattered.numel() * 2 * GEOM.token_row_bytes
 
 
 def stream(policy, frames: int, tokens: int, seed: int) -> None:

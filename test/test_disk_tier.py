@@ -81,7 +81,7 @@ def test_a_stream_four_times_the_host_cap_keeps_every_token_and_answers_as_witho
     mem = capped.memory()
     assert mem.tokens == total and mem.tokens_evicted == 0
     assert mem.host_kv_bytes <= HOST_CAP < mem.disk_kv_bytes
-    assert capped.store.pages_spilled > 0
+    assert capped.store.pool.pages_spilled > 0
     read_from_disk = 0
     for q in range(3):
         got, stats = ask(capped, torch.Generator().manual_seed(q))
@@ -130,10 +130,12 @@ def test_disk_fetch_time_and_bytes_are_counted_apart_from_the_host_transfer(tmp_
 def test_token_topk_scores_spilled_keys_from_disk_inside_the_question(tmp_path):
     p = disk_policy("token_topk", tmp_path)
     stream([p])
-    spilled = sum(page is None for page in p.store.pages[0]) + sum(page is None for page in p.store.pages[1])
+    spilled = sum(page is None for page in p.store.pool.pages[0]) + sum(
+        page is None for page in p.store.pool.pages[1]
+    )
     _, stats = ask(p, torch.Generator().manual_seed(0))
     # every spilled page is read whole for scoring (all its rows are in use: no hole in this stream)
-    assert stats.disk_bytes_read >= spilled * p.store.files.page_bytes
+    assert stats.disk_bytes_read >= spilled * p.store.pool.files.page_bytes
     p.close()
 
 
@@ -150,7 +152,7 @@ def test_compression_evicts_only_once_the_disk_cap_is_reached(compression, tmp_p
 
     stream([p], after_frame=check)
     mem = p.memory()
-    held = sum(p.store.live_rows) // GEOM.num_layers  # vsb keeps other tokens in each layer
+    held = sum(p.store.live_counts()) // GEOM.num_layers  # vsb keeps other tokens in each layer
     assert mem.tokens_evicted > 0 and held + mem.tokens_evicted == FRAMES * PER_FRAME
     assert evicted_at[0] > 200 + PER_FRAME  # not at the host cap: the disk took the first overflow
     assert mem.disk_kv_bytes > 0
@@ -180,13 +182,13 @@ def test_export_reads_spilled_pages_back_and_a_replay_answers_the_same(tmp_path)
 def test_reset_and_close_remove_the_files(tmp_path):
     p = disk_policy("rekv", tmp_path)
     stream([p], frames=20)
-    first = p.store.files.path
+    first = p.store.pool.files.path
     layer_files = sorted(os.listdir(first))
     assert layer_files == ["layer-000.kv", "layer-001.kv", "lock"]
     assert os.path.getsize(os.path.join(first, "layer-000.kv")) > 0
     p.reset()
     assert not os.path.exists(first)
-    assert os.listdir(tmp_path) == [os.path.basename(p.store.files.path)]
+    assert os.listdir(tmp_path) == [os.path.basename(p.store.pool.files.path)]
     stream([p], frames=20)
     p.close()
     assert os.listdir(tmp_path) == []
@@ -260,10 +262,10 @@ def test_store_reads_moves_and_compacts_through_spilled_pages(tmp_path):
         store.move(layer, moving, store.alloc(layer, moving.numel(), reuse_freed=False))
         store.compact(layer)
         assert torch.equal(store.read(layer, store.rows_of(layer, kept)), truth[layer][kept])
-        assert store.high[layer] == kept.numel()
+        assert store.allocated_rows(layer) == kept.numel()
     assert store.host_kv_bytes <= 6 * page_bytes
-    assert np.all([len(p) == -(-kept.numel() // 16) for p in store.pages])
-    path = store.files.path
+    assert np.all([len(p) == -(-kept.numel() // 16) for p in store.pool.pages])
+    path = store.pool.files.path
     store.close()
     assert not os.path.exists(path)
 

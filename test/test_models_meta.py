@@ -264,7 +264,7 @@ def test_frames_stream_through_adapter_bridge_and_store_at_real_size(
     store = inner.store
     assert store.num_tokens == stored
     pages = -(-stored // PAGE_ROWS)
-    for layer_pages in store.pages:
+    for layer_pages in store.pool.pages:
         assert len(layer_pages) == pages
         for page in layer_pages:
             assert page.shape == (PAGE_ROWS, 2, published.kv_heads, published.head_dim)

@@ -147,8 +147,8 @@ def test_sealed_clusters_are_contiguous_and_ring_chunks_are_grouped_by_cluster()
             start, length = int(st.ext_start[c]), int(st.ext_len[c])
             assert rows.tolist() == list(range(start, start + length)), f"cluster {c} is not one extent"
             sealed_tokens += length
-        assert sealed_tokens + st.nursery.numel() + 4 == store.live_rows[layer]
-        assert sealed_tokens > store.live_rows[layer] // 2  # most of the stream is sealed
+        assert sealed_tokens + st.nursery.numel() + 4 == store.live_count(layer)
+        assert sealed_tokens > store.live_count(layer) // 2  # most of the stream is sealed
         window = policy.base_ids(layer)[4:]
         # the window starts inside a chunk; with that chunk whole it is one run of the ring, or
         # two where the ring wraps
@@ -288,7 +288,7 @@ def test_evictions_under_the_host_cap_keep_the_index_and_extents_exact():
         policy.check_invariants()
     assert policy.memory().tokens_evicted > 0
     for layer, st in enumerate(policy._layers):
-        assert st.index.num_tokens == policy.store.live_rows[layer] <= cap_tokens
+        assert st.index.num_tokens == policy.store.live_count(layer) <= cap_tokens
     policy.begin_question()
     ctx = policy.retrieve(0, torch.randn(4, 2, 16))
     by_token(ctx, stream, 0)
@@ -381,10 +381,10 @@ class ScriptedPredictor(MosaicPolicy):
 
     def predict_share(self, layer: int, query: torch.Tensor, sel: Selection) -> torch.Tensor:
         target = layer + 1
-        truth = self.select_rows(target, self.queries[target])
+        truth = self.select(target, self.queries[target])
         index = self._layers[target].index
         taken = torch.zeros(index.num_slots, dtype=torch.bool)
-        taken[index.cluster_of(self.store.row_token[target][truth.extra])] = True
+        taken[index.cluster_of(self.store.tokens_at(target, truth.extra))] = True
         return (taken != self.wrong).float()
 
 

@@ -101,9 +101,9 @@ def test_store_with_spare_pages_keeps_data_across_growth_and_compaction():
     reserve.wait_ready(3)
     store.evict(torch.arange(0, 150))
     store.compact(0)  # 50 live rows: 4 pages kept, 9 freed; the reserve keeps none beyond its 3
-    assert len(store.pages[0]) == 4
+    assert len(store.pool.pages[0]) == 4
     assert reserve.ready == 3
-    held = sum(p.numel() * p.element_size() for pages in store.pages for p in pages)
+    held = sum(p.numel() * p.element_size() for pages in store.pool.pages for p in pages)
     assert store.host_kv_bytes == held + reserve.ready_bytes  # ready pages are held for KV too
     for layer in range(GEOM.num_layers):
         live = torch.arange(150, 200)
@@ -186,7 +186,7 @@ def test_compaction_gives_freed_pages_back_and_growth_takes_them_first():
     kv = torch.randn(32, 2, 2, 8, generator=gen).half()
     store.append(0, ids, kv[:, 0], kv[:, 1])  # layer 0 grows by 2 pages: both recycled
     assert reserve.ready_taken == 2 and reserve.cold == 12
-    assert any(p is freed[0] for p in store.pages[0]) and any(p is freed[1] for p in store.pages[0])
+    assert any(p is freed[0] for p in store.pool.pages[0]) and any(p is freed[1] for p in store.pool.pages[0])
     live = torch.arange(80, 96)
     assert torch.equal(store.read(0, store.rows_of(0, live)), truth[live])
     assert torch.equal(store.read(0, store.rows_of(0, ids)), kv)

@@ -274,7 +274,7 @@ def test_livevlm_continuous_vsb_keeps_the_configured_share():
     config = PolicyConfig(budget_tokens=64, sink_tokens=4, window_tokens=20, options={"vsb_ratio": 0.5})
     policy = make_policy("livevlm", GEOM, config)
     total = feed([policy], frames=30, per_frame=10)
-    live = policy.store.live_rows[0]
+    live = policy.store.live_count(0)
     old = total - 20 - 4
     assert live == pytest.approx(4 + 20 + old * 0.5, abs=30)
     assert policy.memory().tokens_evicted > 0

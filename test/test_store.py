@@ -5,14 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mosaic_ros.runtime.kv.copy import HOST_PARALLEL_ROWS
 from mosaic_ros.runtime.kv.policy import KVGeometry, TokenMeta
-from mosaic_ros.runtime.kv.store import (
-    HOST_PARALLEL_ROWS,
-    DeviceBuffer,
-    HostKVStore,
-    StoreFullError,
-    contiguous_runs,
-)
+from mosaic_ros.runtime.kv.pool import contiguous_runs
+from mosaic_ros.runtime.kv.store import DeviceBuffer, HostKVStore, StoreFullError
 
 GEOM = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=8, num_q_heads=4)
 
@@ -46,7 +42,7 @@ def filled_store(
 
 def test_host_bytes_equal_the_sum_of_page_tensor_sizes():
     store, _ = filled_store(50, page_rows=16)
-    expected = sum(p.numel() * p.element_size() for pages in store.pages for p in pages)
+    expected = sum(p.numel() * p.element_size() for pages in store.pool.pages for p in pages)
     assert store.host_kv_bytes == expected
     # 50 rows -> 4 pages of 16 rows per layer; a row is K+V = 2 * 2 heads * 8 dims * 2 bytes.
     assert store.host_kv_bytes == 2 * 4 * 16 * 64
@@ -94,7 +90,7 @@ def test_release_then_compact_reuses_rows_and_frees_pages():
     store, truth = filled_store(64, page_rows=16)
     gone = torch.arange(8, 48)
     store.evict(gone)
-    assert store.live_rows == [24, 24]
+    assert store.live_counts() == [24, 24]
     assert not bool(store.alive[gone].any())
     for layer in range(2):
         store.compact(layer)
@@ -121,10 +117,10 @@ def test_alloc_compacts_instead_of_growing_past_max_rows():
 def test_alloc_without_reusing_freed_rows_grows_and_keeps_the_layout():
     store, truth = filled_store(32, page_rows=16)
     store.release(0, torch.arange(4, 14))
-    version = store.layout_version[0]
+    version = store.layout_version(0)
     rows = store.alloc(0, 6, reuse_freed=False)
     assert rows.tolist() == list(range(32, 38))
-    assert store.layout_version[0] == version  # no compaction: the freed rows stay where they were
+    assert store.layout_version(0) == version  # no compaction: the freed rows stay where they were
     kept = torch.cat((torch.arange(4), torch.arange(14, 32)))
     assert store.rows_of(0, kept).tolist() == kept.tolist()
     assert torch.equal(store.read(0, store.rows_of(0, kept)), truth[0][kept])
@@ -250,9 +246,9 @@ def test_per_head_fetch_gives_each_head_its_own_tokens():
 
 def test_contiguous_store_grows_by_doubling_and_keeps_data():
     store, truth = filled_store(45, page_rows=8, contiguous=True)
-    assert [len(p) for p in store.pages] == [1, 1]
+    assert [len(p) for p in store.pool.pages] == [1, 1]
     assert store.capacity_rows(0) == 64
-    assert torch.equal(store.pages[0][0][:45], truth[0])
+    assert torch.equal(store.pool.pages[0][0][:45], truth[0])
 
 
 def _assert_map_inverts_slots(buf: DeviceBuffer) -> None:
@@ -336,14 +332,14 @@ def test_move_of_runs_across_source_and_destination_page_ends():
     dest = torch.cat((rows[20:], rows[:20]))  # ids 40.. go to 110.., ids 5.. to 90..
     store.move(0, ids, dest)
     assert torch.equal(store.rows_of(0, ids), dest)
-    assert bool((store.row_token[0][ids] == -1).all())  # the old rows are free
+    assert bool((store.tokens_at(0, ids) == -1).all())  # the old rows are free
     every = torch.arange(90)
     assert torch.equal(store.read(0, store.rows_of(0, every)), truth[0][every])
     assert torch.equal(store.read(0, dest), truth[0][ids])
 
 
 def test_host_pages_of_a_huge_page_or_more_start_on_a_huge_page_boundary():
-    from mosaic_ros.runtime.kv.store import HUGE_PAGE_BYTES, new_page
+    from mosaic_ros.runtime.kv.pool import HUGE_PAGE_BYTES, new_page
 
     rows = HUGE_PAGE_BYTES // (2 * GEOM.token_row_bytes)  # exactly one huge page
     for n in (rows, 3 * rows + 5):
@@ -354,7 +350,7 @@ def test_host_pages_of_a_huge_page_or_more_start_on_a_huge_page_boundary():
     assert small.shape == (16, 2, GEOM.num_kv_heads, GEOM.head_dim)
     # a store on such pages keeps every row's data, across the page end
     store, truth = filled_store(rows + 40, page_rows=rows, chunk=rows // 4 + 3)
-    assert all(p.data_ptr() % HUGE_PAGE_BYTES == 0 for pages in store.pages for p in pages)
+    assert all(p.data_ptr() % HUGE_PAGE_BYTES == 0 for pages in store.pool.pages for p in pages)
     every = torch.arange(rows + 40)
     for layer in range(GEOM.num_layers):
         assert torch.equal(store.read(layer, store.rows_of(layer, every)), truth[layer][every])

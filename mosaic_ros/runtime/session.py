@@ -469,6 +469,7 @@ class StreamSession:
         stats.tokens_generated = len(generated)
         stats.retrieval_ms = retrieval.select_ms
         stats.transfer_ms = retrieval.transfer_ms
+        stats.copy_device_ms = retrieval.copy_device_ms
         stats.disk_fetch_ms = retrieval.disk_fetch_ms
         stats.disk_bytes_read = retrieval.disk_bytes_read
         stats.tokens_retrieved = retrieval.tokens_retrieved

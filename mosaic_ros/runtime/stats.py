@@ -17,6 +17,7 @@ class LatencyStats:
     vision_encode_ms: float = 0.0
     retrieval_ms: float = 0.0
     transfer_ms: float = 0.0
+    copy_device_ms: float = 0.0
     prefill_ms: float = 0.0
     ttft_ms: float = 0.0
     decode_ms: float = 0.0

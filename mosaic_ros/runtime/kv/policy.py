@@ -243,16 +243,19 @@ class KVContext:
 class RetrievalStats:
     """What one question's retrieval cost, summed over layers. Times in ms, sizes in bytes.
 
-    ``copy_ms`` is the part of ``transfer_ms`` spent inside the copy calls themselves (the
-    rest is residency planning and bookkeeping). ``disk_fetch_ms``: time reading KV of spilled
-    pages from the disk tier's files (for fetches, and for selections that score every key),
-    counted in neither ``select_ms`` nor ``transfer_ms``; ``disk_bytes_read``: what those reads
-    took from the files.
+    ``transfer_ms`` is host wall time bringing the selection to the device (planning and copies;
+    on CUDA, issuing asynchronous copies); ``copy_ms`` is the part of it spent inside the copy
+    calls themselves (the rest is residency planning and bookkeeping); ``copy_device_ms`` is
+    the copies' own time on the device's copy stream (CUDA events; on a CPU, ``copy_ms``).
+    ``disk_fetch_ms``: time reading KV of spilled pages from the disk tier's files (for
+    fetches, and for selections that score every key), counted in neither ``select_ms`` nor
+    ``transfer_ms``; ``disk_bytes_read``: what those reads took from the files.
     """
 
     select_ms: float = 0.0
     transfer_ms: float = 0.0
     copy_ms: float = 0.0
+    copy_device_ms: float = 0.0
     copies: int = 0
     bytes_moved: int = 0
     tokens_retrieved: int = 0
@@ -270,7 +273,7 @@ class RetrievalStats:
 class MemoryStats:
     """Memory held by a policy now. ``units`` are clusters, pages or blocks (per layer, mean).
     ``tokens`` counts every token held (host memory, device, disk); ``disk_kv_bytes``: KV in the
-    disk tier's files."""
+    disk tier's files; ``staging_bytes``: pinned host memory held to stage copies to a GPU."""
 
     tokens: int = 0
     host_kv_bytes: int = 0
@@ -279,6 +282,7 @@ class MemoryStats:
     device_kv_bytes_peak: int = 0
     units: int = 0
     tokens_evicted: int = 0
+    staging_bytes: int = 0
 
 
 class KVPolicy(ABC):

@@ -21,12 +21,15 @@ from __future__ import annotations
 import math
 import time
 import weakref
+from abc import abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from mosaic_ros.runtime.kv.policies.compression import drop_oldest, vsb_compress
+from mosaic_ros.runtime.kv.policies.prefetch import Prefetcher, PrefetchResult, count_hits
 from mosaic_ros.runtime.kv.policy import (
     COMPRESSIONS,
     ExportedTokens,
@@ -40,7 +43,28 @@ from mosaic_ros.runtime.kv.policy import (
 )
 from mosaic_ros.runtime.kv.store import DeviceBuffer, FetchStats, HostKVStore
 
+
+@dataclass
+class Selection:
+    """What ``select`` decides for one layer and one question.
+
+    rows: (n,) int64 physical rows of the layer shared by all KV heads, or (H_kv, n) one set per
+    head (a ``per_head`` policy); n <= ``budget_tokens`` for a bounded policy. Sinks + local
+    window first is customary, not required. extra: (k,) the rows beyond sinks + window, when
+    the policy knows them (prefetch hit accounting; derived otherwise). extra_share: (k,) float32
+    an estimated attention share per ``extra`` row, for a predictor that wants it. positions:
+    (P, n) rotary positions to attend with, aligned with ``rows`` (shared rows only), instead of
+    the stored ones (LiveVLM closes gaps).
+    """
+
+    rows: torch.Tensor
+    extra: torch.Tensor | None = None
+    extra_share: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+
 COMMON_OPTIONS: dict[str, Any] = {
+    "cpu_prefetch": False,  # cross-layer prefetch (config.prefetch) on a CPU device too (worker thread)
     "page_rows": 8192,  # store rows per page
     "spare_pages": 4,  # host pages faulted in ahead of need by a worker thread (0: none)
     "run_min_rows": 32,  # to another device: runs at least this long copied one by one, shorter ones gathered
@@ -66,16 +90,27 @@ def _hot_rows_of(policy: StoreBackedPolicy) -> Callable[[int], torch.Tensor]:
 
 
 class StoreBackedPolicy(KVPolicy):
-    """Base of the built-in policies. Subclasses implement ``select`` (and may override the rest).
+    """Base of the built-in policies: one template for a question's layer (``retrieve``).
 
-    ``per_head``: selections differ per KV head (``select`` returns (H_kv, n) ids) instead of
-    one (n,) set shared by all heads. ``option_defaults``: the policy's own ``config.options``
-    keys with defaults; any other key is an error. ``reserves_question_buffers``: the per-layer
-    budget-sized device buffers are allocated when a question begins (the device pool a question
-    needs), so a first question does not pay for the allocation inside its transfers.
+    A subclass decides *which* rows a layer hands attention (``select``, returning a
+    ``Selection``); ``retrieve`` does everything else once for every policy: checks, timing
+    (``select_ms``, ``transfer_ms``, disk reads apart), the budget, the fetch into the layer's
+    device buffer (``materialize``), accounting, positions a selection overrides, and cross-layer
+    prefetch (``config.prefetch``): after layer l's fetch, ``predict_next`` guesses layer l+1's
+    rows and a ``Prefetcher`` copies them into its buffer while layer l attends (on CUDA; on a
+    CPU device only with ``options['cpu_prefetch']``). The default prediction is layer l's
+    tokens in layer l+1; a policy with a better predictor overrides ``predict_next``.
+
+    ``per_head``: selections differ per KV head (``Selection.rows`` is (H_kv, n)) instead of
+    one (n,) set shared by all heads. ``bounded``: selections must respect ``budget_tokens``.
+    ``option_defaults``: the policy's own ``config.options`` keys with defaults; any other key
+    is an error. ``reserves_question_buffers``: the per-layer budget-sized device buffers are
+    allocated when a question begins (the device pool a question needs), so a first question
+    does not pay for the allocation inside its transfers.
     """
 
     per_head: ClassVar[bool] = False
+    bounded: ClassVar[bool] = True
     reserves_question_buffers: ClassVar[bool] = True
     option_defaults: ClassVar[dict[str, Any]] = {}
 
@@ -152,15 +187,18 @@ class StoreBackedPolicy(KVPolicy):
         return rows[rows >= 0]
 
     def reset(self) -> None:
+        if getattr(self, "_prefetch", None) is not None:
+            self._prefetch.close()
         old = getattr(self, "store", None)
         if old is not None:
             old.close()
+        self._prefetch = Prefetcher(threaded=self.device.type != "cuda")
         self.store = self._new_store()
         self._buffers: dict[int, DeviceBuffer] = {}
         self._ingest_buffers: dict[int, DeviceBuffer] = {}
         self._ingest_upto: dict[int, int] = {}
         self._stats = RetrievalStats()
-        self._events: list[tuple] = []
+        self._fetches: list[FetchStats] = []
         self._window: tuple[float, float] | None = None
         self._in_question = False
         self.tokens_evicted = 0
@@ -176,12 +214,14 @@ class StoreBackedPolicy(KVPolicy):
             raise ValueError("vision tokens need a frame index >= 0")
         if not bool(torch.isfinite(meta.stamps).all()):
             raise ValueError("stamps must be finite seconds")
+        self._settle()
         if self.max_rows:
             self._make_room(meta.num_tokens)
         return self.store.add_tokens(meta)
 
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor, token_ids: torch.Tensor) -> None:
         self._check_layer(layer)
+        self._settle()
         self.store.append(layer, token_ids, keys, values)
 
     def _check_layer(self, layer: int) -> None:
@@ -205,7 +245,7 @@ class StoreBackedPolicy(KVPolicy):
 
     def _make_room(self, incoming: int) -> None:
         """Compress or evict so that ``incoming`` more tokens fit under ``max_rows`` in every layer."""
-        live_counts = self.store.live_rows
+        live_counts = self.store.live_counts()
         if max(live_counts) + incoming <= self.max_rows:
             return
         target = max(int(float(self.options["compress_to"]) * self.max_rows) - incoming, 0)
@@ -234,7 +274,7 @@ class StoreBackedPolicy(KVPolicy):
         self._after_eviction()
 
     def _count_evicted(self, live_rows_before: int) -> None:
-        self._evicted_rows += live_rows_before - sum(self.store.live_rows)
+        self._evicted_rows += live_rows_before - sum(self.store.live_counts())
         self.tokens_evicted = self._evicted_rows // self.geometry.num_layers
 
     def release(self, layer: int, token_ids: torch.Tensor) -> None:
@@ -276,13 +316,12 @@ class StoreBackedPolicy(KVPolicy):
         thinned the recent past.
         """
         store = self.store
-        token_row = store.token_row[layer]
         n = store.num_tokens
         sink_ids = torch.arange(min(sinks, n))
-        sink_ids = sink_ids[token_row[sink_ids] >= 0]
+        sink_ids = sink_ids[store.rows_of(layer, sink_ids) >= 0]
         lo = max(sinks, n - 2 * window)
         recent = torch.arange(lo, max(lo, n))  # empty while the stream is shorter than the sinks
-        recent = recent[token_row[recent] >= 0]
+        recent = recent[store.rows_of(layer, recent) >= 0]
         if recent.numel() < window and lo > sinks:
             live = store.live_tokens(layer)
             recent = live[live >= sinks]
@@ -300,8 +339,8 @@ class StoreBackedPolicy(KVPolicy):
         tokens that left the window (a full refill after the store's layout changed)."""
         self._check_layer(layer)
         store = self.store
-        n_tok = store.appended_upto[layer]
-        if store.live_rows[layer] == 0:
+        n_tok = store.appended_upto(layer)
+        if store.live_count(layer) == 0:
             return None
         buf = self._ingest_buffers.get(layer)
         if buf is None:
@@ -310,7 +349,7 @@ class StoreBackedPolicy(KVPolicy):
             self._ingest_buffers[layer] = buf
             self._ingest_upto[layer] = 0
             self._track_device()
-        if buf.layout_version != store.layout_version[layer]:
+        if buf.layout_version != store.layout_version(layer):
             store.fetch(layer, store.rows_of(layer, self.ingest_ids(layer)), buf)
             self._ingest_upto[layer] = n_tok
             return buf.context()
@@ -323,7 +362,7 @@ class StoreBackedPolicy(KVPolicy):
         new_rows = store.rows_of(layer, new)
         new_rows = new_rows[new_rows >= 0]
         held = buf.slot_rows[0]
-        held_ids = torch.where(held >= 0, store.row_token[layer][held.clamp_min(0)], -1)
+        held_ids = torch.where(held >= 0, store.tokens_at(layer, held.clamp_min(0)), -1)
         stale = (held_ids >= sinks) & (held_ids < lo)
         free = torch.nonzero((held < 0) | stale).flatten()[: new_rows.numel()]
         buf.track(torch.nonzero(stale).flatten().numpy(), -1)  # slots and row -> slot map alike
@@ -343,21 +382,23 @@ class StoreBackedPolicy(KVPolicy):
             if not t0 <= t1:
                 raise ValueError(f"time window must have start <= end, got {window}")
             window = (t0, t1)
+        self._settle()
         self._window = window
         if self.reserves_question_buffers:
             # the question's device pool is reserved up front, not paid for inside a layer's transfer
             for layer in range(self.geometry.num_layers):
                 self._buffer(layer)
         self._stats = RetrievalStats()
-        self._events = []
+        self._fetches = []
         self._in_question = True
 
-    def select(self, layer: int, query: torch.Tensor) -> torch.Tensor:
-        """Token ids for ``layer``: (n,) shared by all KV heads, or (H_kv, n) when ``per_head``.
+    @abstractmethod
+    def select(self, layer: int, query: torch.Tensor) -> Selection:
+        """What ``layer`` hands attention for the question's queries (H_q, L_q, D) pre-RoPE."""
 
-        query: (H_q, L_q, D) pre-RoPE. Must respect ``config.budget_tokens``.
-        """
-        raise NotImplementedError
+    def selection(self, layer: int, ids: torch.Tensor) -> Selection:
+        """The ``Selection`` of token ids (n,) or (H_kv, n) held by ``layer``."""
+        return Selection(rows=self.store.rows_of(layer, ids))
 
     def _buffer(self, layer: int) -> DeviceBuffer:
         buf = self._buffers.get(layer)
@@ -377,25 +418,51 @@ class StoreBackedPolicy(KVPolicy):
             raise ValueError(f"query must be ({g.num_q_heads}, L_q, {g.head_dim}), got {tuple(query.shape)}")
 
     def retrieve(self, layer: int, query: torch.Tensor) -> KVContext:
+        """The template every policy follows (see the class docstring); not to be overridden."""
         self._check_retrieve(layer, query)
         store = self.store
+        prefetched = self._settle()
         disk_ms, disk_bytes = store.disk_read_ms, store.disk_bytes_read
         t0 = time.perf_counter()
-        ids = self.select(layer, query)
+        sel = self.select(layer, query)
         t1 = time.perf_counter()
         scan_ms = store.disk_read_ms - disk_ms  # a selection that scores every key reads spilled pages
         self._stats.disk_fetch_ms += scan_ms
         self._stats.disk_bytes_read += store.disk_bytes_read - disk_bytes
-        n = ids.shape[-1]
-        if n > self.config.budget_tokens:
+        n = sel.rows.shape[-1]
+        if self.bounded and n > self.config.budget_tokens:
             raise AssertionError(
                 f"{self.name} selected {n} tokens over the budget {self.config.budget_tokens}"
             )
-        buf = self._buffer(layer)
-        fs = self.store.fetch(layer, self.store.rows_of(layer, ids), buf)
+        if prefetched is not None and prefetched.layer == layer:
+            extra = self._extra_rows(layer, sel)
+            self._stats.prefetch_lookups += extra.numel()
+            self._stats.prefetch_hits += count_hits(extra, prefetched.predicted_rows)
+        ctx, fs = self.materialize(layer, sel)
         t2 = time.perf_counter()
         self._account(fs, (t1 - t0) * 1e3 - scan_ms, (t2 - t1) * 1e3, n)
-        return buf.context()
+        if sel.positions is not None:
+            ctx = self._reposition(layer, ctx, sel)
+            self._stats.select_ms += (time.perf_counter() - t2) * 1e3
+        if self._prefetching and layer + 1 < self.geometry.num_layers and self._window is None:
+            self._start_prefetch(layer, query, sel)
+        return ctx
+
+    def materialize(self, layer: int, sel: Selection) -> tuple[KVContext, FetchStats]:
+        """The selection as attention's context: fetched into the layer's device buffer."""
+        buf = self._buffer(layer)
+        fs = self.store.fetch(layer, sel.rows, buf)
+        return buf.context(), fs
+
+    def _reposition(self, layer: int, ctx: KVContext, sel: Selection) -> KVContext:
+        """``ctx`` with ``sel.positions`` in slot order (the fetch may put rows in any slot)."""
+        rows = sel.rows.reshape(-1)
+        order = torch.argsort(rows)
+        slot_rows = self._buffers[layer].slot_rows[0, : ctx.num_tokens]
+        at = order[torch.searchsorted(rows[order], slot_rows)]
+        pos = sel.positions[:, at].to(self.device, non_blocking=True)
+        h = self.geometry.num_kv_heads
+        return KVContext(ctx.keys, ctx.values, pos[:, None, :].expand(-1, h, -1), ctx.token_ids)
 
     def _account(self, fs: FetchStats, select_ms: float, transfer_ms: float, tokens: int) -> None:
         """Add one fetch and the times around it; its disk reads count apart from ``transfer_ms``."""
@@ -404,23 +471,75 @@ class StoreBackedPolicy(KVPolicy):
         s.transfer_ms += transfer_ms - fs.disk_ms
         s.disk_fetch_ms += fs.disk_ms
         s.disk_bytes_read += fs.disk_bytes
-        if fs.cuda_events is not None:
-            self._events.append(fs.cuda_events)
+        self._fetches.append(fs)
         s.copies += fs.copies
         s.copy_ms += fs.copy_ms
         s.bytes_moved += fs.bytes_moved
         s.tokens_retrieved += tokens
 
     def end_question(self) -> RetrievalStats:
-        """Closes the question. On CUDA ``transfer_ms`` is the host time spent planning and issuing
-        the copies plus the copies' own time on the copy stream (an upper bound: they overlap)."""
-        for start, end in self._events:
-            end.synchronize()
-            self._stats.transfer_ms += start.elapsed_time(end)
-        self._events = []
+        """Closes the question (joining any prefetch). ``transfer_ms`` is host wall time (planning
+        and copies; on CUDA, issuing them); ``copy_device_ms`` the copies' own time on the device
+        (CUDA events; on a CPU the same as ``copy_ms``)."""
+        self._settle()
+        self._prefetch.close()
+        for fs in self._fetches:
+            self._stats.copy_device_ms += fs.device_ms()
+        self._fetches = []
         self._in_question = False
         self._window = None
         return self._stats
+
+    # ------------------------------------------------------------------ prefetch
+    @property
+    def _prefetching(self) -> bool:
+        return self.config.prefetch and (self.device.type == "cuda" or bool(self.options["cpu_prefetch"]))
+
+    def _settle(self) -> PrefetchResult | None:
+        """Finish any prefetch (accounting its cost) before the store changes or a layer's buffer
+        is read; returns its result."""
+        result = self._prefetch.join()
+        if result is not None:
+            self._stats.select_ms += result.predict_ms
+            self._account(result.fetch, 0.0, result.fetch_ms, 0)
+        return result
+
+    def _extra_rows(self, layer: int, sel: Selection) -> torch.Tensor:
+        """(k,) the selection's rows beyond sinks + local window (``sel.extra`` when given)."""
+        if sel.extra is not None:
+            return sel.extra
+        rows = sel.rows.reshape(-1)
+        base = self.store.rows_of(layer, self.ingest_ids(layer))
+        return torch.unique(rows[~torch.isin(rows, base)])
+
+    def predict_next(self, layer: int, query: torch.Tensor, sel: Selection) -> Selection | None:
+        """A guess of layer + 1's selection from ``layer``'s (``sel``, for queries ``query``), or
+        None for no prefetch. Default: the same tokens, where layer + 1 holds them."""
+        target = layer + 1
+        ids = self.store.tokens_at(layer, sel.rows)
+        rows = self.store.rows_of(target, ids.clamp_min(0))
+        held = (ids >= 0) & (rows >= 0)
+        if rows.dim() == 1:
+            rows = rows[held]
+        elif not bool(held.all()):
+            return None  # per head, every head must keep as many rows
+        return Selection(rows=rows)
+
+    def _start_prefetch(self, layer: int, query: torch.Tensor, sel: Selection) -> None:
+        """Copy ``predict_next``'s rows into layer + 1's buffer ahead of its ``retrieve``."""
+        target = layer + 1
+        t0 = time.perf_counter()
+        predicted = self.predict_next(layer, query, sel)
+        if predicted is None:
+            return
+        extra = self._extra_rows(target, predicted)
+        buf, store = self._buffer(target), self.store
+
+        def fetch(rows: torch.Tensor, wait: bool) -> FetchStats:
+            return store.fetch(target, rows, buf, wait=wait)
+
+        ms = (time.perf_counter() - t0) * 1e3
+        self._prefetch.start(target, predicted.rows, extra, ms, fetch)
 
     # ------------------------------------------------------------------ memory
     def device_kv_bytes(self) -> int:
@@ -474,7 +593,9 @@ class StoreBackedPolicy(KVPolicy):
             device_kv_bytes_peak=self._device_peak,
             units=self.units(),
             tokens_evicted=self.tokens_evicted,
+            staging_bytes=self.store.staging_bytes,
         )
 
     def close(self) -> None:
+        self._prefetch.close()
         self.store.close()

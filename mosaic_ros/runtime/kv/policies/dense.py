@@ -7,12 +7,11 @@ restricts the context (sinks always kept), by a gather on the device.
 
 from __future__ import annotations
 
-import time
 from typing import Any, ClassVar
 
 import torch
 
-from mosaic_ros.runtime.kv.policies.base import StoreBackedPolicy
+from mosaic_ros.runtime.kv.policies.base import Selection, StoreBackedPolicy
 from mosaic_ros.runtime.kv.policy import KVContext, register_policy
 from mosaic_ros.runtime.kv.store import FetchStats, HostKVStore
 
@@ -25,6 +24,7 @@ class DensePolicy(StoreBackedPolicy):
     copying; a caller that knows the stream's length avoids those copies)."""
 
     name = "dense"
+    bounded = False  # every token, whatever the budget
     reserves_question_buffers = False  # attends over its own arena, no retrieval buffers
     option_defaults: ClassVar[dict[str, Any]] = {"reserve_tokens": 0}
 
@@ -58,37 +58,42 @@ class DensePolicy(StoreBackedPolicy):
             self.store.compact(layer)
 
     def _all_tokens(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids (n,) on the device, positions (P, n) on the device) of every row in [0, high)."""
+        """(ids (n,) on the device, positions (P, n) on the device) of every allocated row."""
         store = self.store
-        key = (store.layout_version[layer], store.high[layer])
+        key = (store.layout_version(layer), store.allocated_rows(layer))
         cached = self._meta_cache.get(layer)
         if cached is None or cached[0] != key:
-            ids = store.row_token[layer][: store.high[layer]]
+            ids = store.tokens_at(layer)
             pos = store.positions[:, ids]
             cached = (key, ids.to(self.device), pos.to(self.device))
             self._meta_cache[layer] = cached
         return cached[1], cached[2]
 
-    def _context(self, layer: int) -> KVContext:
+    def select(self, layer: int, query: torch.Tensor) -> Selection:
+        """Every row (no time window), or the rows stamped inside it plus the sinks."""
+        store = self.store
+        if self._window is None:
+            return Selection(rows=torch.arange(store.allocated_rows(layer)))
+        base, rest = self.split_candidates(layer, store.num_tokens)
+        return self.selection(layer, torch.sort(torch.cat((base, rest))).values)
+
+    def materialize(self, layer: int, sel: Selection) -> tuple[KVContext, FetchStats]:
+        """A view of the arena (every row), or a gather on the device (a time window): no transfer."""
+        return self._context(layer, sel.rows), FetchStats()
+
+    def _context(self, layer: int, rows: torch.Tensor | None = None) -> KVContext:
+        """Attention's context over ``rows`` of the arena (None or every row: a view)."""
         store = self.store
         h = self.geometry.num_kv_heads
-        high = store.high[layer]
-        if high == 0:
-            g = self.geometry
-            empty = torch.zeros(0, 2, h, g.head_dim, dtype=g.dtype, device=self.device)
-            ids = torch.zeros(0, dtype=torch.int64, device=self.device)
-            pos = torch.zeros(g.position_dims, 0, dtype=torch.int64, device=self.device)
-            data = empty
-        elif self._window is None:
-            data = store.pages[layer][0][:high]
+        arena = store.arena(layer)
+        if rows is None or rows.numel() == arena.shape[0]:
+            data = arena
             ids, pos = self._all_tokens(layer)
         else:
-            base, rest = self.split_candidates(layer, store.num_tokens)
-            sel = torch.sort(torch.cat((base, rest))).values
-            rows = store.rows_of(layer, sel).to(self.device)
-            data = store.pages[layer][0].index_select(0, rows)
-            ids = sel.to(self.device)
-            pos = store.positions[:, sel].to(self.device)
+            data = arena.index_select(0, rows.to(self.device))
+            ids = store.tokens_at(layer, rows)
+            pos = store.positions[:, ids].to(self.device)
+            ids = ids.to(self.device)
         n = ids.numel()
         return KVContext(
             keys=data[:, 0].permute(1, 0, 2),
@@ -97,18 +102,15 @@ class DensePolicy(StoreBackedPolicy):
             token_ids=ids[None, :].expand(h, n),
         )
 
+    def predict_next(self, layer: int, query: torch.Tensor, sel: Selection) -> None:
+        """No prefetch: every token is on the device already."""
+        return None
+
     def ingest_context(self, layer: int) -> KVContext | None:
         self._check_layer(layer)
-        if self.store.high[layer] == 0:
+        if self.store.allocated_rows(layer) == 0:
             return None
         return self._context(layer)
-
-    def retrieve(self, layer: int, query: torch.Tensor) -> KVContext:
-        self._check_retrieve(layer, query)  # the query is not needed, but it must be well formed
-        t0 = time.perf_counter()
-        ctx = self._context(layer)
-        self._account(FetchStats(), (time.perf_counter() - t0) * 1e3, 0.0, ctx.num_tokens)
-        return ctx
 
     def device_kv_bytes(self) -> int:
         return self.store.host_kv_bytes

@@ -24,10 +24,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from mosaic_ros.runtime.kv.policies.base import StoreBackedPolicy
+from mosaic_ros.runtime.kv.policies.base import Selection, StoreBackedPolicy
 from mosaic_ros.runtime.kv.policies.compression import bucket_top, vision_scores
 from mosaic_ros.runtime.kv.policies.units import UnitMeans, take_units, unit_scores
-from mosaic_ros.runtime.kv.policy import KVContext, KVGeometry, PolicyConfig, register_policy
+from mosaic_ros.runtime.kv.policy import KVGeometry, PolicyConfig, register_policy
 
 
 def contiguous_positions(
@@ -91,7 +91,7 @@ class LiveVLMPolicy(StoreBackedPolicy):
         if ratio == 0.0 or window_start <= self._compressed_upto:
             return 0.0
         t0 = time.perf_counter()
-        before = sum(store.live_rows)
+        before = sum(store.live_counts())
         lo = max(self._compressed_upto, self.config.sink_tokens)
         for layer in range(self.geometry.num_layers):
             live = store.live_tokens(layer)
@@ -109,7 +109,9 @@ class LiveVLMPolicy(StoreBackedPolicy):
         self._count_evicted(before)
         return (time.perf_counter() - t0) * 1e3
 
-    def select(self, layer: int, query: torch.Tensor) -> torch.Tensor:
+    def select(self, layer: int, query: torch.Tensor) -> Selection:
+        """The best pages within the budget, with contiguous positions (``Selection.positions``)."""
+        store = self.store
         base, rest = self.split_candidates(layer, self.config.budget_tokens)
         room = self.config.budget_tokens - base.numel()
         picked = take_units(
@@ -118,23 +120,14 @@ class LiveVLMPolicy(StoreBackedPolicy):
             lambda pages: unit_scores(query, self.pages.means(layer, pages)),
             room,
         )
-        return torch.sort(torch.cat((base, picked))).values
-
-    def retrieve(self, layer: int, query: torch.Tensor) -> KVContext:
-        """Base retrieval, then contiguous positions (their cost counts as selection time)."""
-        ctx = super().retrieve(layer, query)
-        t0 = time.perf_counter()
-        store = self.store
-        slot_ids = store.row_token[layer][self._buffers[layer].slot_rows[0, : ctx.num_tokens]]
-        ids, order = torch.sort(slot_ids)
-        last = int(store.live_tokens(layer)[-1])
-        shifted = contiguous_positions(ids, store.positions[:, ids], last, int(store.positions[0, last]))
-        in_slots = torch.empty_like(shifted)
-        in_slots[:, order] = shifted
-        pos = in_slots.to(self.device, non_blocking=True)
-        h = self.geometry.num_kv_heads
-        self._stats.select_ms += (time.perf_counter() - t0) * 1e3
-        return KVContext(ctx.keys, ctx.values, pos[:, None, :].expand(-1, h, -1), ctx.token_ids)
+        ids = torch.sort(torch.cat((base, picked))).values
+        sel = self.selection(layer, ids)
+        if ids.numel():
+            last = int(store.live_tokens(layer)[-1])
+            sel.positions = contiguous_positions(
+                ids, store.positions[:, ids], last, int(store.positions[0, last])
+            )
+        return sel
 
     def units(self) -> int:
         return max(-(-n // int(self.options["page_tokens"])) for n in self._paged)

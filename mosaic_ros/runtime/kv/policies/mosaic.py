@@ -47,13 +47,13 @@ cluster, so it only reorders choices of about marginal value. The rows go to the
 ``fetch`` into the layer's device buffer, which keeps rows resident from the previous
 question; a question's time window filters candidates token by token instead.
 
-Cross-layer prefetch (``config.prefetch``, ``prefetch.Prefetcher``): right after layer l's
-fetch, layer l+1's selection is predicted and copied into layer l+1's buffer; the true
-selection then fetches only the misses. Predictors (``options['prefetch_predictor']``):
-``"tokens"`` (default) carries the estimated share of each token layer l retrieved to its
-cluster in layer l+1; ``"query"`` scores layer l+1's centroids with layer l's query. On a CPU
-device the copy would run on the same cores as attention, so prefetch runs there only with
-``options['cpu_prefetch']`` (a worker thread; worth it when a core is otherwise idle).
+Cross-layer prefetch (``config.prefetch``; the base class runs it for every policy): right
+after layer l's fetch, layer l+1's selection is predicted (``predict_next``) and copied into
+layer l+1's buffer; the true selection then fetches only the misses. Mosaic predicts clusters
+(``options['prefetch_predictor']``): ``"tokens"`` (default) carries the estimated share of
+each token layer l retrieved to its cluster in layer l+1; ``"query"`` scores layer l+1's
+centroids with layer l's query; the best predicted clusters fill ``prefetch_share`` of the
+retrievable budget.
 
 Shapes: keys/values (T, H_kv, D) pre-RoPE; C cluster ids per layer; rows and ids int64.
 """
@@ -63,24 +63,14 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from mosaic_ros.runtime.kv.clusters import ClusterBank, ClusterConfig, ClusterIndex, Split, require
-from mosaic_ros.runtime.kv.policies.base import StoreBackedPolicy
-from mosaic_ros.runtime.kv.policies.prefetch import Prefetcher, PrefetchResult, count_hits
-from mosaic_ros.runtime.kv.policy import (
-    KVContext,
-    KVGeometry,
-    PolicyConfig,
-    RetrievalStats,
-    TokenMeta,
-    register_policy,
-)
-from mosaic_ros.runtime.kv.store import FetchStats
+from mosaic_ros.runtime.kv.policies.base import Selection, StoreBackedPolicy
+from mosaic_ros.runtime.kv.policy import KVGeometry, PolicyConfig, TokenMeta, register_policy
 
 PREDICTORS = ("tokens", "query")
 _EMPTY = torch.zeros(0, dtype=torch.int64)
@@ -203,17 +193,6 @@ def choose_clusters(
     return torch.tensor(sorted(taken), dtype=torch.int64), -1, 0
 
 
-@dataclass
-class Selection:
-    """What one layer retrieves: ``rows`` (n,) int64 to fetch (sinks + window first, n <= budget),
-    ``extra`` (k,) the rows beyond sinks + window and ``extra_share`` (k,) float32 the estimated
-    attention share of each of those tokens (its cluster's share over its retrievable size)."""
-
-    rows: Tensor
-    extra: Tensor
-    extra_share: Tensor
-
-
 class _Layer:
     """One layer's clusters and physical layout (see the module docstring).
 
@@ -290,7 +269,6 @@ class MosaicPolicy(StoreBackedPolicy):
         "run_penalty": 1.0,  # copy penalty, in shares of the marginal cluster (0: plain greedy)
         "prefetch_predictor": "tokens",  # "tokens" or "query" (see the module docstring)
         "prefetch_share": 0.5,  # share of the retrievable budget a prediction fills
-        "cpu_prefetch": False,  # prefetch on a CPU device too (worker thread)
         "max_cluster_tokens": 256,  # ClusterIndex: clusters above this size are split
     }
 
@@ -310,15 +288,12 @@ class MosaicPolicy(StoreBackedPolicy):
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
-        if getattr(self, "_prefetch", None) is not None:
-            self._prefetch.close()
         super().reset()
         cfg = ClusterConfig(max_cluster_tokens=int(self.options["max_cluster_tokens"]))
         g = self.geometry
         self._bank = ClusterBank(g.num_layers, g.num_kv_heads, g.head_dim, cfg, self.device)
         self._layers = [_Layer(index) for index in self._bank.layers]
         self._pending: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
-        self._prefetch = Prefetcher(threaded=self.device.type != "cuda")
         self._largest_chunk = 1
         self._next_maintained = 0
         self._seal_ms_per_row: float | None = None  # measured cost of maintenance's seals, ms per row
@@ -334,14 +309,6 @@ class MosaicPolicy(StoreBackedPolicy):
     @property
     def _window_tokens(self) -> int:
         return max(self.config.window_tokens, 1)
-
-    def _settle(self) -> PrefetchResult | None:
-        """Finish any prefetch (accounting its cost) before the store or an index is changed or a
-        layer's buffer is read; returns its result."""
-        result = self._prefetch.join()
-        if result is not None:
-            self._account_prefetch(result)
-        return result
 
     # ------------------------------------------------------------------ stream
     def add_tokens(self, meta: TokenMeta) -> Tensor:
@@ -413,9 +380,9 @@ class MosaicPolicy(StoreBackedPolicy):
 
     def _alloc(self, layer: int, n: int) -> Tensor:
         """``n`` fresh rows at the tail; if the store had to compact (host cap), re-derive the layout."""
-        version = self.store.layout_version[layer]
+        version = self.store.layout_version(layer)
         rows = self.store.alloc(layer, n, reuse_freed=False)
-        if self.store.layout_version[layer] != version:
+        if self.store.layout_version(layer) != version:
             self._rebuild(layer)
         return rows
 
@@ -444,11 +411,11 @@ class MosaicPolicy(StoreBackedPolicy):
         if st.ring_size == 0 or 4 * n > st.ring_size:
             return self._alloc(layer, n)
         rows = st.ring_lo + (st.head + torch.arange(n)) % st.ring_size
-        busy = self.store.row_token[layer][rows]
+        busy = self.store.tokens_at(layer, rows)
         busy = busy[busy >= 0]
         if busy.numel():  # maintenance fell behind: seal the clusters in the way now
             self._seal(layer, force=busy)
-        if st.ring_size == 0 or bool((self.store.row_token[layer][rows] >= 0).any()):
+        if st.ring_size == 0 or bool((self.store.tokens_at(layer, rows) >= 0).any()):
             return self._alloc(layer, n)  # no room to seal under the host cap, or the ring was dropped
         st.head = (st.head + n) % st.ring_size
         return rows
@@ -459,7 +426,7 @@ class MosaicPolicy(StoreBackedPolicy):
         if self.max_rows:
             store = self.store
             size = min(size, self._headroom)
-            free = self.max_rows - max(store.high[layer], store.live_rows[layer])
+            free = self.max_rows - max(store.allocated_rows(layer), store.live_count(layer))
             if size > free or size < 4 * self._largest_chunk:
                 return
         st.ring_lo = int(self._alloc(layer, size)[0])
@@ -475,7 +442,7 @@ class MosaicPolicy(StoreBackedPolicy):
         st, store = self._layers[layer], self.store
         if st.nursery.numel() == 0:
             return 0
-        window_lo = store.appended_upto[layer] - self._window_tokens
+        window_lo = store.appended_upto(layer) - self._window_tokens
         ncid = st.index.cluster_of(st.nursery)
         if force is None:
             waiting = st.nursery < window_lo
@@ -490,7 +457,7 @@ class MosaicPolicy(StoreBackedPolicy):
             hit = torch.isin(ncid, forced)
             seal = hit & ((st.nursery < window_lo) | torch.isin(st.nursery, force))
         if self.max_rows:  # under the host cap a move needs free rows: seal the oldest that fit
-            seal &= self._fits(st, ncid, seal, self.max_rows - store.live_rows[layer])
+            seal &= self._fits(st, ncid, seal, self.max_rows - store.live_count(layer))
         if limit is not None:
             seal &= self._fits(st, ncid, seal, limit)
         if not bool(seal.any()):
@@ -498,7 +465,7 @@ class MosaicPolicy(StoreBackedPolicy):
         moving, moving_cid = st.nursery[seal], ncid[seal]
         clusters = torch.unique(moving_cid)
         reopened = clusters[st.ext_len[clusters] > 0]  # sealed before: their extent moves along
-        old_ids = store.row_token[layer][_ranges(st.ext_start[reopened], st.ext_len[reopened])]
+        old_ids = store.tokens_at(layer, _ranges(st.ext_start[reopened], st.ext_len[reopened]))
         old_cid = torch.repeat_interleave(reopened, st.ext_len[reopened])
         ordered = clusters[self._chain(st, clusters)]
         rank = torch.empty(int(clusters.max()) + 1, dtype=torch.int64)
@@ -596,7 +563,7 @@ class MosaicPolicy(StoreBackedPolicy):
             return
         start = int(st.ext_start[parent])
         rows = torch.arange(start, start + length)
-        ids = store.row_token[layer][rows]
+        ids = store.tokens_at(layer, rows)
         to_child = torch.isin(ids, split.members[1])
         parts = [(parent, ids[~to_child]), (child, ids[to_child])]
         left, _ = st.adjacency(self.page_rows)
@@ -621,11 +588,11 @@ class MosaicPolicy(StoreBackedPolicy):
     def _compact_holes(self, layer: int) -> None:
         """Compact the layer once free rows outside the ring exceed a quarter of its rows."""
         store, st = self.store, self._layers[layer]
-        free = store.high[layer] - store.live_rows[layer]
+        free = store.allocated_rows(layer) - store.live_count(layer)
         if st.ring_size:
-            ring = store.row_token[layer][st.ring_lo : st.ring_lo + st.ring_size]
+            ring = store.tokens_at(layer, torch.arange(st.ring_lo, st.ring_lo + st.ring_size))
             free -= int((ring < 0).sum())
-        if free > max(self.page_rows, store.high[layer] // 4):
+        if free > max(self.page_rows, store.allocated_rows(layer) // 4):
             store.compact(layer)
             self._rebuild(layer)
 
@@ -663,7 +630,7 @@ class MosaicPolicy(StoreBackedPolicy):
         st.nursery = st.nursery[~torch.isin(st.nursery, ids)]
         touched = torch.unique(cid[cid >= 0])
         touched = touched[st.ext_len[touched] > 0]
-        before = store.row_token[layer][_ranges(st.ext_start[touched], st.ext_len[touched])]
+        before = store.tokens_at(layer, _ranges(st.ext_start[touched], st.ext_len[touched]))
         store.release(layer, ids)
         if touched.numel():
             owner = torch.repeat_interleave(touched, st.ext_len[touched])
@@ -686,43 +653,6 @@ class MosaicPolicy(StoreBackedPolicy):
         self._flush()
         super().begin_question(window)
 
-    def retrieve(self, layer: int, query: Tensor) -> KVContext:
-        self._check_retrieve(layer, query)
-        g = self.geometry
-        prefetched = self._settle()
-        t0 = time.perf_counter()
-        sel = self.select_rows(layer, query)
-        rows, extra = sel.rows, sel.extra
-        t1 = time.perf_counter()
-        if rows.numel() > self.config.budget_tokens:
-            raise AssertionError(
-                f"mosaic selected {rows.numel()} tokens over the budget {self.config.budget_tokens}"
-            )
-        if prefetched is not None and prefetched.layer == layer:
-            self._stats.prefetch_lookups += extra.numel()
-            self._stats.prefetch_hits += count_hits(extra, prefetched.predicted_rows)
-        buf = self._buffer(layer)
-        fs = self.store.fetch(layer, rows, buf)
-        t2 = time.perf_counter()
-        self._account(fs, (t1 - t0) * 1e3, (t2 - t1) * 1e3, rows.numel())
-        if self._prefetching and layer + 1 < g.num_layers and self._window is None:
-            self._start_prefetch(layer, query, sel)
-        return buf.context()
-
-    @property
-    def _prefetching(self) -> bool:
-        return self.config.prefetch and (self.device.type == "cuda" or bool(self.options["cpu_prefetch"]))
-
-    def end_question(self) -> RetrievalStats:
-        self._settle()
-        self._prefetch.close()
-        return super().end_question()
-
-    def _account_prefetch(self, result: PrefetchResult) -> None:
-        s = self._stats
-        s.select_ms += result.predict_ms
-        self._account(result.fetch, 0.0, result.fetch_ms, 0)
-
     # ------------------------------------------------------------------ selection
     def base_ids(self, layer: int) -> Tensor:
         """Sinks + local window of ``layer`` (ids ascending), as ``split_candidates`` defines them
@@ -733,7 +663,7 @@ class MosaicPolicy(StoreBackedPolicy):
         want = min(recent.numel(), budget - sink_ids.numel())
         return torch.cat((sink_ids, recent[recent.numel() - want :]))
 
-    def select_rows(self, layer: int, query: Tensor) -> Selection:
+    def select(self, layer: int, query: Tensor) -> Selection:
         """What ``layer`` retrieves for the question's queries (H_q, L_q, D) pre-RoPE."""
         if self._window is not None:
             return self._select_in_window(layer, query)
@@ -844,27 +774,18 @@ class MosaicPolicy(StoreBackedPolicy):
         index = self._layers[layer + 1].index
         if self.options["prefetch_predictor"] == "query":
             return index.score(query).exp()
-        cid = index.cluster_of(self.store.row_token[layer][sel.extra])
+        cid = index.cluster_of(self.store.tokens_at(layer, sel.extra))
         held = cid >= 0
         return torch.zeros(index.num_slots).index_add_(0, cid[held], sel.extra_share[held])
 
-    def _start_prefetch(self, layer: int, query: Tensor, sel: Selection) -> None:
-        """Fetch layer + 1's predicted clusters ahead into its buffer: the best-predicted ones
-        filling ``prefetch_share`` of its retrievable budget, plus its sinks + window."""
+    def predict_next(self, layer: int, query: Tensor, sel: Selection) -> Selection:
+        """Layer + 1's predicted clusters: the best-predicted ones (``predict_share``) filling
+        ``prefetch_share`` of its retrievable budget, plus its sinks + window."""
         target = layer + 1
-        store = self.store
-        t0 = time.perf_counter()
         base = self.base_ids(target)
         share = self.predict_share(layer, query, sel)
         room = int(float(self.options["prefetch_share"]) * (self.config.budget_tokens - base.numel()))
-        predicted = self._rows_for(target, base, share, room)
-        buf = self._buffer(target)
-
-        def fetch(prefetch_rows: Tensor, wait: bool) -> FetchStats:
-            return store.fetch(target, prefetch_rows, buf, wait=wait)
-
-        ms = (time.perf_counter() - t0) * 1e3
-        self._prefetch.start(target, predicted.rows, predicted.extra, ms, fetch)
+        return self._rows_for(target, base, share, room)
 
     # ------------------------------------------------------------------ reporting and checks
     def units(self) -> int:
@@ -895,7 +816,7 @@ class MosaicPolicy(StoreBackedPolicy):
             require(bool((st.ext_len[slots:] == 0).all()), f"layer {layer}: extents beyond the cluster ids")
             sealed = torch.nonzero(lengths > 0).flatten()
             ext_rows = _ranges(st.ext_start[sealed], lengths[sealed])
-            ext_ids = store.row_token[layer][ext_rows]
+            ext_ids = store.tokens_at(layer, ext_rows)
             owner = torch.repeat_interleave(sealed, lengths[sealed])
             require(bool((ext_ids >= 0).all()), f"layer {layer}: an extent covers a free row")
             require(ext_rows.unique().numel() == ext_rows.numel(), f"layer {layer}: extents overlap")
@@ -926,6 +847,6 @@ class MosaicPolicy(StoreBackedPolicy):
             )
             if st.ring_size:
                 require(
-                    st.ring_lo + st.ring_size <= store.high[layer] and 0 <= st.head < st.ring_size,
+                    st.ring_lo + st.ring_size <= store.allocated_rows(layer) and 0 <= st.head < st.ring_size,
                     f"layer {layer}: the ring lies outside the allocated rows",
                 )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from mosaic_ros.runtime.kv.policies.base import StoreBackedPolicy
+from mosaic_ros.runtime.kv.policies.base import Selection, StoreBackedPolicy
 from mosaic_ros.runtime.kv.policies.units import UnitMeans, take_units, unit_scores
 from mosaic_ros.runtime.kv.policy import TokenMeta, register_policy
 
@@ -67,7 +67,7 @@ class ReKVPolicy(StoreBackedPolicy):
         self.blocks.remove(layer, token_ids, self.store.read(layer, rows)[:, 0])
         super().release(layer, token_ids)
 
-    def select(self, layer: int, query: torch.Tensor) -> torch.Tensor:
+    def select(self, layer: int, query: torch.Tensor) -> Selection:
         base, rest = self.split_candidates(layer, self.config.budget_tokens)
         room = self.config.budget_tokens - base.numel()
         picked = take_units(
@@ -76,7 +76,7 @@ class ReKVPolicy(StoreBackedPolicy):
             lambda blocks: unit_scores(query, self.blocks.means(layer, blocks)),
             room,
         )
-        return torch.sort(torch.cat((base, picked))).values
+        return self.selection(layer, torch.sort(torch.cat((base, picked))).values)
 
     def units(self) -> int:
         return self._num_blocks

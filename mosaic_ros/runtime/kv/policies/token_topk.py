@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from mosaic_ros.runtime.kv.policies.base import StoreBackedPolicy
+from mosaic_ros.runtime.kv.policies.base import Selection, StoreBackedPolicy
 from mosaic_ros.runtime.kv.policies.units import grouped_queries
 from mosaic_ros.runtime.kv.policy import KVGeometry, PolicyConfig, register_policy
 
@@ -39,22 +39,22 @@ class TokenTopKPolicy(StoreBackedPolicy):
         store = self.store
         q = grouped_queries(query.cpu(), self.geometry.num_kv_heads)
         scale = query.shape[-1] ** -0.5
-        high = store.high[layer]
-        logits = torch.full((q.shape[0], q.shape[1], high), float("-inf"))
+        held = store.tokens_at(layer) >= 0
+        logits = torch.full((q.shape[0], q.shape[1], held.numel()), float("-inf"))
         for first, page in store.iter_pages(layer):
             keys = page[:, 0].permute(1, 2, 0).float().cpu()
             logits[:, :, first : first + page.shape[0]] = torch.bmm(q, keys) * scale
-        logits[:, :, store.row_token[layer][:high] < 0] = float("-inf")
+        logits[:, :, ~held] = float("-inf")
         probs = torch.softmax(logits, dim=-1)
         return probs.sum(dim=1) if self.options["aggregate"] == "sum" else probs.amax(dim=1)
 
-    def select(self, layer: int, query: torch.Tensor) -> torch.Tensor:
+    def select(self, layer: int, query: torch.Tensor) -> Selection:
         h = self.geometry.num_kv_heads
         base, rest = self.split_candidates(layer, self.config.budget_tokens)
         room = self.config.budget_tokens - base.numel()
         if rest.numel() <= room:
-            return torch.sort(torch.cat((base, rest))).values.expand(h, -1)
+            return self.selection(layer, torch.sort(torch.cat((base, rest))).values.expand(h, -1))
         scores = self.token_scores(layer, query)[:, self.store.rows_of(layer, rest)]
         top = torch.topk(scores, room, dim=1, sorted=False).indices
         picked = torch.cat((base.expand(h, -1), rest[top]), dim=1)
-        return torch.sort(picked, dim=1).values
+        return self.selection(layer, torch.sort(picked, dim=1).values)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mosaic_ros.runtime.kv.policies.base import StoreBackedPolicy
+from mosaic_ros.runtime.kv.policies.base import Selection, StoreBackedPolicy
 from mosaic_ros.runtime.kv.policy import register_policy
 
 
@@ -15,8 +15,8 @@ class WindowPolicy(StoreBackedPolicy):
 
     name = "window"
 
-    def select(self, layer: int, query: torch.Tensor) -> torch.Tensor:
+    def select(self, layer: int, query: torch.Tensor) -> Selection:
         budget = self.config.budget_tokens
         base, rest = self.split_candidates(layer, budget)
         room = budget - base.numel()
-        return torch.cat((base, rest[max(rest.numel() - room, 0) :]))
+        return self.selection(layer, torch.cat((base, rest[max(rest.numel() - room, 0) :])))
