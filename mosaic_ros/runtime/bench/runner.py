@@ -344,6 +344,7 @@ def _ask(
                 "select_ms": stats.select_ms,
                 "transfer_ms": stats.transfer_ms,
                 "copy_ms": stats.copy_ms,
+                "copy_device_ms": stats.copy_device_ms,
                 "attn_ms": attn_ms,
                 "total_ms": stats.select_ms + stats.transfer_ms + attn_ms,
                 "copies": stats.copies,

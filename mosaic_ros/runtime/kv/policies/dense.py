@@ -79,14 +79,14 @@ class DensePolicy(StoreBackedPolicy):
 
     def materialize(self, layer: int, sel: Selection) -> tuple[KVContext, FetchStats]:
         """A view of the arena (every row), or a gather on the device (a time window): no transfer."""
-        return self._context(layer, sel.rows), FetchStats()
+        return self._context(layer, None if self._window is None else sel.rows), FetchStats()
 
     def _context(self, layer: int, rows: torch.Tensor | None = None) -> KVContext:
-        """Attention's context over ``rows`` of the arena (None or every row: a view)."""
+        """Attention's context over ``rows`` of the arena (None: every row, as a view)."""
         store = self.store
         h = self.geometry.num_kv_heads
         arena = store.arena(layer)
-        if rows is None or rows.numel() == arena.shape[0]:
+        if rows is None:
             data = arena
             ids, pos = self._all_tokens(layer)
         else:
