@@ -21,6 +21,7 @@ LATENCY_STATS_FIELDS = {
     "vision_encode_ms": "double",
     "retrieval_ms": "double",
     "transfer_ms": "double",
+    "copy_device_ms": "double",
     "prefill_ms": "double",
     "ttft_ms": "double",
     "decode_ms": "double",
