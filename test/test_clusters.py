@@ -541,9 +541,49 @@ def test_a_bank_assigns_every_layer_as_that_layer_alone():
         view.check_invariants(keys_of[layer])
 
 
+def test_reused_chunk_buffers_change_no_decision():
+    """``assign`` embeds a chunk into buffers it reuses (the float32 keys, the unit rows the
+    reference hands back, the gathered rows), and takes the layers' keys stacked or as a list: a
+    bank that does both must decide exactly what a bank given stacked keys and fresh buffers for
+    every chunk decides, and hold the same statistics and reference, over chunks of many sizes
+    (one size repeated, so the buffers are reused, and others in between)."""
+    layers, heads, dim = 3, 2, 8
+    cfg = ClusterConfig(max_cluster_tokens=24, route_min_clusters=16)
+    reused, fresh = ClusterBank(layers, heads, dim, cfg), ClusterBank(layers, heads, dim, cfg)
+    rng, gen = random.Random(5), torch.Generator().manual_seed(5)
+    objects = [torch.randn(12 * (layer + 1), heads, dim, generator=gen) for layer in range(layers)]
+    next_id = 0
+    for step in range(120):
+        if step % 3:
+            keys, modality = layered_chunk(rng, gen, objects, [0.15, 0.3, 0.5])
+        else:  # a run of equal-sized frames, as a video stream brings
+            pick = torch.randint(12, (16,), generator=gen)
+            keys = [
+                obj[pick * (lay + 1)] + 0.2 * torch.randn(16, heads, dim, generator=gen)
+                for lay, obj in enumerate(objects)
+            ]
+            modality = torch.ones(16, dtype=torch.uint8)
+        ids = torch.arange(next_id, next_id + keys[0].shape[0])
+        next_id += keys[0].shape[0] + 1
+        fresh._raw, fresh._spare_units, fresh._gathered = None, [], {}
+        half = [k.half() for k in keys]  # a list of fp16 layers, as the policy hands them over
+        got = reused.assign(half if step % 2 else torch.stack(half), ids, modality)
+        assert torch.equal(got, fresh.assign(torch.stack(half), ids, modality)), step
+    assert reused._spare_units, "no buffer came back from the reference"
+    for name in ("count", "sum_unit", "sum_raw", "sum_norm2", "sum_proj", "touched", "region"):
+        assert torch.equal(getattr(reused, name), getattr(fresh, name)), name
+    assert len(reused.ref) == len(fresh.ref)
+    for (u, t), (v, w) in zip(reused.ref, fresh.ref, strict=True):
+        assert torch.equal(u, v) and torch.equal(t, w)
+
+
 def test_a_bank_takes_whole_chunks_of_every_layer():
     bank = ClusterBank(2, H, D)
     with pytest.raises(ValueError, match="keys must be"):
         bank.assign(torch.randn(3, H, D), torch.arange(3))
+    with pytest.raises(ValueError, match="keys must be"):
+        bank.assign([torch.randn(3, H, D)], torch.arange(3))  # one layer's keys of two
+    with pytest.raises(ValueError, match="keys must be"):
+        bank.assign([torch.randn(3, H, D), torch.randn(2, H, D)], torch.arange(3))
     with pytest.raises(ValueError, match="assigned together"):
         bank.layers[0].assign(torch.randn(3, H, D), torch.arange(3))

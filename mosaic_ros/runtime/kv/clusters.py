@@ -74,7 +74,7 @@ import heapq
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -232,6 +232,14 @@ class ClusterBank:
         # local scale: the reference, the latest rows as (unit rows (L, n, F), tags (n,)) pieces of
         # the chunks they came in (views, never copied), and the log scale per layer (L,) float64
         self.ref: deque[tuple[Tensor, Tensor]] = deque()
+        # buffers reused across chunks, so a chunk's large temporaries do not take fresh memory
+        # (first-touch page faults cost more than the arithmetic): the float32 keys of the chunk
+        # (``_raw``), free unit-row buffers (``_spare_units``; a chunk's unit rows live on in the
+        # reference, and return here when the reference drops them), gathered rows (``_gathered``)
+        self._raw: Tensor | None = None
+        self._spare_units: list[Tensor] = []
+        self._ref_buffers: deque[Tensor] = deque()
+        self._gathered: dict[str, Tensor] = {}
         self.chunk_max = 0
         self.log_scale: Tensor | None = None
         self.scale_updates = 0
@@ -245,10 +253,13 @@ class ClusterBank:
     # assignment
     # -----------------------------------------------------------------------------------------
 
-    def assign(self, keys: Tensor, token_ids: Tensor, modality: Tensor | None = None) -> Tensor:
+    def assign(
+        self, keys: Tensor | Sequence[Tensor], token_ids: Tensor, modality: Tensor | None = None
+    ) -> Tensor:
         """Place one chunk into clusters in every layer; returns cluster ids (L, T) int64 on the CPU.
 
-        keys: (L, T, H_kv, D) pre-RoPE keys of the chunk per layer, any float dtype/device;
+        keys: (L, T, H_kv, D) pre-RoPE keys of the chunk per layer, any float dtype/device, or a
+        sequence of the L layers' (T, H_kv, D) keys (not stacked: each is read once, into float32);
         token_ids: (T,) int64 strictly increasing and above every id given before; modality:
         optional (T,) uint8 per-token tag (0 when omitted). Tokens of any modality may share a
         cluster; the tag only keeps the local-scale measurement within a modality and feeds
@@ -259,7 +270,7 @@ class ClusterBank:
         ids = token_ids.to("cpu", torch.int64)
         if count == 0:
             return ids.expand(self.num_layers, 0).clone()
-        unit, raw = self.embed(keys)
+        unit, raw = self._embed_chunk(keys, count)
         tags = torch.zeros(count, dtype=torch.uint8) if modality is None else modality.to("cpu", torch.uint8)
         tags = tags.to(self.device)
         sample, from_reference = self._scale_sample(unit, tags)
@@ -273,7 +284,7 @@ class ClusterBank:
         if bool(rejected.any()):
             radius = None if scale is None else (2.0 * self.config.join_radius * scale).to(self.device)
             rows, valid = _padded_rows(rejected)
-            labels, groups = self._group(_take_rows(unit, rows), valid, radius)
+            labels, groups = self._group(self._take_rows(unit, rows, "rejected"), valid, radius)
             table = torch.full((self.num_layers, max(groups) + 1), -1, dtype=torch.int64)
             for layer, g in enumerate(groups):
                 if g:
@@ -296,11 +307,21 @@ class ClusterBank:
         self._queue_violators()
         return cid
 
-    def _check_chunk(self, keys: Tensor, token_ids: Tensor, modality: Tensor | None) -> int:
+    def _check_chunk(
+        self, keys: Tensor | Sequence[Tensor], token_ids: Tensor, modality: Tensor | None
+    ) -> int:
         shape = (self.num_layers, self.num_kv_heads, self.head_dim)
-        if keys.dim() != 4 or (keys.shape[0], *keys.shape[2:]) != shape:
-            raise ValueError(f"keys must be ({shape[0]}, T, {shape[1]}, {shape[2]}), got {tuple(keys.shape)}")
-        count = keys.shape[1]
+        if isinstance(keys, Tensor):
+            if keys.dim() != 4 or (keys.shape[0], *keys.shape[2:]) != shape:
+                want = f"({shape[0]}, T, {shape[1]}, {shape[2]})"
+                raise ValueError(f"keys must be {want}, got {tuple(keys.shape)}")
+            count = keys.shape[1]
+        else:
+            count = keys[0].shape[0] if len(keys) else 0
+            want = (count, *shape[1:])
+            if len(keys) != shape[0] or any(tuple(k.shape) != want for k in keys):
+                got = [tuple(k.shape) for k in keys]
+                raise ValueError(f"keys must be {shape[0]} tensors {want}, got {got[:4]}")
         if token_ids.shape != (count,):
             raise ValueError(f"token_ids must be ({count},), got {tuple(token_ids.shape)}")
         if modality is not None and modality.shape != (count,):
@@ -319,12 +340,44 @@ class ClusterBank:
         inv = (raw.norm(dim=-1, keepdim=True).clamp_min(1e-30) * math.sqrt(self.num_kv_heads)).reciprocal_()
         return (raw * inv).flatten(-2), raw.flatten(-2)
 
+    def _embed_chunk(self, keys: Tensor | Sequence[Tensor], count: int) -> tuple[Tensor, Tensor]:
+        """``embed`` of a chunk's keys (L, T, H_kv, D) or L layers' (T, H_kv, D), into reused buffers:
+        the raw rows are valid until the next chunk, the unit rows until the reference drops them."""
+        shape = (self.num_layers, count, self.num_kv_heads, self.head_dim)
+        if self._raw is None or self._raw.shape != shape:
+            self._raw = torch.empty(shape, device=self.device)
+        raw = self._raw
+        if isinstance(keys, Tensor):
+            raw.copy_(keys)
+        else:
+            for layer, k in enumerate(keys):
+                raw[layer].copy_(k)
+        inv = (raw.norm(dim=-1, keepdim=True).clamp_min(1e-30) * math.sqrt(self.num_kv_heads)).reciprocal_()
+        spare = next((i for i, b in enumerate(self._spare_units) if b.shape == shape), None)
+        unit = torch.empty(shape, device=self.device) if spare is None else self._spare_units.pop(spare)
+        torch.mul(raw, inv, out=unit)
+        self._ref_buffers.append(unit)
+        return unit.flatten(-2), raw.flatten(-2)
+
+    def _take_rows(self, x: Tensor, rows: Tensor, name: str) -> Tensor:
+        """x (L, T, F) rows ``rows`` (L, R) per layer -> (L, R, F), in the reused buffer ``name``
+        (valid until that buffer's next use)."""
+        shape = (*rows.shape, x.shape[2])
+        need = math.prod(shape)
+        buf = self._gathered.get(name)
+        if buf is None or buf.numel() < need or buf.dtype != x.dtype:
+            buf = self._gathered[name] = torch.empty(need, dtype=x.dtype, device=x.device)
+        out = buf[:need].view(shape)
+        return torch.gather(x, 1, rows[:, :, None].expand(-1, -1, x.shape[2]), out=out)
+
     def _keep_reference(self, unit: Tensor, tags: Tensor, keep: int) -> None:
         """Append a chunk's rows to the reference and keep its latest ``keep`` rows."""
         self.ref.append((unit, tags))
         total = sum(t.shape[0] for _, t in self.ref)
         while total - self.ref[0][1].shape[0] >= keep:
             total -= self.ref.popleft()[1].shape[0]
+            self._spare_units.append(self._ref_buffers.popleft())
+        del self._spare_units[:-2]  # a chunk of another size (the sink preamble) is not kept
         if total > keep:
             oldest, oldest_tags = self.ref[0]
             self.ref[0] = (oldest[:, total - keep :], oldest_tags[total - keep :])
@@ -390,7 +443,7 @@ class ClusterBank:
         again = (cid < 0) & two_stage[:, None]
         if bool(again.any()):
             rows, valid = _padded_rows(again)
-            sub_unit = _take_rows(unit, rows)
+            sub_unit = self._take_rows(unit, rows, "again")
             # The opened regions may hold no older cluster (only the recent ones, or none: a
             # long run of new content routes its own clusters there): then nothing older is
             # near, and the rejected tokens open clusters of their own.
@@ -455,7 +508,7 @@ class ClusterBank:
             pad = torch.arange(k, device=self.device)[None, :] >= sizes[layers, None]  # (l, k)
             lay = layers[:, None]
             inv_n = 1.0 / self.count[lay, cand].clamp_min(1).to(torch.float32)  # (l, k)
-            rows_u = unit[layers]
+            rows_u = unit if layers.numel() == self.num_layers else unit.index_select(0, layers)
             if k <= _EXACT_MAX:
                 dots = torch.bmm(rows_u, self.sum_unit[lay, cand].transpose(1, 2))  # (l, n, k)
                 d = (
@@ -711,11 +764,6 @@ def _padded_rows(mask: Tensor) -> tuple[Tensor, Tensor]:
     rows = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]
     valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
     return torch.where(valid, rows, 0), valid
-
-
-def _take_rows(x: Tensor, rows: Tensor) -> Tensor:
-    """x (L, T, F) rows ``rows`` (L, R) per layer -> (L, R, F)."""
-    return x.gather(1, rows[:, :, None].expand(-1, -1, x.shape[2]))
 
 
 class ClusterIndex:

@@ -350,7 +350,7 @@ class MosaicPolicy(StoreBackedPolicy):
                 "chunk in every layer at once, so it was dropped"
             )
         ids = next(iter(pending.values()))[2]
-        keys = torch.stack([pending[layer][0] for layer in range(n)])
+        keys = [pending[layer][0] for layer in range(n)]  # read once by assign, never stacked
         cids = self._bank.assign(keys, ids, self.store.modality[ids])
         for layer in range(n):
             self._write(layer, pending[layer][0], pending[layer][1], ids, cids[layer])
