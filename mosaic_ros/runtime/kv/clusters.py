@@ -221,6 +221,11 @@ class ClusterBank:
         self.ranked_tokens = [0] * n
         self.centroid_cache: list[Tensor | None] = [None] * n
         self.chunks = 0  # chunks assigned so far
+        # kept by the caller of ``maintain``: expected milliseconds of a split per member token
+        # (None: unknown), and how much of its maintenance budget it holds back for what its
+        # estimates miss (ms)
+        self.split_ms_per_token: float | None = None
+        self.holdback_ms = 0.0
         # token bookkeeping, CPU: column i describes token id ``base + i``
         self.base = 0
         self.tok_len = 0
@@ -966,15 +971,19 @@ class ClusterIndex:
     # maintenance
     # -----------------------------------------------------------------------------------------
 
-    def maintain(self, key_lookup: KeyLookup, budget_ms: float) -> MaintenanceReport:
+    def maintain(
+        self, key_lookup: KeyLookup, budget_ms: float, ms_per_token: float | None = None
+    ) -> MaintenanceReport:
         """Split queued clusters, oldest first, while less than ``budget_ms`` milliseconds have passed.
 
-        A split is started only while time is left, so the call may overrun the budget by one
-        split (a few hundred member keys: well under a millisecond of work plus ``key_lookup``).
-        ``budget_ms <= 0`` does nothing. Queued clusters that no longer violate are dropped.
-        First, once there are ``route_min_clusters`` live clusters and twice as many as when the
-        regions were last built, the regions are rebuilt (a few k-means passes over the cluster
-        means: about a millisecond per thousand clusters).
+        A split is started only while time is left and, given ``ms_per_token`` (the caller's
+        expected cost of a split per member token, everything it does per split included), only
+        if the cluster's expected cost still fits in the time left; without it the call may
+        overrun the budget by one split (a few hundred member keys: about a millisecond of work
+        plus ``key_lookup``). ``budget_ms <= 0`` does nothing. Queued clusters that no longer
+        violate are dropped. First, once there are ``route_min_clusters`` live clusters and
+        twice as many as when the regions were last built, the regions are rebuilt (a few
+        k-means passes over the cluster means: about a millisecond per thousand clusters).
         """
         b, layer = self._bank, self.layer
         start = time.perf_counter()
@@ -984,11 +993,21 @@ class ClusterIndex:
             b.rebuild_regions(layer)
         queue, queued = b.queue[layer], b.queued[layer]
         while queue and (time.perf_counter() - start) * 1e3 < budget_ms:
-            c = queue.popleft()
-            queued.discard(c)
+            c = queue[0]
             count = b.count[layer, c : c + 1]
-            if int(count) >= 2 and bool(b.violates(layer, count, b.sum_norm2[layer, c : c + 1])):
+            n = int(count)
+            if n >= 2 and bool(b.violates(layer, count, b.sum_norm2[layer, c : c + 1])):
+                if (
+                    ms_per_token is not None
+                    and (time.perf_counter() - start) * 1e3 + ms_per_token * n > budget_ms
+                ):
+                    break  # expected not to fit: it waits at the head of the queue
+                queue.popleft()
+                queued.discard(c)
                 splits.append(self._split(c, key_lookup))
+            else:
+                queue.popleft()
+                queued.discard(c)
         return MaintenanceReport(splits, (time.perf_counter() - start) * 1e3, len(queue))
 
     def _split(self, parent: int, key_lookup: KeyLookup) -> Split:

@@ -521,34 +521,59 @@ class MosaicPolicy(StoreBackedPolicy):
         """Deferred splits (re-laid in place), sealing and hole compaction, layer by layer in turn,
         while ``budget_ms`` lasts (a layer's work is started only while time is left).
 
-        A seal moves only as many rows as the time left allows at the measured cost per row
-        (``_seal_ms_per_row``), oldest clusters first, so one layer's seal cannot overrun the
-        budget; what it leaves waits for the next call (or, if maintenance keeps falling behind,
-        is sealed by ``append`` when the ring's head reaches it).
+        Each step is started only if its expected cost fits in the time left: a split at the
+        measured cost per member token (the index's split and the extent's re-layout; moving
+        average in ``ClusterBank.split_ms_per_token``), and a seal moves only as many rows as
+        the time left allows at the measured cost per row (``_seal_ms_per_row``; before any is
+        measured, two chunks' worth), oldest clusters first, and only if that is at least half
+        a chunk (a seal has a fixed cost: a few smaller ones would cost more than the rows they
+        move). What is left waits for the next call (or, if maintenance keeps falling behind,
+        is sealed by ``append`` when the ring's head reaches it). An expected split cost that
+        keeps every queued split from starting shrinks by a tenth per call, so one slow split
+        cannot stop splitting. What the estimates miss (fixed costs, a split dearer than its
+        size says, the compaction check) shows as overrun: the call aims at the budget less a
+        holdback (``ClusterBank.holdback_ms``, at most half the budget) that every call moves
+        by 0.3 times its distance from nine tenths of the budget (the calls' spread lies mostly
+        above the aim), so the calls keep to the budget on average.
         """
         self._settle()
         self._flush()
         start = time.perf_counter()
         n = self.geometry.num_layers
-        for k in range(n):
+        bank = self._bank
+        aim, budget_ms = budget_ms, budget_ms - min(bank.holdback_ms, 0.5 * budget_ms)
+        for _ in range(n):
             spent = (time.perf_counter() - start) * 1e3
             if spent >= budget_ms:
                 break
             layer = self._next_maintained
             self._next_maintained = (layer + 1) % n
             st = self._layers[layer]
-            report = st.index.maintain(self._key_lookup(layer), (budget_ms - spent) / (n - k))
+            t0 = time.perf_counter()
+            per_token = bank.split_ms_per_token
+            report = st.index.maintain(self._key_lookup(layer), budget_ms - spent, per_token)
             for split in report.splits:
                 self._relayout_split(layer, split)
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
+            if report.splits:
+                tokens = sum(m.numel() for s in report.splits for m in s.members)
+                ms = (t1 - t0) * 1e3 / max(tokens, 1)
+                bank.split_ms_per_token = ms if per_token is None else 0.7 * per_token + 0.3 * ms
+            elif report.pending and per_token is not None:
+                bank.split_ms_per_token = 0.9 * per_token
             cost = self._seal_ms_per_row
-            limit = None if cost is None else int((budget_ms - (t0 - start) * 1e3) / cost)
-            moved = self._seal(layer, limit=limit)
-            if moved:
-                ms = (time.perf_counter() - t0) * 1e3
-                self._seal_ms_per_row = ms / moved if cost is None else 0.7 * cost + 0.3 * ms / moved
+            left = budget_ms - (t1 - start) * 1e3
+            limit = 2 * self._largest_chunk if cost is None else int(left / cost)
+            if left > 0 and limit >= max(1, self._largest_chunk // 2):
+                moved = self._seal(layer, limit=limit)
+                if moved:
+                    ms = (time.perf_counter() - t1) * 1e3
+                    self._seal_ms_per_row = ms / moved if cost is None else 0.7 * cost + 0.3 * ms / moved
             self._compact_holes(layer)
-        return (time.perf_counter() - start) * 1e3
+        spent = (time.perf_counter() - start) * 1e3
+        if aim > 0:
+            bank.holdback_ms = min(max(bank.holdback_ms + 0.3 * (spent - 0.9 * aim), 0.0), 0.5 * aim)
+        return spent
 
     def _relayout_split(self, layer: int, split: Split) -> None:
         """Rewrite a split parent's extent as its children's two extents, side by side."""
