@@ -352,31 +352,45 @@ class MosaicPolicy(StoreBackedPolicy):
         ids = next(iter(pending.values()))[2]
         keys = [pending[layer][0] for layer in range(n)]  # read once by assign, never stacked
         cids = self._bank.assign(keys, ids, self.store.modality[ids])
+        # without sinks every token of the chunk goes to the ring: all layers' orders in one sort
+        orders = torch.argsort(cids, dim=1, stable=True) if int(ids[0]) >= self.config.sink_tokens else None
         for layer in range(n):
-            self._write(layer, pending[layer][0], pending[layer][1], ids, cids[layer])
+            order = None if orders is None else orders[layer]
+            self._write(layer, pending[layer][0], pending[layer][1], ids, cids[layer], order)
 
-    def _write(self, layer: int, keys: Tensor, values: Tensor, ids: Tensor, cid: Tensor) -> None:
+    def _write(
+        self, layer: int, keys: Tensor, values: Tensor, ids: Tensor, cid: Tensor, order: Tensor | None = None
+    ) -> None:
         """Write a chunk of ``layer`` (clusters ``cid`` (T,)): sinks at the tail, the rest at the
-        ring's head, cluster by cluster."""
+        ring's head, cluster by cluster. ``order``: the chunk's ``argsort(cid, stable=True)`` when
+        it holds no sink (given by ``_flush``, which sorts every layer at once)."""
         st = self._layers[layer]
         st.grow()
         st.newest.scatter_reduce_(0, cid, ids, "amax")
-        pinned = ids < self.config.sink_tokens
-        loose = ~pinned
         # the chunk's ring rows go cluster by cluster (ids ascending within one): a cluster's
         # tokens of one frame form one run, so fetching a still-open cluster and sealing it read
         # runs instead of rows scattered over the ring
-        loose_at = torch.nonzero(loose).flatten()
-        order = torch.cat((torch.nonzero(pinned).flatten(), loose_at[torch.argsort(cid[loose], stable=True)]))
+        if order is None:
+            pinned = ids < self.config.sink_tokens
+            loose_at = torch.nonzero(~pinned).flatten()
+            order = torch.cat(
+                (torch.nonzero(pinned).flatten(), loose_at[torch.argsort(cid[loose_at], stable=True)])
+            )
+        else:
+            loose_at = order
         rows = torch.empty_like(ids)
         n_pinned = ids.numel() - loose_at.numel()
         if n_pinned:
             rows[:n_pinned] = self._alloc(layer, n_pinned)
         if loose_at.numel():
             rows[n_pinned:] = self._ring_rows(layer, loose_at.numel())
-            st.nursery = torch.cat((st.nursery, ids[loose]))
+            st.nursery = torch.cat(
+                (st.nursery, ids if n_pinned == 0 else ids[ids >= self.config.sink_tokens])
+            )
         dev_order = order.to(keys.device)
-        self.store.place(layer, ids[order], rows, keys[dev_order], values[dev_order])
+        self.store.place(
+            layer, ids[order], rows, keys.index_select(0, dev_order), values.index_select(0, dev_order)
+        )
 
     def _alloc(self, layer: int, n: int) -> Tensor:
         """``n`` fresh rows at the tail; if the store had to compact (host cap), re-derive the layout."""
