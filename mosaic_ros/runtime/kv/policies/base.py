@@ -457,9 +457,12 @@ class StoreBackedPolicy(KVPolicy):
     def _reposition(self, layer: int, ctx: KVContext, sel: Selection) -> KVContext:
         """``ctx`` with ``sel.positions`` in slot order (the fetch may put rows in any slot)."""
         rows = sel.rows.reshape(-1)
-        order = torch.argsort(rows)
         slot_rows = self._buffers[layer].slot_rows[0, : ctx.num_tokens]
-        at = order[torch.searchsorted(rows[order], slot_rows)]
+        if bool((rows[1:] > rows[:-1]).all()):  # rows ascending (ids ascending, append order)
+            at = torch.searchsorted(rows, slot_rows)
+        else:
+            order = torch.argsort(rows)
+            at = order[torch.searchsorted(rows[order], slot_rows)]
         pos = sel.positions[:, at].to(self.device, non_blocking=True)
         h = self.geometry.num_kv_heads
         return KVContext(ctx.keys, ctx.values, pos[:, None, :].expand(-1, h, -1), ctx.token_ids)
