@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                     add(f"{name}_reselected_answer_tokens_kept", layer, statistics.fmean(kept_c))
                     add(f"{name}_answer_tokens_kept", layer, statistics.fmean(kept))
                 index = replayed["mosaic"]._layers[layer].index
-                cids = torch.unique(index.cluster_of(answer_tokens))
+                cids = torch.unique(index.units_of(answer_tokens))
                 cids = cids[cids >= 0]
                 if cids.numel():
                     scores = index.score(q_pre).cpu()

@@ -62,7 +62,7 @@ def run_stream(index: ClusterIndex, stream, bank: KeyBank, scale: float = 1.0):
         index.assign(keys * scale, bank.add(keys * scale))
         labels.append(label)
     truth = torch.cat(labels)
-    return index.cluster_of(torch.arange(truth.numel())), truth
+    return index.units_of(torch.arange(truth.numel())), truth
 
 
 def test_recovers_blobs():
@@ -109,7 +109,7 @@ def test_leading_text_does_not_distort_the_scale():
         prompted.assign(keys, bank.add(keys), modality=tags)
     assert prompted.threshold == pytest.approx(plain.threshold, rel=0.05)
     truth = torch.cat([label for _, label in stream])
-    pred = prompted.cluster_of(torch.arange(30, 30 + truth.numel()))
+    pred = prompted.units_of(torch.arange(30, 30 + truth.numel()))
     assert purity(pred, truth) > 0.95 and purity(truth, pred) > 0.9
 
 
@@ -139,7 +139,7 @@ def test_tokens_join_their_exactly_nearest_cluster():
     for step in range(13):
         label = torch.randint(100, (300,), generator=gen)
         keys = centers[label] + 0.2 * torch.randn(300, H, D, generator=gen)
-        placed = index.cluster_of(torch.arange(bank.next_id))
+        placed = index.units_of(torch.arange(bank.next_id))
         live = (index.counts > 0).nonzero().flatten()
         unit = torch.nn.functional.normalize(bank.keys[: bank.next_id], dim=-1).flatten(1) / H**0.5
         means = torch.stack([unit[placed == c].mean(0) for c in live.tolist()]) if live.numel() else None
@@ -234,7 +234,7 @@ def test_cross_modal_tokens_share_clusters():
         keys = centers[label] + 0.2 * torch.randn(40, H, D, generator=gen)
         index.assign(keys, bank.add(keys), modality=torch.ones(40, dtype=torch.uint8))
         labels.append(label)
-    frames_of_blob1 = index.cluster_of((torch.cat(labels) == 1).nonzero().flatten()).unique()
+    frames_of_blob1 = index.units_of((torch.cat(labels) == 1).nonzero().flatten()).unique()
     text = centers[1][None] + 0.2 * torch.randn(3, H, D, generator=gen)  # text tokens "about" blob 1
     cid = index.assign(text, bank.add(text), modality=torch.zeros(3, dtype=torch.uint8))
     assert frames_of_blob1.numel() == 1 and cid.tolist() == frames_of_blob1.tolist() * 3
@@ -248,18 +248,18 @@ def test_large_cluster_is_only_queued_by_assign_then_split_by_maintain():
     index, bank = ClusterIndex(H, D, ClusterConfig(max_cluster_tokens=32)), KeyBank()
     seen = torch.zeros(0, dtype=torch.int64)
     for _ in range(5):
-        placed = index.cluster_of(seen)
+        placed = index.units_of(seen)
         keys = center + 0.2 * torch.randn(20, H, D, generator=gen)
         ids = bank.add(keys)
         index.assign(keys, ids)
-        assert torch.equal(index.cluster_of(seen), placed)  # assign never moves placed tokens
+        assert torch.equal(index.units_of(seen), placed)  # assign never moves placed tokens
         seen = torch.cat((seen, ids))
     assert index.counts.max() > 32
     assert index.pending
-    state = (index.counts, index.cluster_of(seen))
+    state = (index.counts, index.units_of(seen))
     report = index.maintain(bank, budget_ms=0.0)
     assert report.splits == [] and report.pending == len(index.pending)
-    assert torch.equal(index.counts, state[0]) and torch.equal(index.cluster_of(seen), state[1])
+    assert torch.equal(index.counts, state[0]) and torch.equal(index.units_of(seen), state[1])
     report = index.maintain(bank, budget_ms=60_000.0)
     assert report.splits and report.pending == 0 and not index.pending
     assert int(index.counts.max()) <= 32
@@ -273,7 +273,7 @@ def test_loose_cluster_is_queued_when_the_scale_tightens_and_split_later():
     for _ in range(3):
         keys = wide + 0.8 * torch.randn(40, H, D, generator=gen)
         index.assign(keys, bank.add(keys))
-    (wide_id,) = index.cluster_of(torch.arange(120)).unique().tolist()
+    (wide_id,) = index.units_of(torch.arange(120)).unique().tolist()
     assert wide_id not in index.pending
     for _ in range(30):  # the layer's local scale shrinks: the wide cluster is now loose
         keys = tight + 0.1 * torch.randn(40, H, D, generator=gen)
@@ -338,11 +338,11 @@ def test_remove_tokens_frees_and_reuses_ids():
     for blob in (0, 1, 0, 1):
         keys = centers[blob] + 0.2 * torch.randn(30, H, D, generator=gen)
         index.assign(keys, bank.add(keys))
-    first = int(index.cluster_of(torch.tensor([0])))
+    first = int(index.units_of(torch.tensor([0])))
     gone = index.members(first).clone()
     emptied = index.remove_tokens(gone, bank(gone))
     assert emptied.tolist() == [first] and index.counts[first] == 0
-    assert bool((index.cluster_of(gone) == -1).all()) and index.num_tokens == 120 - gone.numel()
+    assert bool((index.units_of(gone) == -1).all()) and index.num_tokens == 120 - gone.numel()
     index.check_invariants(bank)
     far = torch.randn(1, H, D, generator=gen) * 5
     assert index.assign(far, bank.add(far)).tolist() == [first]  # the freed id is reused
@@ -411,7 +411,7 @@ def long_text_stream(index: ClusterIndex, bank: KeyBank, steps: int, seed: int) 
                 modality = torch.ones(keys.shape[0], dtype=torch.uint8)
             ids = bank.add(keys)
             cid = index.assign(keys, ids, modality=modality)
-            assert bool((cid >= 0).all()) and bool((index.cluster_of(ids) == cid).all())
+            assert bool((cid >= 0).all()) and bool((index.units_of(ids) == cid).all())
         else:
             index.maintain(bank, budget_ms=rng.choice((0.0, 0.5, 5.0)))
 
@@ -458,7 +458,7 @@ def test_invariants_hold_over_ten_thousand_random_operations():
                 modality = torch.randint(2, (keys.shape[0],), generator=gen).to(torch.uint8)
             ids = bank.add(keys)
             cid = index.assign(keys, ids, modality=modality)
-            assert bool((cid >= 0).all()) and bool((index.cluster_of(ids) == cid).all())
+            assert bool((cid >= 0).all()) and bool((index.units_of(ids) == cid).all())
             held.extend(ids.tolist())
         elif op < 0.75 and held:
             if len(held) > 1500:  # a memory cap: evict the oldest tokens

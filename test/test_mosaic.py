@@ -158,7 +158,7 @@ def test_sealed_clusters_are_contiguous_and_ring_chunks_are_grouped_by_cluster()
         assert starts.numel() <= 2
         # inside a chunk the ring rows go cluster by cluster: each cluster's tokens are one run
         last = torch.nonzero(store.frame == store.frame[-1]).flatten()
-        cid = st.index.cluster_of(last)
+        cid = st.index.units_of(last)
         for c in torch.unique(cid).tolist():
             starts, _ = store.runs(layer, store.rows_of(layer, last[cid == c]))
             assert starts.numel() == 1 or int(starts[0]) == st.ring_lo  # (a wrap splits it)
@@ -178,7 +178,7 @@ def test_clustering_and_layout_do_not_depend_on_the_key_scale():
         layouts.append(
             [
                 (
-                    st.index.cluster_of(ids),
+                    st.index.units_of(ids),
                     st.index.threshold,
                     st.ext_start[st.ext_len > 0],
                     st.ext_len[st.ext_len > 0],
@@ -244,14 +244,14 @@ def test_a_seal_under_a_row_limit_moves_the_oldest_clusters_and_leaves_the_rest(
     stream.run([limited, whole], frames=6, objects=[2, 3], maintain_ms=None)  # 0 and 1 go idle unsealed
     st = limited._layers[0]
     waiting = st.nursery.clone()
-    idle = [int(n) for n in torch.bincount(st.index.cluster_of(waiting)) if 30 < n < 60]
+    idle = [int(n) for n in torch.bincount(st.index.units_of(waiting)) if 30 < n < 60]
     assert len(idle) >= 2  # objects 0 and 1, finished, ~39 tokens each: one fits in 60 rows
     first = limited._seal(0, limit=60)
     assert 0 < first <= 60
     sealed = waiting[~torch.isin(waiting, st.nursery)]
     still = st.nursery[st.nursery < int(sealed.max())]
     # what stayed behind older than the newest sealed token is a cluster still open, not a finished one
-    assert not bool(torch.isin(st.index.cluster_of(still), st.index.cluster_of(sealed)).any())
+    assert not bool(torch.isin(st.index.units_of(still), st.index.units_of(sealed)).any())
     limited.check_invariants()
     rest = limited._seal(0)
     assert rest > 0 and whole._seal(0) > 0
@@ -384,7 +384,7 @@ class ScriptedPredictor(MosaicPolicy):
         truth = self.select(target, self.queries[target])
         index = self._layers[target].index
         taken = torch.zeros(index.num_slots, dtype=torch.bool)
-        taken[index.cluster_of(self.store.tokens_at(target, truth.extra))] = True
+        taken[index.units_of(self.store.tokens_at(target, truth.extra))] = True
         return (taken != self.wrong).float()
 
 

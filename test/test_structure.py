@@ -15,6 +15,7 @@ import torch
 from mosaic_ros.runtime.kv import policies as policies_pkg
 from mosaic_ros.runtime.kv.copy import HostCopyEngine
 from mosaic_ros.runtime.kv.policies.base import StoreBackedPolicy
+from mosaic_ros.runtime.kv.policies.units import UnitIndex
 from mosaic_ros.runtime.kv.policy import POLICIES, KVGeometry, PolicyConfig, TokenMeta, make_policy
 from mosaic_ros.runtime.kv.store import DeviceBuffer, HostKVStore
 
@@ -85,6 +86,39 @@ def test_a_policy_without_select_cannot_be_made():
 
     with pytest.raises(TypeError, match="select"):
         Nothing(GEOM, PolicyConfig(budget_tokens=8, sink_tokens=2, window_tokens=4))
+
+
+def test_blocks_pages_and_clusters_are_one_kind_of_unit_index():
+    """ReKV's blocks, LiveVLM's pages and Mosaic's clusters answer the same questions alike."""
+    policies = {
+        name: make_policy(name, GEOM, PolicyConfig(budget_tokens=40, sink_tokens=4, window_tokens=8))
+        for name in ("rekv", "livevlm", "mosaic")
+    }
+    indexes = {}
+    for name, policy in policies.items():
+        fill(policy, frames=6)
+        indexes[name] = {
+            "rekv": lambda p: p.blocks.layer(1),
+            "livevlm": lambda p: p.pages.layer(1),
+            "mosaic": lambda p: p._layers[1].index,
+        }[name](policy)
+    query = torch.randn(4, 2, 16)
+    live = policies["rekv"].store.live_tokens(1)
+    for name, index in indexes.items():
+        assert isinstance(index, UnitIndex), name
+        of = index.units_of(live)
+        units = torch.unique(of[of >= 0])
+        assert units.numel() >= 1
+        held = torch.bincount(of[of >= 0], minlength=int(units.max()) + 1)
+        assert torch.equal(index.counts[units].cpu().long(), held[units]), name
+        store = policies[name].store
+        first = units[0]
+        want = store.read(1, store.rows_of(1, live[of == first]))[:, 0].float().mean(0)
+        assert torch.allclose(index.means(first[None])[0].cpu(), want, atol=1e-4), name
+        share = index.share(query, units)
+        assert share.shape == units.shape and bool((share >= 0).all()) and float(share.sum()) <= 1 + 1e-4
+    for policy in policies.values():
+        policy.close()
 
 
 # ------------------------------------------------------------------------------------------ prefetch

@@ -777,7 +777,8 @@ class ClusterIndex:
     ``ClusterIndex(num_kv_heads, head_dim)`` is a stand-alone one-layer index (its ``assign``
     takes one layer's chunk); the layers of a ``ClusterBank`` are ``bank.layers[l]`` and are
     assigned together by ``ClusterBank.assign``. Statistics live on ``device`` (float32); token
-    bookkeeping on the CPU. Not thread-safe.
+    bookkeeping on the CPU. Not thread-safe. A ``policies.units.UnitIndex`` (``units_of``,
+    ``counts``, ``means``, ``share``), as ReKV's blocks and LiveVLM's pages are.
     """
 
     def __init__(
@@ -891,7 +892,7 @@ class ClusterIndex:
         b = self._bank
         return (b.tok_cluster[self.layer, : b.tok_len] == cluster_id).nonzero().squeeze(1) + b.base
 
-    def cluster_of(self, token_ids: Tensor) -> Tensor:
+    def units_of(self, token_ids: Tensor) -> Tensor:
         """(n,) int64 cluster id of each token id, -1 for ids not held (never assigned or removed)."""
         b = self._bank
         ids = token_ids.to("cpu", torch.int64).reshape(-1)
@@ -941,7 +942,7 @@ class ClusterIndex:
             raise ValueError(f"keys must be ({ids.shape[0]}, {self.num_kv_heads}, {self.head_dim})")
         if ids.unique().shape[0] != ids.shape[0]:
             raise ValueError("token_ids must be distinct")
-        cid = self.cluster_of(ids)
+        cid = self.units_of(ids)
         held = (cid >= 0).nonzero().squeeze(1)
         if held.numel() == 0:
             return torch.zeros(0, dtype=torch.int64)
@@ -1065,6 +1066,17 @@ class ClusterIndex:
     # -----------------------------------------------------------------------------------------
     # retrieval
     # -----------------------------------------------------------------------------------------
+
+    def means(self, units: Tensor) -> Tensor:
+        """(k, H_kv, D) float32 raw centroids of cluster ids ``units`` (the ``UnitIndex`` protocol)."""
+        return self.centroids[units.to(self.device)]
+
+    def share(self, query: Tensor, units: Tensor | None = None) -> Tensor:
+        """(C,) (or (len(units),)) float32 on the host: each cluster's estimated share of the
+        attention of ``query`` (H_q, L_q, D), ``exp(score)`` (the ``UnitIndex`` protocol; the
+        shares are normalised over all clusters, whichever are asked for)."""
+        share = self.score(query).exp().cpu()
+        return share if units is None else share[units]
 
     def score(self, query: Tensor, *, scale: float | None = None, backend: str | None = None) -> Tensor:
         """(C,) float32 log estimated attention share of every cluster for ``query`` (H_q, L_q, D).

@@ -26,7 +26,7 @@ import torch
 
 from mosaic_ros.runtime.kv.policies.base import Selection, StoreBackedPolicy
 from mosaic_ros.runtime.kv.policies.compression import bucket_top, vision_scores
-from mosaic_ros.runtime.kv.policies.units import UnitMeans, take_units, unit_scores
+from mosaic_ros.runtime.kv.policies.units import UnitMeans, take_units
 from mosaic_ros.runtime.kv.policy import KVGeometry, PolicyConfig, register_policy
 
 
@@ -114,12 +114,7 @@ class LiveVLMPolicy(StoreBackedPolicy):
         store = self.store
         base, rest = self.split_candidates(layer, self.config.budget_tokens)
         room = self.config.budget_tokens - base.numel()
-        picked = take_units(
-            rest,
-            self.pages.units_of(layer, rest),
-            lambda pages: unit_scores(query, self.pages.means(layer, pages)),
-            room,
-        )
+        picked = take_units(rest, self.pages.layer(layer), query, room)
         ids = torch.sort(torch.cat((base, picked))).values
         sel = self.selection(layer, ids)
         if ids.numel():

@@ -409,7 +409,7 @@ class MosaicPolicy(StoreBackedPolicy):
         if bool(sealed.any()):
             live = self.store.live_tokens(layer)
             out = live[(live >= self.config.sink_tokens) & ~torch.isin(live, st.nursery)]
-            cid = st.index.cluster_of(out)
+            cid = st.index.units_of(out)
             first = torch.full_like(st.ext_start, torch.iinfo(torch.int64).max)
             first.scatter_reduce_(0, cid, self.store.rows_of(layer, out), "amin")
             st.ext_start = torch.where(sealed, first, 0)
@@ -457,7 +457,7 @@ class MosaicPolicy(StoreBackedPolicy):
         if st.nursery.numel() == 0:
             return 0
         window_lo = store.appended_upto(layer) - self._window_tokens
-        ncid = st.index.cluster_of(st.nursery)
+        ncid = st.index.units_of(st.nursery)
         if force is None:
             waiting = st.nursery < window_lo
             idle = st.newest[ncid] < window_lo - int(
@@ -467,7 +467,7 @@ class MosaicPolicy(StoreBackedPolicy):
             forced = torch.unique(ncid[waiting & ahead])
             seal = waiting & (idle | torch.isin(ncid, forced))
         else:
-            forced = torch.unique(st.index.cluster_of(force))
+            forced = torch.unique(st.index.units_of(force))
             hit = torch.isin(ncid, forced)
             seal = hit & ((st.nursery < window_lo) | torch.isin(st.nursery, force))
         if self.max_rows:  # under the host cap a move needs free rows: seal the oldest that fit
@@ -664,7 +664,7 @@ class MosaicPolicy(StoreBackedPolicy):
         if ids.numel() == 0:
             return
         keys = store.read(layer, store.rows_of(layer, ids))[:, 0]
-        cid = st.index.cluster_of(ids)
+        cid = st.index.units_of(ids)
         emptied = st.index.remove_tokens(ids, keys)
         st.nursery = st.nursery[~torch.isin(st.nursery, ids)]
         touched = torch.unique(cid[cid >= 0])
@@ -707,7 +707,7 @@ class MosaicPolicy(StoreBackedPolicy):
         if self._window is not None:
             return self._select_in_window(layer, query)
         base = self.base_ids(layer)
-        share = self._layers[layer].index.score(query).exp()
+        share = self._layers[layer].index.share(query)
         return self._rows_for(layer, base, share, self.config.budget_tokens - base.numel())
 
     def _rows_for(self, layer: int, base: Tensor, share: Tensor, room: int) -> Selection:
@@ -717,16 +717,16 @@ class MosaicPolicy(StoreBackedPolicy):
         share = share.to("cpu", torch.float32)
         base_rows = store.rows_of(layer, base)
         sizes = st.index.counts.cpu()  # the index keeps its statistics on the compute device
-        in_base = st.index.cluster_of(base)
+        in_base = st.index.units_of(base)
         sizes -= torch.bincount(in_base[in_base >= 0], minlength=sizes.numel())
         per_token = share / sizes.clamp_min(1)
         if int(sizes.sum()) <= room:
             live = store.live_tokens(layer)
             rest = live[~torch.isin(live, base)]
             extra = store.rows_of(layer, rest)
-            return Selection(torch.cat((base_rows, extra)), extra, per_token[st.index.cluster_of(rest)])
+            return Selection(torch.cat((base_rows, extra)), extra, per_token[st.index.units_of(rest)])
         nursery = st.nursery[~torch.isin(st.nursery, base)]
-        ncid = st.index.cluster_of(nursery)
+        ncid = st.index.units_of(nursery)
         nrows = store.rows_of(layer, nursery)
         fragments = self._fragments(ncid, nrows, sizes.numel())
         left, right = st.adjacency(self.page_rows)
@@ -776,10 +776,10 @@ class MosaicPolicy(StoreBackedPolicy):
         st = self._layers[layer]
         base, rest = self.split_candidates(layer, self.config.budget_tokens)
         room = self.config.budget_tokens - base.numel()
-        cid = st.index.cluster_of(rest)
+        cid = st.index.units_of(rest)
         n = st.index.num_slots
         sizes = torch.bincount(cid, minlength=n)
-        share = st.index.score(query).exp().cpu()
+        share = st.index.share(query)
         none = torch.full((n,), -1, dtype=torch.int64)
         whole, partial, partial_tokens = choose_clusters(
             share,
@@ -812,8 +812,8 @@ class MosaicPolicy(StoreBackedPolicy):
         """
         index = self._layers[layer + 1].index
         if self.options["prefetch_predictor"] == "query":
-            return index.score(query).exp()
-        cid = index.cluster_of(self.store.tokens_at(layer, sel.extra))
+            return index.share(query)
+        cid = index.units_of(self.store.tokens_at(layer, sel.extra))
         held = cid >= 0
         return torch.zeros(index.num_slots).index_add_(0, cid[held], sel.extra_share[held])
 
@@ -846,7 +846,7 @@ class MosaicPolicy(StoreBackedPolicy):
         for layer, st in enumerate(self._layers):
             st.index.check_invariants(self._key_lookup(layer))
             live = store.live_tokens(layer)
-            held = st.index.cluster_of(live)
+            held = st.index.units_of(live)
             require(bool((held >= 0).all()), f"layer {layer}: live tokens missing from the index")
             require(st.index.num_tokens == live.numel(), f"layer {layer}: the index holds evicted tokens")
             require(st.index.num_slots <= st.ext_len.numel(), f"layer {layer}: per-cluster state not grown")
@@ -860,7 +860,7 @@ class MosaicPolicy(StoreBackedPolicy):
             require(bool((ext_ids >= 0).all()), f"layer {layer}: an extent covers a free row")
             require(ext_rows.unique().numel() == ext_rows.numel(), f"layer {layer}: extents overlap")
             require(
-                torch.equal(st.index.cluster_of(ext_ids), owner),
+                torch.equal(st.index.units_of(ext_ids), owner),
                 f"layer {layer}: an extent holds another cluster's token",
             )
             rising = (ext_ids[1:] > ext_ids[:-1]) | (owner[1:] != owner[:-1])

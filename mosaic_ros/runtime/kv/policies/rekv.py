@@ -3,7 +3,7 @@
 A block is one frame: the vision tokens of a frame plus the text that arrives with it in the
 same chunk (its time marker); a text-only chunk (a question, an answer) is a block of its own.
 The representative of a block is the mean pre-RoPE key of its live tokens, per KV head. A
-question scores blocks (``units.unit_scores``), takes the best blocks whole while they fit the
+question scores blocks (``units.LayerUnits.share``), takes the best blocks whole while they fit the
 budget left after sinks + local window, and hands them over in time order. Blocks are
 appended contiguously, so a fetch is a few long runs.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from mosaic_ros.runtime.kv.policies.base import Selection, StoreBackedPolicy
-from mosaic_ros.runtime.kv.policies.units import UnitMeans, take_units, unit_scores
+from mosaic_ros.runtime.kv.policies.units import UnitMeans, take_units
 from mosaic_ros.runtime.kv.policy import TokenMeta, register_policy
 
 
@@ -70,12 +70,7 @@ class ReKVPolicy(StoreBackedPolicy):
     def select(self, layer: int, query: torch.Tensor) -> Selection:
         base, rest = self.split_candidates(layer, self.config.budget_tokens)
         room = self.config.budget_tokens - base.numel()
-        picked = take_units(
-            rest,
-            self.blocks.units_of(layer, rest),
-            lambda blocks: unit_scores(query, self.blocks.means(layer, blocks)),
-            room,
-        )
+        picked = take_units(rest, self.blocks.layer(layer), query, room)
         return self.selection(layer, torch.sort(torch.cat((base, picked))).values)
 
     def units(self) -> int:

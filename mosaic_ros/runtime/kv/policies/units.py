@@ -1,11 +1,21 @@
-"""Retrieval by units (ReKV frame blocks, LiveVLM pages): running mean keys and their scoring.
+"""Retrieval by units: one protocol (``UnitIndex``) for ReKV's frame blocks, LiveVLM's pages and
+Mosaic's clusters.
 
 A unit is a group of stored tokens of one layer retrieved together; its representative is
-the mean pre-RoPE key of its live tokens. ``UnitMeans`` keeps per-layer sums so appends cost
-O(chunk), and rebuilds a layer from the store after evictions.
+the mean pre-RoPE key of its live tokens. Every unit index answers the same four questions:
+which unit each token is in (``units_of``), how many tokens each unit holds (``counts``), the
+units' mean keys (``means``) and the share of a question's attention each unit is estimated to
+draw (``share``). ``LayerUnits`` (one layer of a ``UnitMeans``: running key sums per unit, so
+appends cost O(chunk)) estimates shares as ReKV does (``unit_scores``: a softmax over the
+candidate units' mean keys); ``clusters.ClusterIndex`` estimates them from its count-weighted
+centroids. What is taken within the budget is the policy's rule: ``take_units`` takes whole
+units by share (ReKV, LiveVLM); Mosaic takes clusters by share per token, copy-aware, with the
+last one cut to fill the budget (``mosaic.choose_clusters``).
 """
 
 from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -22,14 +32,38 @@ def unit_scores(query: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     """Score units for a question: query (H_q, L_q, D), means (U, H_kv, D) -> (U,) float32 on the host.
 
     Per query head and question token, a softmax over the units of the logits against the
-    unit mean keys (scaled by 1/sqrt(D)), summed over heads and tokens: the attention mass a
-    unit would draw if each of its tokens looked like its mean.
+    unit mean keys (scaled by 1/sqrt(D)), averaged over heads and tokens: the share of the
+    question's attention each unit would draw if it were one key at its mean (ReKV's block
+    score).
     """
     if means.shape[0] == 0:
         return torch.zeros(0)
     q = grouped_queries(query, means.shape[1])
     logits = torch.bmm(q, means.to(q.device).permute(1, 2, 0)) * query.shape[-1] ** -0.5
-    return torch.softmax(logits, dim=-1).sum(dim=(0, 1)).cpu()
+    return torch.softmax(logits, dim=-1).mean(dim=(0, 1)).cpu()
+
+
+@runtime_checkable
+class UnitIndex(Protocol):
+    """One layer's retrieval units (see the module docstring). Unit ids index every per-unit tensor."""
+
+    def units_of(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """(n,) int64 unit of each token id, -1 for tokens in no unit."""
+        ...
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """(U,) tokens per unit id (0 for an empty or unused id)."""
+        ...
+
+    def means(self, units: torch.Tensor) -> torch.Tensor:
+        """(len(units), H_kv, D) float32 mean pre-RoPE key of each unit."""
+        ...
+
+    def share(self, query: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """(len(units),) float32 on the host: estimated share of the attention of ``query``
+        (H_q, L_q, D) pre-RoPE that each of ``units`` draws."""
+        ...
 
 
 class UnitMeans:
@@ -80,22 +114,44 @@ class UnitMeans:
         """(len(units), H_kv, D) float32 mean keys of ``units``."""
         return self.sums[layer][units] / self.counts[layer][units].clamp_min(1)[:, None, None]
 
-    def units_of(self, layer: int, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.unit_of[layer][token_ids]
+    def layer(self, layer: int) -> LayerUnits:
+        """One layer's units as a ``UnitIndex``."""
+        return LayerUnits(self, layer)
 
 
-def take_units(rest: torch.Tensor, rest_units: torch.Tensor, scores_of, room: int) -> torch.Tensor:
-    """Tokens of ``rest`` (n,) whose units win: best-scored units first while their tokens fit ``room``.
+class LayerUnits:
+    """``UnitIndex`` over one layer of a ``UnitMeans``; shares by ``unit_scores`` (ReKV's estimate)."""
 
-    rest_units: (n,) unit of each token; ``scores_of(units (U,)) -> (U,)`` scores candidate units.
-    A unit's size is its number of tokens in ``rest``. Returns ids ascending.
+    def __init__(self, means: UnitMeans, layer: int):
+        self._means, self._layer = means, layer
+
+    def units_of(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self._means.unit_of[self._layer][token_ids]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self._means.counts[self._layer]
+
+    def means(self, units: torch.Tensor) -> torch.Tensor:
+        return self._means.means(self._layer, units)
+
+    def share(self, query: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        return unit_scores(query, self.means(units))
+
+
+def take_units(rest: torch.Tensor, index: UnitIndex, query: torch.Tensor, room: int) -> torch.Tensor:
+    """Tokens of ``rest`` (n,) whose units win: the units with the largest ``index.share`` of the
+    question ``query`` first, whole, while their tokens fit ``room``.
+
+    A unit's size is its number of tokens in ``rest``; only units with a token in ``rest`` are
+    scored. Returns ids ascending.
     """
     if room <= 0 or rest.numel() == 0:
         return rest[:0]
     if rest.numel() <= room:
         return rest
-    units, inverse, sizes = torch.unique(rest_units, return_inverse=True, return_counts=True)
-    order = torch.argsort(scores_of(units), descending=True, stable=True)
+    units, inverse, sizes = torch.unique(index.units_of(rest), return_inverse=True, return_counts=True)
+    order = torch.argsort(index.share(query, units), descending=True, stable=True)
     fits = torch.cumsum(sizes[order], 0) <= room
     chosen = torch.zeros(units.numel(), dtype=torch.bool)
     chosen[order[fits]] = True
