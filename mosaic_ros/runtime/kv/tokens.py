@@ -116,10 +116,6 @@ class TokenTable:
         """Ids (n,) int64, ascending, of the tokens ``layer`` holds."""
         return torch.nonzero(self.token_row[layer][: self.num_tokens] >= 0).flatten()
 
-    def held(self, layer: int, token_ids: torch.Tensor) -> torch.Tensor:
-        """(n,) bool: which of ``token_ids`` (n,) the layer holds."""
-        return self.rows_of(layer, token_ids) >= 0
-
     # ------------------------------------------------------------------ maps, write (the store)
     def resize_rows(self, layer: int, capacity: int) -> None:
         """Make ``row_token[layer]`` exactly ``capacity`` rows (new rows free; dropped rows must be)."""
