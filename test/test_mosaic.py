@@ -552,3 +552,137 @@ def test_the_bench_runs_mosaic_and_reports_its_prefetch_hit_rate(tmp_path):
     assert 0.0 < res["mosaic"]["prefetch_hit_rate"] <= 1.0
     assert res["rekv"]["prefetch_hit_rate"] == 0.0
     assert res["mosaic"]["units"] > 0 and 0.0 < res["mosaic"]["recall"] <= 1.0 + 1e-5
+
+
+# ------------------------------------------------------------------------------------ block layers
+
+
+def feed_unclustered(policy, frames: int, seed: int = 0) -> tuple[list[torch.Tensor], list[dict]]:
+    """A 4-token preamble, then frames of a time marker and 9 vision tokens: the marker and 3
+    tokens repeat (nearly) in every frame, the other 6 are unique, as words are in text. The
+    repeats set a small local scale, so the unique tokens stay alone: clusters of ~1.5 tokens.
+    Returns each frame's ids (the preamble first) and every token's key per layer."""
+    g = torch.Generator().manual_seed(seed)
+    repeat = torch.randn(policy.geometry.num_layers, 4, 2, 16, generator=g)
+    frame_ids, keys = [], [{} for _ in range(policy.geometry.num_layers)]
+    next_id = 0
+    for f in range(frames + 1):
+        n = 4 if f == 0 else 10
+        modality = (
+            torch.zeros(n, dtype=torch.uint8) if f == 0 else torch.tensor([0] + [1] * 9, dtype=torch.uint8)
+        )
+        meta = TokenMeta(
+            positions=torch.arange(next_id, next_id + n)[None],
+            stamps=torch.full((n,), float(f), dtype=torch.float64),
+            modality=modality,
+            frame=torch.where(modality.bool(), f, -1),
+        )
+        ids = policy.add_tokens(meta)
+        for layer in range(policy.geometry.num_layers):
+            k = torch.randn(n, 2, 16, generator=g)
+            if f:
+                k[:4] = repeat[layer] + 0.01 * torch.randn(4, 2, 16, generator=g)
+            policy.append(layer, k, torch.randn(n, 2, 16, generator=g), ids)
+            keys[layer].update({int(t): k[i] for i, t in enumerate(ids.tolist())})
+        policy.maintain(HUGE_MS)
+        frame_ids.append(ids)
+        next_id += n
+    return frame_ids, keys
+
+
+def aimed_query(keys: dict, token_per_head: list[int]) -> torch.Tensor:
+    """(4, 1, 16) queries: KV head g's two query heads point at token ``token_per_head[g]``'s key."""
+    return torch.stack([4.0 * keys[t][g] for g, t in enumerate(token_per_head) for _ in range(2)])[:, None]
+
+
+def test_layers_whose_clusters_do_not_cohere_retrieve_whole_frame_blocks_per_head():
+    config = PolicyConfig(budget_tokens=64, sink_tokens=4, window_tokens=8)
+    policy = make_policy("mosaic", GEOM, config)
+    frames, keys = feed_unclustered(policy, frames=12)
+    for layer in range(GEOM.num_layers):
+        index = policy._layers[layer].index
+        assert index.num_tokens < 2 * index.num_clusters  # the keys do not cohere
+        assert policy.per_head_layer(layer)
+    policy.check_invariants()
+    base = set(range(4)) | set(range(policy.store.num_tokens - 8, policy.store.num_tokens))
+    policy.begin_question()
+    for layer in range(GEOM.num_layers):
+        # KV head 0 asks about a unique token of frame 2, KV head 1 about one of frame 5
+        ctx = policy.retrieve(layer, aimed_query(keys[layer], [int(frames[2][7]), int(frames[5][8])]))
+        ids = ctx.token_ids
+        assert ids.shape[0] == 2 and ids.shape[1] <= config.budget_tokens
+        assert set(frames[2].tolist()) <= set(ids[0].tolist()) and set(frames[5].tolist()) <= set(
+            ids[1].tolist()
+        )
+        for g in range(2):
+            got = set(ids[g].tolist())
+            assert base <= got
+            for block in frames[1:]:  # outside sinks + window, a frame comes whole or not at all
+                outside = set(block.tolist()) - base
+                assert not outside & got or outside <= got
+            for slot, t in enumerate(ids[g].tolist()):  # each head's own key of each of its tokens
+                assert torch.equal(ctx.keys[g, slot], keys[layer][t][g].to(ctx.keys.dtype))
+    policy.end_question()
+    # with room for one block only, each head takes exactly the frame its queries ask about
+    narrow = make_policy("mosaic", GEOM, PolicyConfig(budget_tokens=22, sink_tokens=4, window_tokens=8))
+    frames, keys = feed_unclustered(narrow, frames=12)
+    narrow.begin_question()
+    for layer in range(GEOM.num_layers):
+        ids = narrow.retrieve(
+            layer, aimed_query(keys[layer], [int(frames[2][7]), int(frames[5][8])])
+        ).token_ids
+        assert [sorted(set(ids[g].tolist()) - base) for g in range(2)] == [
+            frames[2].tolist(),
+            frames[5].tolist(),
+        ]
+    narrow.end_question()
+
+
+def test_block_layers_honour_a_time_window_and_blocks_below_zero_keeps_shared_clusters():
+    config = PolicyConfig(budget_tokens=40, sink_tokens=4, window_tokens=8)
+    policy = make_policy("mosaic", GEOM, config)
+    frames, keys = feed_unclustered(policy, frames=12)
+    policy.begin_question(window=(3.0, 6.0))
+    for layer in range(GEOM.num_layers):
+        ids = policy.retrieve(
+            layer, aimed_query(keys[layer], [int(frames[9][7]), int(frames[4][7])])
+        ).token_ids
+        stamps = policy.store.stamps[ids.flatten()]
+        base = (ids.flatten() < 4) | (ids.flatten() >= policy.store.num_tokens - 8)
+        assert bool(((stamps >= 3.0) & (stamps <= 6.0) | base).all())
+        assert set(frames[4].tolist()) <= set(ids[1].tolist())  # head 1's block is in the window
+    policy.end_question()
+    shared = make_policy(
+        "mosaic",
+        GEOM,
+        PolicyConfig(budget_tokens=40, sink_tokens=4, window_tokens=8, options={"blocks_below": 0.0}),
+    )
+    feed_unclustered(shared, frames=12)
+    assert not shared.per_head_layer(0)
+    coherent = make_policy("mosaic", GEOM, small_config())  # a few objects: clusters span frames
+    Stream(GEOM).run([coherent], frames=12)
+    assert not any(coherent.per_head_layer(layer) for layer in range(GEOM.num_layers))
+    shared.begin_question()
+    ids = shared.retrieve(0, aimed_query(keys[0], [int(frames[2][7]), int(frames[5][8])])).token_ids
+    assert torch.equal(ids[0], ids[1])  # one set for both heads
+    shared.end_question()
+
+
+def test_head_shares_average_to_the_centroid_scores_and_choose_blocks_fills_by_score():
+    from mosaic_ros.runtime.kv.kernels import centroid_scores
+    from mosaic_ros.runtime.kv.policies.mosaic import choose_blocks, head_shares
+
+    gen = torch.Generator().manual_seed(4)
+    query, centroids = torch.randn(4, 3, 16, generator=gen), torch.randn(7, 2, 16, generator=gen)
+    counts = torch.tensor([3, 1, 0, 5, 2, 2, 1])
+    shares = head_shares(query, centroids, counts)
+    assert shares.shape == (2, 7) and bool((shares[:, 2] == 0).all())
+    torch.testing.assert_close(shares.sum(dim=1), torch.ones(2))
+    torch.testing.assert_close(
+        shares.mean(dim=0), centroid_scores(query, centroids, counts).exp().masked_fill(counts == 0, 0)
+    )
+    score = torch.tensor([0.1, 0.5, 0.3, 0.2])
+    sizes = torch.tensor([10, 10, 25, 5])
+    assert choose_blocks(score, sizes, 20).tolist() == [False, True, False, True]  # 2 is passed over
+    assert choose_blocks(score, sizes, 45).tolist() == [False, True, True, True]  # 0 no longer fits
+    assert not choose_blocks(score, sizes, 4).any()

@@ -347,6 +347,13 @@ OPTION_HELP: dict[str, Setting] = {
         0.999999,
     ),
     "aggregate": Setting("How a token's score combines its query heads' attention.", choices=("sum", "max")),
+    "blocks_below": Setting(
+        "A layer whose clusters average fewer tokens than this many mean frame blocks retrieves "
+        "whole frame blocks, chosen per KV head from its clusters' estimates (0: never).",
+        "blocks",
+        0.0,
+        1e6,
+    ),
     "cpu_prefetch": Setting("Cross-layer prefetch on a CPU device too (a worker thread)."),
     "hold_windows": Setting(
         "A cluster idle this many local windows beyond the local window is sealed.", "windows", 0.0, 1e6

@@ -102,7 +102,8 @@ class StoreBackedPolicy(KVPolicy):
     tokens in layer l+1; a policy with a better predictor overrides ``predict_next``.
 
     ``per_head``: selections differ per KV head (``Selection.rows`` is (H_kv, n)) instead of
-    one (n,) set shared by all heads. ``bounded``: selections must respect ``budget_tokens``.
+    one (n,) set shared by all heads; a policy that decides this per layer overrides
+    ``per_head_layer``. ``bounded``: selections must respect ``budget_tokens``.
     ``option_defaults``: the policy's own ``config.options`` keys with defaults; any other key
     is an error. ``reserves_question_buffers``: the per-layer budget-sized device buffers are
     allocated when a question begins (the device pool a question needs), so a first question
@@ -400,10 +401,17 @@ class StoreBackedPolicy(KVPolicy):
         """The ``Selection`` of token ids (n,) or (H_kv, n) held by ``layer``."""
         return Selection(rows=self.store.rows_of(layer, ids))
 
+    def per_head_layer(self, layer: int) -> bool:
+        """Whether ``layer``'s selections are per KV head ((H_kv, n) rows) in the question now
+        open; it must not change between ``begin_question`` and ``end_question``. Default: the
+        class's ``per_head``."""
+        return self.per_head
+
     def _buffer(self, layer: int) -> DeviceBuffer:
+        per_head = self.per_head_layer(layer)
         buf = self._buffers.get(layer)
-        if buf is None:
-            buf = DeviceBuffer(self.geometry, self.config.budget_tokens, self.device, per_head=self.per_head)
+        if buf is None or buf.per_head != per_head:
+            buf = DeviceBuffer(self.geometry, self.config.budget_tokens, self.device, per_head=per_head)
             self._buffers[layer] = buf
             self._track_device()
         return buf
@@ -430,6 +438,10 @@ class StoreBackedPolicy(KVPolicy):
         self._stats.disk_fetch_ms += scan_ms
         self._stats.disk_bytes_read += store.disk_bytes_read - disk_bytes
         n = sel.rows.shape[-1]
+        if (sel.rows.dim() == 2) != self.per_head_layer(layer):
+            raise AssertionError(
+                f"{self.name} layer {layer}: rows {tuple(sel.rows.shape)} do not match its per-head mode"
+            )
         if self.bounded and n > self.config.budget_tokens:
             raise AssertionError(
                 f"{self.name} selected {n} tokens over the budget {self.config.budget_tokens}"

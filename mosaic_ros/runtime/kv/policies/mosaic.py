@@ -47,6 +47,23 @@ cluster, so it only reorders choices of about marginal value. The rows go to the
 ``fetch`` into the layer's device buffer, which keeps rows resident from the previous
 question; a question's time window filters candidates token by token instead.
 
+Block layers (``options['blocks_below']``, 0.5 by default; 0: never). Where a layer's clusters
+are much finer than a frame (they average fewer tokens than ``blocks_below`` x the stream's mean
+frame block), its keys do not cohere beyond a few tokens: on text most words are unique
+(2.4-8 tokens per cluster on SmolLM2's needle streams, whose blocks hold ~19 tokens, against
+~340 per cluster and ~200 per frame on the synthetic 7B stream), and choosing clusters there is
+token-level retrieval with estimated scores. Such a layer keeps the clusters as its scorer and
+takes time as its unit: each KV
+head scores every frame block (a frame with its time marker, or a text chunk, as ReKV's blocks)
+by the sum of its tokens' estimated shares of that head's attention (``head_shares``: the
+clusters' estimates per KV head; a token's share is its cluster's over its size) and takes the
+best blocks whole (``choose_blocks``); heads that took fewer tokens are filled up to the
+fullest one with their best other tokens, so the selection is (H_kv, n) rows (``per_head_layer``;
+the layer's device buffer holds a token per head per slot). A question's answer sits next to
+what the question matches (a locker's number next to "red locker"): a whole block brings it
+along, one token does not, and per head each KV head finds its own blocks. No prefetch runs into
+or out of a block layer. Measured in docs/BENCHMARKS.md (the needle workload).
+
 Cross-layer prefetch (``config.prefetch``; the base class runs it for every policy): right
 after layer l's fetch, layer l+1's selection is predicted (``predict_next``) and copied into
 layer l+1's buffer; the true selection then fetches only the misses. Mosaic predicts clusters
@@ -70,7 +87,8 @@ from torch import Tensor
 
 from mosaic_ros.runtime.kv.clusters import ClusterBank, ClusterConfig, ClusterIndex, Split, require
 from mosaic_ros.runtime.kv.policies.base import Selection, StoreBackedPolicy
-from mosaic_ros.runtime.kv.policy import KVGeometry, PolicyConfig, TokenMeta, register_policy
+from mosaic_ros.runtime.kv.policies.units import FrameBlocks, grouped_queries
+from mosaic_ros.runtime.kv.policy import KVGeometry, PolicyConfig, RetrievalStats, TokenMeta, register_policy
 
 PREDICTORS = ("tokens", "query")
 _EMPTY = torch.zeros(0, dtype=torch.int64)
@@ -193,6 +211,38 @@ def choose_clusters(
     return torch.tensor(sorted(taken), dtype=torch.int64), -1, 0
 
 
+def head_shares(query: Tensor, centroids: Tensor, counts: Tensor) -> Tensor:
+    """(H_kv, C) float32 on the host: each cluster's estimated share of each KV head's attention.
+
+    query: (H_q, L_q, D) pre-RoPE; centroids: (C, H_kv, D); counts: (C,) tokens per cluster (0:
+    unused id, share 0; at least one must be live). The estimate of ``kernels.centroid_scores``
+    (``counts[c] * exp(q . centroid / sqrt(D))``, normalised over clusters per query head and
+    token), averaged over the KV head's query-head group and the question's tokens only.
+    """
+    q = grouped_queries(query, centroids.shape[1]).to(centroids.device) * query.shape[-1] ** -0.5
+    z = torch.bmm(q, centroids.float().permute(1, 2, 0))  # (H_kv, G * L_q, C)
+    z.add_(counts.to(z.device).float().log())  # log(0) = -inf: unused ids draw nothing
+    return torch.softmax(z, dim=-1).mean(dim=1).cpu()
+
+
+def choose_blocks(score: Tensor, sizes: Tensor, room: int) -> Tensor:
+    """(B,) bool: the blocks taken whole within ``room`` tokens, best ``score`` (B,) first, each
+    one that still fits (one too large for what is left is passed over); ``sizes`` (B,) tokens."""
+    sc, sz = score.tolist(), sizes.tolist()
+    taken = [False] * len(sz)
+    live = [n for n in sz if n > 0]
+    left = room
+    if live and left > 0:
+        smallest = min(live)
+        for block in sorted(range(len(sz)), key=lambda b: -sc[b]):  # stable: ties keep id order
+            if 0 < sz[block] <= left:
+                taken[block] = True
+                left -= sz[block]
+                if left < smallest:
+                    break
+    return torch.tensor(taken, dtype=torch.bool)
+
+
 class _Layer:
     """One layer's clusters and physical layout (see the module docstring).
 
@@ -270,6 +320,7 @@ class MosaicPolicy(StoreBackedPolicy):
         "prefetch_predictor": "tokens",  # "tokens" or "query" (see the module docstring)
         "prefetch_share": 0.5,  # share of the retrievable budget a prediction fills
         "max_cluster_tokens": 256,  # ClusterIndex: clusters above this size are split
+        "blocks_below": 0.5,  # clusters below this many frame blocks in size: retrieve blocks per head
     }
 
     def __init__(self, geometry: KVGeometry, config: PolicyConfig, device: torch.device | str = "cpu"):
@@ -281,6 +332,8 @@ class MosaicPolicy(StoreBackedPolicy):
             raise ValueError(f"run_penalty must be >= 0, got {o['run_penalty']}")
         if not 0.0 < float(o["prefetch_share"]) <= 1.0:
             raise ValueError(f"prefetch_share must be in (0, 1], got {o['prefetch_share']}")
+        if float(o["blocks_below"]) < 0.0:
+            raise ValueError(f"blocks_below must be >= 0, got {o['blocks_below']}")
         if o["prefetch_predictor"] not in PREDICTORS:
             raise ValueError(
                 f"prefetch_predictor must be one of {PREDICTORS}, got {o['prefetch_predictor']!r}"
@@ -297,6 +350,8 @@ class MosaicPolicy(StoreBackedPolicy):
         self._largest_chunk = 1
         self._next_maintained = 0
         self._seal_ms_per_row: float | None = None  # measured cost of maintenance's seals, ms per row
+        self.frame_blocks = FrameBlocks()
+        self._block_layers: list[bool] | None = None  # per layer, fixed while a question is open
 
     def _key_lookup(self, layer: int):
         store = self.store
@@ -315,7 +370,9 @@ class MosaicPolicy(StoreBackedPolicy):
         self._settle()
         self._flush()
         self._largest_chunk = max(self._largest_chunk, meta.num_tokens)
-        return super().add_tokens(meta)
+        ids = super().add_tokens(meta)
+        self.frame_blocks.add(ids, meta)
+        return ids
 
     def append(self, layer: int, keys: Tensor, values: Tensor, token_ids: Tensor) -> None:
         """Hold the layer's chunk until every layer has it, then cluster it in all layers at once
@@ -690,9 +747,15 @@ class MosaicPolicy(StoreBackedPolicy):
     def begin_question(self, window: tuple[float, float] | None = None) -> None:
         self._settle()
         self._flush()
+        self._block_layers = [self._is_block_layer(layer) for layer in range(self.geometry.num_layers)]
         super().begin_question(window)
 
     # ------------------------------------------------------------------ selection
+    def end_question(self) -> RetrievalStats:
+        stats = super().end_question()
+        self._block_layers = None
+        return stats
+
     def base_ids(self, layer: int) -> Tensor:
         """Sinks + local window of ``layer`` (ids ascending), as ``split_candidates`` defines them
         with no time window, without scanning the whole stream when the window's ids are alive."""
@@ -702,8 +765,26 @@ class MosaicPolicy(StoreBackedPolicy):
         want = min(recent.numel(), budget - sink_ids.numel())
         return torch.cat((sink_ids, recent[recent.numel() - want :]))
 
+    def per_head_layer(self, layer: int) -> bool:
+        """A block layer (see the module docstring); decided once per question, at its start."""
+        if self._block_layers is not None:
+            return self._block_layers[layer]
+        return self._is_block_layer(layer)
+
+    def _is_block_layer(self, layer: int) -> bool:
+        """Whether ``layer``'s clusters average fewer tokens than ``blocks_below`` x the stream's
+        mean frame block."""
+        below = float(self.options["blocks_below"])
+        index = self._layers[layer].index
+        if below <= 0 or index.num_clusters == 0:
+            return False
+        block = self.store.num_tokens / max(self.frame_blocks.count, 1)  # tokens per block, mean
+        return index.num_tokens < below * block * index.num_clusters
+
     def select(self, layer: int, query: Tensor) -> Selection:
         """What ``layer`` retrieves for the question's queries (H_q, L_q, D) pre-RoPE."""
+        if self.per_head_layer(layer):
+            return self._select_blocks(layer, query)
         if self._window is not None:
             return self._select_in_window(layer, query)
         base = self.base_ids(layer)
@@ -758,6 +839,32 @@ class MosaicPolicy(StoreBackedPolicy):
             keep = ~is_partial | (torch.cumsum(is_partial, 0) <= partial_tokens)
             extra, extra_cid = extra[keep], extra_cid[keep]
         return Selection(torch.cat((base_rows, extra)), extra, per_token[extra_cid])
+
+    def _select_blocks(self, layer: int, query: Tensor) -> Selection:
+        """A block layer's (H_kv, n) selection: per KV head, sinks + window and the frame blocks its
+        clusters estimate draw the most of that head's attention, whole, filled up to the head
+        that took the most with its best other tokens (every head hands attention n tokens)."""
+        h = self.geometry.num_kv_heads
+        base, rest = self.split_candidates(layer, self.config.budget_tokens)
+        room = self.config.budget_tokens - base.numel()
+        if rest.numel() <= room:
+            return self.selection(layer, torch.cat((base, rest)).sort().values.expand(h, -1))
+        index = self._layers[layer].index
+        counts = index.counts.cpu()
+        shares = head_shares(query, index.centroids, index.counts)  # (H_kv, C)
+        per_token = (shares / counts.clamp_min(1))[:, index.units_of(rest)]  # (H_kv, n)
+        blocks, inverse = torch.unique(self.frame_blocks.of(rest), return_inverse=True)
+        sizes = torch.bincount(inverse, minlength=blocks.numel())
+        scores = torch.zeros(h, blocks.numel()).index_add_(1, inverse, per_token)
+        taken = torch.stack([choose_blocks(scores[g], sizes, room)[inverse] for g in range(h)])
+        most = int(taken.sum(dim=1).max())
+        for g in range(h):
+            short = most - int(taken[g].sum())
+            if short > 0:
+                others = torch.nonzero(~taken[g]).flatten()
+                taken[g, others[torch.topk(per_token[g, others], short).indices]] = True
+        ids = torch.stack([torch.cat((base, rest[taken[g]])).sort().values for g in range(h)])
+        return self.selection(layer, ids)
 
     @staticmethod
     def _fragments(cid: Tensor, rows: Tensor, slots: int) -> Tensor:
@@ -817,10 +924,13 @@ class MosaicPolicy(StoreBackedPolicy):
         held = cid >= 0
         return torch.zeros(index.num_slots).index_add_(0, cid[held], sel.extra_share[held])
 
-    def predict_next(self, layer: int, query: Tensor, sel: Selection) -> Selection:
+    def predict_next(self, layer: int, query: Tensor, sel: Selection) -> Selection | None:
         """Layer + 1's predicted clusters: the best-predicted ones (``predict_share``) filling
-        ``prefetch_share`` of its retrievable budget, plus its sinks + window."""
+        ``prefetch_share`` of its retrievable budget, plus its sinks + window; None (no prefetch)
+        into or out of a block layer."""
         target = layer + 1
+        if self.per_head_layer(layer) or self.per_head_layer(target):
+            return None  # block layers are selected per head from their own query
         base = self.base_ids(target)
         share = self.predict_share(layer, query, sel)
         room = int(float(self.options["prefetch_share"]) * (self.config.budget_tokens - base.numel()))

@@ -19,7 +19,48 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from mosaic_ros.runtime.kv.policy import KVGeometry
+from mosaic_ros.runtime.kv.policy import KVGeometry, TokenMeta
+
+
+def chunk_blocks(meta: TokenMeta) -> tuple[torch.Tensor, int]:
+    """Frame block index (T,) of each token of a chunk (0-based) and the number of blocks.
+
+    Each vision frame is a block; a text token joins the next frame of the chunk (or the
+    previous one when it trails the last frame), so a frame's time marker is in its block; a
+    chunk without vision (a question, an answer, a text event) is one block.
+    """
+    vision = torch.nonzero(meta.modality == 1).flatten()
+    t = meta.num_tokens
+    if vision.numel() == 0:
+        return torch.zeros(t, dtype=torch.int64), 1
+    frames = meta.frame[vision].to(torch.int64)
+    new_frame = torch.cat((torch.ones(1, dtype=torch.bool), frames[1:] != frames[:-1]))
+    vision_block = torch.cumsum(new_frame.long(), 0) - 1
+    nearest = torch.searchsorted(vision, torch.arange(t)).clamp_(max=vision.numel() - 1)
+    return vision_block[nearest], int(vision_block[-1]) + 1
+
+
+class FrameBlocks:
+    """The frame block (``chunk_blocks``) of every token id of the stream, numbered in arrival order."""
+
+    def __init__(self) -> None:
+        self._block_of = torch.zeros(0, dtype=torch.int64)
+        self.count = 0
+
+    def add(self, token_ids: torch.Tensor, meta: TokenMeta) -> None:
+        """A chunk's ids (T,) ascending, as ``add_tokens`` gave them, with its metadata."""
+        local, blocks = chunk_blocks(meta)
+        need = int(token_ids[-1]) + 1 if token_ids.numel() else 0
+        if self._block_of.numel() < need:
+            grown = torch.full((max(need, 2 * self._block_of.numel()),), -1, dtype=torch.int64)
+            grown[: self._block_of.numel()] = self._block_of
+            self._block_of = grown
+        self._block_of[token_ids] = local + self.count
+        self.count += blocks
+
+    def of(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """(n,) int64 block of each id."""
+        return self._block_of[token_ids]
 
 
 def grouped_queries(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
