@@ -17,6 +17,7 @@ from mosaic_ros.runtime.bench.needles import (
     generate_needles,
     read_needles,
     run_needles,
+    summarize,
     wilson_interval,
 )
 from mosaic_ros.runtime.kv import policies  # noqa: F401  (registers the built-in policies)
@@ -198,3 +199,22 @@ def test_stream_gives_the_policy_its_maintenance_budget_after_each_event(tiny):
         stream.ingest_event(event)
     assert budgets == [7.5, 7.5, 7.5]
     assert stream.frames == 3 and len(stream.chunk_bounds) == 5
+
+
+def test_questions_without_choices_report_forced_choice_as_not_applicable():
+    from mosaic_ros.runtime.bench.report import needle_table
+
+    def record(correct: bool, choice: bool | None) -> dict:
+        run = {"correct": correct, "same_as_dense": correct, "answer_ms": 10.0, "top1": [1.0], "kl": [0.0]}
+        if choice is not None:
+            run["choice_correct"] = choice
+        return {"policies": {"dense": run}}
+
+    plain = summarize([record(True, None), record(False, None)], ["dense"])["dense"]
+    assert plain["choice_questions"] == 0 and plain["choice_accuracy"] is None and plain["accuracy"] == 0.5
+    json.dumps(plain, allow_nan=False)  # strict JSON: no NaN for the missing forced choice
+    assert "n/a (no choices)" in needle_table(
+        {"dense": {**plain, "recall": 1.0, "out_rel_err": 0.0, "replay_total_ms": 1.0}}
+    )
+    mixed = summarize([record(True, True), record(False, None)], ["dense"])["dense"]
+    assert mixed["choice_questions"] == 1 and mixed["choice_accuracy"] == 1.0

@@ -504,7 +504,7 @@ def summarize(records: list[dict], policies: list[str]) -> dict[str, dict]:
             "accuracy": hits / n if n else 0.0,
             "accuracy_ci95": wilson_interval(hits, n),
             "choice_questions": len(chosen),
-            "choice_accuracy": sum(chosen) / len(chosen) if chosen else float("nan"),
+            "choice_accuracy": sum(chosen) / len(chosen) if chosen else None,  # no question had choices
             "choice_ci95": wilson_interval(sum(chosen), len(chosen)),
             "dense_agreement": sum(r["same_as_dense"] for r in rs) / n if n else 0.0,
             "top1_agreement": statistics.fmean(top1) if top1 else float("nan"),

@@ -167,7 +167,11 @@ NEEDLE_COLUMNS = (
     (
         "choice [95% CI]",
         19,
-        lambda r: f"{r['choice_accuracy']:.3f} [{r['choice_ci95'][0]:.2f},{r['choice_ci95'][1]:.2f}]",
+        lambda r: (
+            "n/a (no choices)"
+            if r["choice_accuracy"] is None
+            else f"{r['choice_accuracy']:.3f} [{r['choice_ci95'][0]:.2f},{r['choice_ci95'][1]:.2f}]"
+        ),
     ),
     ("=dense", 7, lambda r: f"{r['dense_agreement']:.3f}"),
     ("top1", 6, lambda r: f"{r['top1_agreement']:.3f}"),
