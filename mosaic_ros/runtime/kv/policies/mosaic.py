@@ -853,7 +853,8 @@ class MosaicPolicy(StoreBackedPolicy):
         counts = index.counts.cpu()
         shares = head_shares(query, index.centroids, index.counts)  # (H_kv, C)
         per_token = (shares / counts.clamp_min(1))[:, index.units_of(rest)]  # (H_kv, n)
-        blocks, inverse = torch.unique(self.frame_blocks.of(rest), return_inverse=True)
+        # ids ascending, so their blocks (numbered in arrival order) never decrease
+        blocks, inverse = torch.unique_consecutive(self.frame_blocks.of(rest), return_inverse=True)
         sizes = torch.bincount(inverse, minlength=blocks.numel())
         scores = torch.zeros(h, blocks.numel()).index_add_(1, inverse, per_token)
         taken = torch.stack([choose_blocks(scores[g], sizes, room)[inverse] for g in range(h)])
