@@ -3,6 +3,7 @@ invariants under random operations, the budget, equality with dense, and a real 
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 
@@ -366,6 +367,27 @@ def test_chain_order_visits_nearest_neighbours_first():
     units = units / units.norm(dim=1, keepdim=True)
     assert chain_order(units, torch.tensor([0.0, 1.0])) in ([1, 3, 2, 0], [3, 1, 2, 0])
     assert chain_order(units, None) == [0, 2, 3, 1]
+
+
+def test_chain_order_is_the_greedy_walk_over_every_similarity():
+    """The walk against a plain restatement: from the row most similar to ``start``, always the
+    most similar unvisited row (first on ties), over sets with many near and exact ties."""
+    gen = torch.Generator().manual_seed(5)
+    for k in (2, 3, 17, 64):
+        units = torch.randn(k, 8, generator=gen)
+        units[k // 2 :] = units[: k - k // 2].round()  # duplicated rows: ties
+        units = units / units.norm(dim=1, keepdim=True).clamp_min(1e-6)
+        start = torch.randn(8, generator=gen)
+        for s in (start, None):
+            sims = units @ units.T
+            current = 0 if s is None else int(torch.argmax(units @ s))
+            want, seen = [current], {current}
+            while len(want) < k:
+                row = [(-math.inf if j in seen else float(sims[current, j])) for j in range(k)]
+                current = max(range(k), key=lambda j: (row[j], -j))
+                want.append(current)
+                seen.add(current)
+            assert chain_order(units, s) == want
 
 
 # ------------------------------------------------------------------------------------------ prefetch

@@ -78,10 +78,10 @@ Shapes: keys/values (T, H_kv, D) pre-RoPE; C cluster ids per layer; rows and ids
 from __future__ import annotations
 
 import heapq
-import math
 import time
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -103,6 +103,13 @@ def _ranges(starts: Tensor, lengths: Tensor) -> Tensor:
     return torch.arange(total) + torch.repeat_interleave(starts - offsets, lengths)
 
 
+def _marks(ids: Tensor, size: int) -> Tensor:
+    """(size,) bool, True at ``ids`` (int64, each in [0, size)): ``table[x]`` is ``isin(x, ids)``."""
+    table = torch.zeros(size, dtype=torch.bool)
+    table[ids] = True
+    return table
+
+
 def _unit_rows(centroids: Tensor) -> Tensor:
     """(k, H_kv, D) centroids -> (k, H_kv * D) rows with every head L2-normalised (cosine space)."""
     c = centroids.float()
@@ -119,15 +126,15 @@ def chain_order(units: Tensor, start: Tensor | None) -> list[int]:
     k = units.shape[0]
     if k <= 1:
         return list(range(k))
-    sims = units @ units.T
-    visited = torch.zeros(k, dtype=torch.bool)
+    # the walk in numpy on the (k, k) similarities: a torch call per step cost more than the step
+    sims = (units @ units.T).numpy()
     current = 0 if start is None else int((units @ start).argmax())
     order = [current]
-    visited[current] = True
+    sims[:, current] = -np.inf  # a visited row is never the most similar again
     for _ in range(k - 1):
-        current = int(sims[current].masked_fill(visited, -math.inf).argmax())
+        current = int(sims[current].argmax())
         order.append(current)
-        visited[current] = True
+        sims[:, current] = -np.inf
     return order
 
 
@@ -350,6 +357,7 @@ class MosaicPolicy(StoreBackedPolicy):
         self._largest_chunk = 1
         self._next_maintained = 0
         self._seal_ms_per_row: float | None = None  # measured cost of maintenance's seals, ms per row
+        self._order_buffers: list[Tensor | None] = [None, None]  # a chunk's keys / values in write order
         self.frame_blocks = FrameBlocks()
         self._block_layers: list[bool] | None = None  # per layer, fixed while a question is open
 
@@ -446,8 +454,27 @@ class MosaicPolicy(StoreBackedPolicy):
             )
         dev_order = order.to(keys.device)
         self.store.place(
-            layer, ids[order], rows, keys.index_select(0, dev_order), values.index_select(0, dev_order)
+            layer,
+            ids[order],
+            rows,
+            self._reordered(0, keys, dev_order),
+            self._reordered(1, values, dev_order),
         )
+
+    def _reordered(self, slot: int, x: Tensor, order: Tensor) -> Tensor:
+        """``x[order]`` in a buffer reused by every layer's write (``place`` copies it into the store
+        at once): a fresh chunk-sized tensor per layer was new memory, faulted in on first touch."""
+        buf = self._order_buffers[slot]
+        if (
+            buf is None
+            or buf.shape[0] < order.numel()
+            or (buf.shape[1:], buf.dtype, buf.device) != (x.shape[1:], x.dtype, x.device)
+        ):
+            buf = torch.empty(
+                (max(order.numel(), self._largest_chunk), *x.shape[1:]), dtype=x.dtype, device=x.device
+            )
+            self._order_buffers[slot] = buf
+        return torch.index_select(x, 0, order, out=buf[: order.numel()])
 
     def _alloc(self, layer: int, n: int) -> Tensor:
         """``n`` fresh rows at the tail; if the store had to compact (host cap), re-derive the layout."""
@@ -515,18 +542,20 @@ class MosaicPolicy(StoreBackedPolicy):
             return 0
         window_lo = store.appended_upto(layer) - self._window_tokens
         ncid = st.index.units_of(st.nursery)
+        slots = st.ext_len.numel()
         if force is None:
             waiting = st.nursery < window_lo
             idle = st.newest[ncid] < window_lo - int(
                 float(self.options["hold_windows"]) * self._window_tokens
             )
             ahead = self._ahead_of_head(layer, st.nursery)
-            forced = torch.unique(ncid[waiting & ahead])
-            seal = waiting & (idle | torch.isin(ncid, forced))
-        else:
-            forced = torch.unique(st.index.units_of(force))
-            hit = torch.isin(ncid, forced)
-            seal = hit & ((st.nursery < window_lo) | torch.isin(st.nursery, force))
+            seal = waiting & (idle | _marks(ncid[waiting & ahead], slots)[ncid])
+        else:  # membership by lookup tables: ``isin`` sorted the whole nursery every call
+            hit = _marks(st.index.units_of(force), slots)[ncid]
+            in_way = torch.zeros(st.nursery.numel(), dtype=torch.bool)
+            at = torch.searchsorted(st.nursery, force).clamp_(max=st.nursery.numel() - 1)
+            in_way[at[st.nursery[at] == force]] = True
+            seal = hit & ((st.nursery < window_lo) | in_way)
         if self.max_rows:  # under the host cap a move needs free rows: seal the oldest that fit
             seal &= self._fits(st, ncid, seal, self.max_rows - store.live_count(layer))
         if limit is not None:
