@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -33,7 +34,7 @@ from rclpy.exceptions import ParameterException
 from rclpy.parameter import Parameter
 from rclpy.parameter_client import AsyncParameterClient
 
-from mosaic_ros.nodes import stream_params
+from mosaic_ros.nodes import stream_main, stream_params
 from mosaic_ros.nodes.ask_client import AskClient, make_request
 from mosaic_ros.nodes.bag_tool import BagSummary, video_to_bag
 from mosaic_ros.nodes.camera_stream import (
@@ -192,6 +193,44 @@ def test_params_file_option_becomes_ros_arguments_before_the_users():
         "prog", "--ros-args", "--params-file", "a.yaml", "--", "--ros-args", "-p", "model:=m",
     ]  # fmt: skip
     assert ros_arguments(["prog", "--ros-args", "-p", "x:=1"]) == ["prog", "--ros-args", "-p", "x:=1"]
+
+
+def test_ctrl_c_that_an_extension_turns_into_an_import_error_still_exits_cleanly(monkeypatch):
+    """A SIGINT striking while rclpy's C extension initialises comes back as its ImportError
+    ("initialization failed"), the KeyboardInterrupt as the cause: status 0 like any Ctrl-C at
+    startup; an ImportError that no signal caused still ends the process with its traceback."""
+
+    def interrupted_import(argv, interrupts):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as stop:
+            raise ImportError("initialization failed") from stop
+
+    def missing_library(argv, interrupts):
+        raise ImportError("libfoo.so: cannot open shared object file")
+
+    codes = []
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: None)  # keep pytest's handlers
+    monkeypatch.setattr(stream_main, "_exit_now", codes.append)
+    monkeypatch.setattr(stream_main, "_run", interrupted_import)
+    stream_main.main(["prog"])
+    assert codes == [0]
+    monkeypatch.setattr(stream_main, "_run", missing_library)
+    with pytest.raises(ImportError, match="libfoo"):
+        stream_main.main(["prog"])
+    assert codes == [0]
+
+
+def test_interrupted_follows_causes_and_contexts():
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("rcl_init failed")  # noqa: B904 - the implicit context is the point
+    except RuntimeError as error:
+        assert stream_main.interrupted(error)
+    assert not stream_main.interrupted(RuntimeError("rcl_init failed"))
+    assert stream_main.interrupted(KeyboardInterrupt())
 
 
 def test_sampler_keeps_one_frame_per_interval_from_the_first_kept():

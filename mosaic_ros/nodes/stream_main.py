@@ -89,9 +89,24 @@ def main(args: list[str] | None = None) -> None:
     print("mosaic_stream: starting", file=sys.stderr, flush=True)
     try:
         code = _run(sys.argv if args is None else args, interrupts)
-    except KeyboardInterrupt:  # during startup: nothing to clean up beyond what _run did
+    except BaseException as error:  # during startup: nothing to clean up beyond what _run did
+        if not interrupted(error):
+            raise
         code = 0
     _exit_now(code)
+
+
+def interrupted(error: BaseException) -> bool:
+    """Whether ``error`` is, or was caused by, the ``KeyboardInterrupt`` of a signal: one that
+    strikes while a C extension initialises comes back as that extension's ``ImportError``
+    (rclpy's "initialization failed"), the interrupt as its cause."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _run(argv: list[str], interrupts: Interrupts) -> int:
@@ -110,14 +125,18 @@ def _run(argv: list[str], interrupts: Interrupts) -> int:
         # flight are cancelled and their clients told; the node does that itself on Ctrl-C.
         rclpy.init(args=ros_argv, signal_handler_options=SignalHandlerOptions.NO)
     except (StartError, RuntimeError) as error:  # rclpy's RCLError is a RuntimeError
+        if interrupted(error):
+            return 0
         log.fatal(f"cannot start: {error}")
         return 1
     try:
         node = _start_node(log)
     except (StartError, ValueError, ParameterException, NameValidationException) as error:
-        log.fatal(f"cannot start: {error}")
+        stopped = interrupted(error)
+        if not stopped:
+            log.fatal(f"cannot start: {error}")
         rclpy.try_shutdown()
-        return 1
+        return 0 if stopped else 1
     except KeyboardInterrupt:
         interrupts.shutting_down()
         rclpy.try_shutdown()
