@@ -9,9 +9,13 @@ layer and the clusters the nearest-cluster search ranked per token (``search_wid
 over layers): the cluster count grows with the stream, the search must not. For every policy
 it prints the rows the store relocated per frame (``HostKVStore.move``: mosaic's sealing,
 splits and compaction) with the milliseconds those moves took, and the kernel (system) CPU
-time per frame, mostly first-touch page faults of new store pages.
+time per frame, mostly first-touch page faults of new store pages. With ``--parts`` it then
+prints where the last block's ingest and maintenance went: wall milliseconds per frame in each
+named step (a step's time includes the steps it calls, e.g. ``_seal`` inside ``_ring_rows``).
 
     .venv/bin/python scripts/ingest_growth.py --policy mosaic --shape qwen2.5-vl-3b --frames 1200
+    .venv/bin/python scripts/ingest_growth.py --policy mosaic --shape qwen2.5-vl-7b --frames 120 \\
+        --block 60 --parts
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ from mosaic_ros.runtime.bench.runner import ingest_frame
 from mosaic_ros.runtime.bench.shapes import SHAPES
 from mosaic_ros.runtime.bench.workloads import SyntheticSpec, SyntheticWorkload
 from mosaic_ros.runtime.kv.clusters import ClusterBank
+from mosaic_ros.runtime.kv.policies.base import StoreBackedPolicy
+from mosaic_ros.runtime.kv.policies.mosaic import MosaicPolicy
+from mosaic_ros.runtime.kv.policies.units import UnitMeans
 from mosaic_ros.runtime.kv.policy import PolicyConfig, make_policy
 from mosaic_ros.runtime.kv.store import HostKVStore
 
@@ -84,6 +91,53 @@ class MoveClock:
         return out
 
 
+# (label, class, method): the steps --parts times; indented labels run inside the one above
+PARTS = (
+    ("ingest_context (window to the device)", StoreBackedPolicy, "ingest_context"),
+    ("ClusterBank.assign", ClusterBank, "assign"),
+    ("  scale sample", ClusterBank, "_scale_sample"),
+    ("  join test", ClusterBank, "_join_existing"),
+    ("  embedding", ClusterBank, "_embed_chunk"),
+    ("  statistics", ClusterBank, "_add_stats"),
+    ("ring rows (forced seals included)", MosaicPolicy, "_ring_rows"),
+    ("  _seal", MosaicPolicy, "_seal"),
+    ("chunk reordering", MosaicPolicy, "_reordered"),
+    ("HostKVStore.place (new tokens written)", HostKVStore, "place"),
+    ("HostKVStore.move (rows relocated)", HostKVStore, "move"),
+    ("block means (UnitMeans.add)", UnitMeans, "add"),
+    ("maintain", MosaicPolicy, "maintain"),
+)
+
+
+class PartClock:
+    """Wall time per step of ``PARTS``, counted while ``on``."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.seconds = dict.fromkeys((label for label, _, _ in PARTS), 0.0)
+        for label, cls, name in PARTS:
+            self._wrap(label, cls, name)
+
+    def _wrap(self, label: str, cls: type, name: str) -> None:
+        inner = getattr(cls, name)
+        clock = self
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                if clock.on:
+                    clock.seconds[label] += time.perf_counter() - t0
+
+        setattr(cls, name, timed)
+
+    def report(self, frames: int) -> None:
+        for label, seconds in self.seconds.items():
+            if seconds:
+                print(f"  {label:42s} {seconds * 1e3 / frames:8.2f}")
+
+
 def _system_seconds() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_stime
 
@@ -100,6 +154,7 @@ def main() -> None:
     ap.add_argument("--maintain-ms", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--spare-pages", type=int, default=None, help="the policy's spare_pages option")
+    ap.add_argument("--parts", action="store_true", help="time the named steps of the last block")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     spec = SyntheticSpec(frames=args.frames, questions=1, seed=0, sink_tokens=args.sinks)
@@ -118,9 +173,14 @@ def main() -> None:
         " frame  ingest ms  maintain ms  assign ms  clusters/layer  search width"
         "  moved rows  move ms  system ms"
     )
+    parts = PartClock() if args.parts else None
+    last_block = (work.num_chunks - 1) // args.block * args.block - args.block + 1  # first frame of it
     system = _system_seconds()
     for i in range(work.num_chunks):
-        frame_ingest, frame_maintain = ingest_frame(policy, work.chunk(i), args.maintain_ms)
+        chunk = work.chunk(i)
+        if parts is not None:
+            parts.on = i >= last_block
+        frame_ingest, frame_maintain = ingest_frame(policy, chunk, args.maintain_ms)
         if i == 0:  # chunk 0 is the sink preamble
             clock.take()
             moves.take()
@@ -142,6 +202,9 @@ def main() -> None:
             )
             system = now
             ingest, maintain = [], []
+    if parts is not None:
+        print(f"ms per frame in each step, frames {last_block}-{last_block + args.block - 1}:")
+        parts.report(args.block)
     reserve = getattr(getattr(policy, "store", None), "page_reserve", None)
     if reserve is not None:
         print(
