@@ -33,7 +33,15 @@ from mosaic_ros.runtime import config
 from mosaic_ros.runtime.bench.report import machine, now, plot, table, write_json
 from mosaic_ros.runtime.bench.runner import BenchConfig, run_policies
 from mosaic_ros.runtime.bench.shapes import SHAPES
-from mosaic_ros.runtime.bench.sweep import parse_budgets, summarize, sweep_plot, sweep_table, window_for
+from mosaic_ros.runtime.bench.sweep import (
+    NEEDLE_FIELDS,
+    kv_table,
+    parse_budgets,
+    summarize,
+    sweep_plot,
+    sweep_table,
+    window_for,
+)
 from mosaic_ros.runtime.bench.workloads import SyntheticSpec, SyntheticWorkload
 from mosaic_ros.runtime.kv.policy import POLICIES
 from mosaic_ros.runtime.snapshot import SnapshotError
@@ -49,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--budgets",
         help="a sweep, e.g. 1024,2048,4096,8192: the whole run once per budget (replaces --budget; "
-        "window: an eighth of each budget, at most --window); prints recall and error against "
-        "device KV and the device KV each policy needs for --target-recall",
+        "window: an eighth of each budget, at most --window); prints recall and error (needles: "
+        "also accuracy and dense agreement) against device KV and the device KV each policy needs "
+        "for --target-recall (needles: also for rekv's accuracy at the largest budget)",
     )
     p.add_argument(
         "--target-recall",
@@ -145,14 +154,16 @@ def choose_threads(requested: int) -> int:
     return 1 if busy and cores > 1 else torch.get_num_threads()
 
 
-def needles_main(args: argparse.Namespace, names: list[str], argv: list[str]) -> int:
-    """``--workload needles``: the answers of a real LM under each policy (``bench.needles``)."""
+def needles_main(args: argparse.Namespace, names: list[str], budgets: list[int], argv: list[str]) -> int:
+    """``--workload needles``: the answers of a real LM under each policy (``bench.needles``), at
+    one budget or, with ``--budgets``, at each (``bench.sweep``)."""
     from mosaic_ros.runtime.bench.needles import NeedleConfig, generate_needles, read_needles, run_needles
     from mosaic_ros.runtime.bench.report import needle_table
     from mosaic_ros.runtime.models import ModelLoadError, load_model
 
     torch.set_num_threads(choose_threads(args.threads))
     t0 = time.perf_counter()
+    runs: dict[int, dict] = {}
     try:
         if args.needles:
             sets = [read_needles(path) for path in args.needles]
@@ -160,20 +171,26 @@ def needles_main(args: argparse.Namespace, names: list[str], argv: list[str]) ->
             seeds = range(args.seed, args.seed + args.streams)
             sets = [generate_needles(s, args.needle_frames, args.needles_per_stream) for s in seeds]
         adapter = load_model(args.model, device=args.device, dtype="float32")
-        cfg = NeedleConfig(
-            policies=names,
-            budget_tokens=args.budget_tokens,
-            window_tokens=args.window_tokens,
-            options=_parse_options(args.option),
-            max_new_tokens=args.max_new_tokens,
-            maintain_ms=args.maintain_budget_ms,
-            reselect_every=args.reselect_every,
-        )
-        result = run_needles(adapter, sets, cfg, progress=not args.no_progress)
+        for budget in budgets:
+            window = window_for(budget, args.window_tokens) if args.budgets else args.window_tokens
+            cfg = NeedleConfig(
+                policies=names,
+                budget_tokens=budget,
+                window_tokens=window,
+                options=_parse_options(args.option),
+                max_new_tokens=args.max_new_tokens,
+                maintain_ms=args.maintain_budget_ms,
+                reselect_every=args.reselect_every,
+            )
+            runs[budget] = {
+                "window": window,
+                **run_needles(adapter, sets, cfg, progress=not args.no_progress),
+            }
     except (ValueError, ModelLoadError) as exc:
         print(f"mosaic-ros-bench: error: {exc}", file=sys.stderr)
         return 2
     wall = time.perf_counter() - t0
+    result = runs[budgets[-1]]
     doc = {
         "command": shlex.join(["mosaic-ros-bench", *argv]),
         "date": now(),
@@ -185,8 +202,8 @@ def needles_main(args: argparse.Namespace, names: list[str], argv: list[str]) ->
             "note": "real LM; each event's sentence embeddings stand in for its visual tokens (an oracle "
             "vision tower); the build's own vision tower is random and unused",
             "streams": [s.name for s in sets],
-            "budget": args.budget_tokens,
-            "window": args.window_tokens,
+            "budget": budgets[-1],
+            "window": result["window"],
             "max_new_tokens": args.max_new_tokens,
             "maintain_ms": args.maintain_budget_ms,
         },
@@ -194,9 +211,24 @@ def needles_main(args: argparse.Namespace, names: list[str], argv: list[str]) ->
         "records": result["records"],
     }
     print(needle_table(result["policies"]))
+    if args.budgets:
+        by_recall = summarize(runs, args.target_recall, "recall", NEEDLE_FIELDS)
+        by_accuracy = summarize(runs, None, "accuracy", NEEDLE_FIELDS)
+        doc["sweep"] = {
+            "budgets": budgets,
+            "runs": {b: {"window": r["window"], "policies": r["policies"]} for b, r in runs.items()},
+            "records": {b: r["records"] for b, r in runs.items() if b != budgets[-1]},
+            "summary": by_recall,
+            "summary_accuracy": by_accuracy,
+        }
+        print(sweep_table(by_accuracy, ("accuracy", "dense_agreement", "recall")))
+        print(kv_table(by_recall))
     print(f"wall time {wall:.1f} s")
     if args.json_path:
         write_json(doc, args.json_path)
+    if args.plot_path and args.budgets:
+        title = f"needles ({args.model}), {len(sets)} streams, {args.device}: budget sweep"
+        sweep_plot(by_accuracy, args.plot_path, title, other="recall")
     return 0
 
 
@@ -211,10 +243,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"unknown or missing policies {unknown or names}; registered: {', '.join(sorted(POLICIES))}"
         )
+    try:
+        budgets = parse_budgets(args.budgets) if args.budgets else [args.budget_tokens]
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.workload == "needles" or args.needles:  # its sinks are the model's preamble
         if args.save or args.load:
             parser.error("--save and --load take the synthetic and video workloads, not needles")
-        return needles_main(args, names, sys.argv[1:] if argv is None else argv)
+        if args.plot_path and not args.budgets:
+            parser.error("--plot on the needle workload takes a --budgets sweep")
+        return needles_main(args, names, budgets, sys.argv[1:] if argv is None else argv)
     try:
         cfg = config.from_arguments(BenchConfig(), args)
     except config.ConfigError as exc:
@@ -223,10 +261,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--frames must be positive, got {args.frames}")
     if args.questions <= 0:
         parser.error(f"--questions must be positive, got {args.questions}")
-    try:
-        budgets = parse_budgets(args.budgets) if args.budgets else [cfg.kv.budget_tokens]
-    except ValueError as exc:
-        parser.error(str(exc))
     if args.budgets and (cfg.save_dir or cfg.load_dir):
         parser.error("--save and --load take one --budget, not a --budgets sweep")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():

@@ -517,7 +517,8 @@ def summarize(records: list[dict], policies: list[str]) -> dict[str, dict]:
 def run_needles(adapter: VLMAdapter, sets: list[NeedleSet], cfg: NeedleConfig, progress: bool = True) -> dict:
     """Every policy over every stream: answers (``answer_needles``) and, per stream, the
     attention-level replay of dense's recording (``runner.run_policies``: recall, out_rel_err,
-    select / transfer / attention ms). Returns {"policies": {name: summary}, "records": [...]}."""
+    select / transfer / attention ms, and the device KV bytes the policy held at its peak, the
+    largest over the streams). Returns {"policies": {name: summary}, "records": [...]}."""
     from tqdm import tqdm
 
     from mosaic_ros.runtime.bench.runner import BenchConfig, run_policies
@@ -552,6 +553,7 @@ def run_needles(adapter: VLMAdapter, sets: list[NeedleSet], cfg: NeedleConfig, p
         runs = [r for _, r in replay[name]]
         summary[name]["recall"] = _weighted([r["recall"] for r in runs], weights)
         summary[name]["out_rel_err"] = _weighted([r["out_rel_err"] for r in runs], weights)
+        summary[name]["device_kv_bytes_peak"] = max(r["device_kv_bytes_peak"] for r in runs)
         timed = [q for r in runs for q in r["per_question"]]
         for key in ("select_ms", "transfer_ms", "attn_ms", "total_ms"):
             summary[name][f"replay_{key}"] = statistics.median(q[key] for q in timed)

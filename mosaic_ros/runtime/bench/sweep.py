@@ -9,9 +9,13 @@ leaves seven eighths, less the sinks, to retrieval.
 
 Device KV of a point is the policy's ``device_kv_bytes_peak``: the bytes of K and V it holds on
 the compute device (its budget-sized question buffers and its ingest window buffers). From the
-(device KV, recall) points of a policy, ``kv_for_recall`` finds the device KV at which its recall
-first reaches a target, interpolating linearly in log2(bytes) between neighbouring budgets (the
-budgets double). The default target is ``rekv``'s recall at the largest budget.
+(device KV, measure) points of a policy, ``kv_for_target`` finds the device KV at which the
+measure (recall; on the needle workload also answer accuracy) first reaches a target,
+interpolating linearly in log2(bytes) between neighbouring budgets (the budgets double). The
+default target is ``rekv``'s value at the largest budget.
+
+The needle workload (``--workload needles --budgets ...``) sweeps the same way: each point is a
+whole needle run at that budget (answers, dense agreement, and the replay's recall and error).
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import math
 from pathlib import Path
 
 WINDOW_SHARE = 8  # the local window is at most budget / WINDOW_SHARE tokens
+# what a point keeps of each policy's results: the synthetic and video runs, the needle runs
+SYNTHETIC_FIELDS = ("recall", "out_rel_err", "total_ms")
+NEEDLE_FIELDS = ("accuracy", "dense_agreement", "top1_agreement", "recall", "out_rel_err", "replay_total_ms")
 
 
 def parse_budgets(text: str) -> list[int]:
@@ -39,10 +46,10 @@ def window_for(budget: int, window: int) -> int:
     return min(window, budget // WINDOW_SHARE)
 
 
-def kv_for_recall(points: list[tuple[float, float]], target: float) -> dict:
-    """Device KV bytes at which recall first reaches ``target``.
+def kv_for_target(points: list[tuple[float, float]], target: float) -> dict:
+    """Device KV bytes at which a measure first reaches ``target``.
 
-    points: (device KV bytes, recall) per budget. Returns ``bytes`` (None when no budget of the
+    points: (device KV bytes, value) per budget. Returns ``bytes`` (None when no budget of the
     sweep reaches the target) and ``bound``: ``"interpolated"`` between two budgets,
     ``"at_or_below"`` when the smallest budget already reaches it (bytes is that budget's: an
     upper bound), or ``"not_reached"``.
@@ -58,36 +65,39 @@ def kv_for_recall(points: list[tuple[float, float]], target: float) -> dict:
     return {"bytes": None, "bound": "not_reached"}
 
 
-def summarize(runs: dict[int, dict], target: float | None) -> dict:
-    """Per policy: the sweep's points and the device KV it needs for ``target`` recall (default:
-    rekv's recall at the largest budget; the largest budget's first policy's when rekv is absent)."""
+def summarize(
+    runs: dict[int, dict], target: float | None, measure: str = "recall", fields: tuple = SYNTHETIC_FIELDS
+) -> dict:
+    """Per policy: the sweep's points (budget, window, device KV and ``fields`` of its results) and
+    the device KV it needs for ``target`` of ``measure`` (default: rekv's value at the largest
+    budget; the largest budget's first policy's when rekv is absent)."""
     budgets = sorted(runs)
     last = runs[budgets[-1]]["policies"]
     if target is None:
         reference = "rekv" if "rekv" in last else next(iter(last))
-        target, target_source = last[reference]["recall"], f"{reference} at {budgets[-1]} tokens"
+        target, target_source = last[reference][measure], f"{reference} at {budgets[-1]} tokens"
     else:
         target_source = "given"
     policies: dict[str, dict] = {}
     for name in last:
-        points = [
-            {
-                "budget": b,
-                "window": runs[b]["window"],
-                "device_kv_bytes": runs[b]["policies"][name]["device_kv_bytes_peak"],
-                "recall": runs[b]["policies"][name]["recall"],
-                "out_rel_err": runs[b]["policies"][name]["out_rel_err"],
-                "total_ms": runs[b]["policies"][name]["total_ms"],
-            }
-            for b in budgets
-        ]
-        needed = kv_for_recall([(p["device_kv_bytes"], p["recall"]) for p in points], target)
+        points = []
+        for b in budgets:
+            result = runs[b]["policies"][name]
+            points.append(
+                {
+                    "budget": b,
+                    "window": runs[b]["window"],
+                    "device_kv_bytes": result["device_kv_bytes_peak"],
+                    **{field: result[field] for field in fields},
+                }
+            )
+        needed = kv_for_target([(p["device_kv_bytes"], p[measure]) for p in points], target)
         policies[name] = {"points": points, "kv_for_target": needed}
     rekv = policies.get("rekv", {}).get("kv_for_target", {}).get("bytes")
     for entry in policies.values():
         mine = entry["kv_for_target"]["bytes"]
         entry["kv_vs_rekv"] = mine / rekv if mine is not None and rekv else None
-    return {"target_recall": target, "target_source": target_source, "policies": policies}
+    return {"measure": measure, "target": target, "target_source": target_source, "policies": policies}
 
 
 def _mb(nbytes: float | None) -> str:
@@ -95,21 +105,28 @@ def _mb(nbytes: float | None) -> str:
     return "–" if nbytes is None else f"{nbytes / 2**20:.4g}"
 
 
-def sweep_table(summary: dict) -> str:
-    """Text table: per policy and budget, device MB, recall, out_rel_err; then the KV needed."""
+def sweep_table(summary: dict, columns: tuple[str, ...] = ("recall", "out_rel_err")) -> str:
+    """Text table: per policy and budget, device MB and ``columns`` of the points; then
+    ``kv_table``."""
     policies = summary["policies"]
     budgets = [p["budget"] for p in next(iter(policies.values()))["points"]]
-    head = f"{'policy':<12}" + "".join(f"{f'{b} tok: MB / recall / err':>34}" for b in budgets)
+    names = " / ".join(("MB", *(c.replace("_", " ") for c in columns)))
+    width = max(34, len(names) + 12)
+    head = f"{'policy':<12}" + "".join(f"{f'{b} tok: {names}':>{width}}" for b in budgets)
     lines = [head, "-" * len(head)]
     for name, entry in policies.items():
         cells = ""
         for p in entry["points"]:
-            cell = f"{_mb(p['device_kv_bytes'])} / {p['recall']:.3f} / {p['out_rel_err']:.3f}"
-            cells += f"{cell:>34}"
+            cell = " / ".join((_mb(p["device_kv_bytes"]), *(f"{p[c]:.3f}" for c in columns)))
+            cells += f"{cell:>{width}}"
         lines.append(f"{name:<12}{cells}")
-    lines.append("")
-    lines.append(f"device KV for recall {summary['target_recall']:.3f} ({summary['target_source']}):")
-    for name, entry in policies.items():
+    return "\n".join(lines) + "\n\n" + kv_table(summary)
+
+
+def kv_table(summary: dict) -> str:
+    """Text lines: the device KV each policy needs for the summary's target, against rekv's."""
+    lines = [f"device KV for {summary['measure']} {summary['target']:.3f} ({summary['target_source']}):"]
+    for name, entry in summary["policies"].items():
         need = entry["kv_for_target"]
         ratio = entry["kv_vs_rekv"]
         vs = ""
@@ -119,36 +136,43 @@ def sweep_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def sweep_plot(summary: dict, path: str | Path, title: str) -> None:
-    """Recall and attention-output error against device KV MB (log scale), one line per policy."""
+LABELS = {
+    "recall": "recall (share of dense attention mass)",
+    "out_rel_err": "attention output rel. error",
+    "accuracy": "answer accuracy (real LM)",
+    "dense_agreement": "same greedy answer as dense",
+}
+
+
+def sweep_plot(summary: dict, path: str | Path, title: str, other: str = "out_rel_err") -> None:
+    """The summary's measure (its target dashed) and ``other`` against device KV MB (log scale),
+    one line per policy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(11, 4.2))
+    measure = summary["measure"]
+    fig, (ax_m, ax_o) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, entry in summary["policies"].items():
         mb = [p["device_kv_bytes"] / 2**20 for p in entry["points"]]
-        ax_r.plot(mb, [p["recall"] for p in entry["points"]], marker="o", label=name)
-        ax_e.plot(mb, [p["out_rel_err"] for p in entry["points"]], marker="o", label=name)
-    ax_r.axhline(summary["target_recall"], color="grey", linestyle="--", linewidth=1)
-    ax_r.text(
+        ax_m.plot(mb, [p[measure] for p in entry["points"]], marker="o", label=name)
+        ax_o.plot(mb, [p[other] for p in entry["points"]], marker="o", label=name)
+    ax_m.axhline(summary["target"], color="grey", linestyle="--", linewidth=1)
+    ax_m.text(
         0.01,
-        summary["target_recall"],
+        summary["target"],
         f"target ({summary['target_source']})",
-        transform=ax_r.get_yaxis_transform(),
+        transform=ax_m.get_yaxis_transform(),
         fontsize=8,
         va="bottom",
     )
-    for ax, label in (
-        (ax_r, "recall (share of dense attention mass)"),
-        (ax_e, "attention output rel. error"),
-    ):
+    for ax, field in ((ax_m, measure), (ax_o, other)):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("device KV, MB (peak)")
-        ax.set_ylabel(label)
+        ax.set_ylabel(LABELS.get(field, field))
         ax.grid(True, alpha=0.3)
-    ax_r.legend(fontsize=8)
+    ax_m.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
