@@ -4,6 +4,7 @@ status 3, and the docs are left alone; its docs section replaces the marked one 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +99,15 @@ def test_docs_section_names_the_gpu_and_replaces_the_marked_section_only(tmp_pat
     assert text == f"# B\n\nbefore\n\n{section}\n\nafter\n"
     gpu_check.write_docs(docs, section)  # again: still one section
     assert docs.read_text() == text
+
+
+@pytest.mark.parametrize("cuda, where", [(False, gpu_check.CPU_JSON), (True, gpu_check.GPU_JSON)])
+def test_the_json_goes_to_the_docs_only_from_a_gpu(monkeypatch, cuda, where):
+    """A CPU run must not overwrite the committed GPU figures: its JSON goes under build/."""
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(gpu_check, "run", lambda json_path, *rest: (seen.append(json_path), (0, {}))[1])
+    assert gpu_check.main([]) == 0
+    assert seen == [where]
+    assert gpu_check.main(["--json", "elsewhere.json"]) == 0
+    assert seen[-1] == Path("elsewhere.json")

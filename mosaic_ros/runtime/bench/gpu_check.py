@@ -51,6 +51,9 @@ DOCS_BEGIN = "<!-- gpu_check: begin (written by scripts/gpu_check) -->"
 DOCS_END = "<!-- gpu_check: end -->"
 EXIT_OK, EXIT_FAILED, EXIT_NO_GPU = 0, 1, 3  # 2 is argparse's usage error
 NEEDS_GPU = "needs_gpu"
+# where the JSON goes by default: with a GPU next to the docs section it feeds; without one
+# under the ignored build/ folder, so a CPU run leaves the committed figures alone
+GPU_JSON, CPU_JSON = Path("docs/bench/gpu-check.json"), Path("build/gpu-check.json")
 
 SHAPE = SHAPES["qwen2.5-vl-7b"]
 QUESTION_TOKENS = 24
@@ -374,7 +377,12 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="scripts/gpu_check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", dest="json_path", default="docs/bench/gpu-check.json", help="JSON output")
+    p.add_argument(
+        "--json",
+        dest="json_path",
+        type=Path,
+        help=f"JSON output (default: {GPU_JSON} with a GPU, {CPU_JSON} without)",
+    )
     p.add_argument("--docs", default="docs/BENCHMARKS.md", help="markdown file whose GPU section is replaced")
     p.add_argument("--frames", type=int, default=300, help="frames of the 7B bench stream (GPU)")
     p.add_argument("--questions", type=int, default=8, help="questions of the 7B bench (GPU)")
@@ -383,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     command = " ".join(["scripts/gpu_check", *given])
     os.chdir(ROOT)
-    rc, _ = run(Path(args.json_path), Path(args.docs), args.frames, args.questions, args.repeats, command)
+    json_path = args.json_path or (GPU_JSON if torch.cuda.is_available() else CPU_JSON)
+    rc, _ = run(json_path, Path(args.docs), args.frames, args.questions, args.repeats, command)
     return rc
 
 
