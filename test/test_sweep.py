@@ -109,6 +109,10 @@ def test_a_needle_sweep_reports_accuracy_and_the_kv_each_policy_needs_for_it(tmp
     assert [sweep["runs"][b]["window"] for b in ("32", "64")] == [4, 8]
     assert doc["policies"] == sweep["runs"]["64"]["policies"]  # the largest budget is the main run
     assert len(sweep["records"]["32"]) == len(doc["records"]) == 2
+    # dense keeps every token at any budget: its answers are made once and reused, timings too
+    for small, large in zip(sweep["records"]["32"], doc["records"], strict=True):
+        assert small["policies"]["dense"] == large["policies"]["dense"]
+        assert small["context_tokens"] == large["context_tokens"]
     by_accuracy = sweep["summary_accuracy"]
     rekv = by_accuracy["policies"]["rekv"]
     assert (by_accuracy["measure"], by_accuracy["target"]) == ("accuracy", rekv["points"][-1]["accuracy"])
