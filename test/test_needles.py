@@ -156,6 +156,15 @@ def test_run_needles_reports_every_policy_and_dense_is_its_own_reference(tiny):
     for r in result["policies"].values():
         assert 0.0 <= r["accuracy_ci95"][0] <= r["accuracy"] <= r["accuracy_ci95"][1] <= 1.0
         assert r["answer_ms"] > 0 and r["replay_total_ms"] > 0
+        assert 0 < r["prefill_ms"] <= r["answer_ms"]
+    for record in result["records"]:  # the answer's time is its prefill plus its decode passes
+        for run in record["policies"].values():
+            assert 0 <= run["decode_passes"] <= 2  # max_new_tokens 3: at most 2 passes after the prefill
+            decode = run["answer_ms"] - run["prefill_ms"]
+            if run["decode_passes"]:
+                assert run["decode_ms_per_pass"] == pytest.approx(decode / run["decode_passes"])
+            else:
+                assert run["decode_ms_per_pass"] is None and decode == pytest.approx(0.0)
 
 
 def test_bench_cli_runs_a_needles_file(tmp_path, capsys):
@@ -205,7 +214,8 @@ def test_questions_without_choices_report_forced_choice_as_not_applicable():
     from mosaic_ros.runtime.bench.report import needle_table
 
     def record(correct: bool, choice: bool | None) -> dict:
-        run = {"correct": correct, "same_as_dense": correct, "answer_ms": 10.0, "top1": [1.0], "kl": [0.0]}
+        run = {"correct": correct, "same_as_dense": correct, "answer_ms": 10.0, "prefill_ms": 4.0,
+               "decode_passes": 0, "decode_ms_per_pass": None, "top1": [1.0], "kl": [0.0]}  # fmt: skip
         if choice is not None:
             run["choice_correct"] = choice
         return {"policies": {"dense": run}}

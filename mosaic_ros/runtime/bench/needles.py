@@ -15,7 +15,10 @@ stream (no dialogue memory) and, within the one retrieval of that question (the 
 layer fetched at the question's prefill):
 
 - greedy answer (``max_new_tokens``), scored by substring match of the expected answer
-  (case-insensitive); its wall time (prefill + decode, ms) is the policy's time per question;
+  (case-insensitive); its wall time (prefill + decode, ms) is the policy's time per question,
+  reported also as its parts: the prefill (every layer's retrieval and the question's forward
+  pass, ms) and the milliseconds per decode pass (one answer token through the model), since
+  policies' answers differ in length and a longer answer costs more passes;
 - forced choice: the log-likelihood (sum over its tokens) of each candidate answer as the
   assistant's reply, after the question's answer prefix when it has one ("The number on the
   red locker is"); right when the expected answer scores highest;
@@ -264,6 +267,7 @@ class PolicyStream:
             try:
                 with self.bridge.question_step(qchunk.token_positions) as cache:
                     first = ad.forward(qchunk, cache)
+                    prefill_end = time.perf_counter()
                     if capture:
                         out["queries"] = [q.cpu() for q in self.bridge.captured_queries]
                         cos, sin = ad.rotary(qchunk.token_positions)
@@ -271,8 +275,13 @@ class PolicyStream:
                             unapply_rotary(lay.keys[0].float(), cos, sin).cpu() for lay in cache.layers
                         ]
                         out["local_values"] = [lay.values[0].float().cpu() for lay in cache.layers]
-                tokens, stopped = self._greedy(first, qchunk.cursor, max_new_tokens, eos)
-                out["answer_ms"] = (time.perf_counter() - t0) * 1e3
+                decode_start = time.perf_counter()
+                tokens, stopped, passes = self._greedy(first, qchunk.cursor, max_new_tokens, eos)
+                decode_ms = (time.perf_counter() - decode_start) * 1e3
+                out["prefill_ms"] = (prefill_end - t0) * 1e3
+                out["answer_ms"] = out["prefill_ms"] + decode_ms
+                out["decode_passes"] = passes
+                out["decode_ms_per_pass"] = decode_ms / passes if passes else None
                 out["tokens"], out["stopped"] = tokens, stopped
                 out["text"] = ad.tokenizer.decode(tokens, skip_special_tokens=True).strip()
                 if targets is None:
@@ -298,11 +307,12 @@ class PolicyStream:
         return out
 
     def _greedy(self, logits: torch.Tensor, cursor: PositionCursor, limit: int, eos: set[int]):
+        """Greedy tokens after the prefill's ``logits``: (tokens, stop token or None, decode passes)."""
         tokens: list[int] = []
         for i in range(limit):
             token = int(torch.argmax(logits[0]))
             if token in eos:
-                return tokens, token
+                return tokens, token, i
             tokens.append(token)
             if i + 1 == limit:
                 break
@@ -310,7 +320,7 @@ class PolicyStream:
             with self.bridge.question_step(step.token_positions) as cache:
                 logits = self.adapter.forward(step, cache)
             cursor = step.cursor
-        return tokens, None
+        return tokens, None, max(limit - 1, 0)
 
     def _continuation(self, first: torch.Tensor, ids: list[int], cursor: PositionCursor) -> torch.Tensor:
         """Log-probabilities (len(ids), vocab) of each next token along ``ids`` after the prefix.
@@ -488,6 +498,9 @@ def _score(q: NeedleQuestion, run: dict, dense: dict) -> dict:
         "correct": q.answer.lower() in run["text"].lower(),
         "same_as_dense": run["text"] == dense["text"],
         "answer_ms": run["answer_ms"],
+        "prefill_ms": run["prefill_ms"],
+        "decode_passes": run["decode_passes"],
+        "decode_ms_per_pass": run["decode_ms_per_pass"],
     }
     if q.choices:
         best = max(range(len(q.choices)), key=lambda i: run["choice_logprobs"][i])
@@ -504,7 +517,7 @@ def _score(q: NeedleQuestion, run: dict, dense: dict) -> dict:
 def summarize(records: list[dict], policies: list[str]) -> dict[str, dict]:
     """Per policy: accuracy (substring) and forced-choice accuracy with 95% Wilson intervals,
     greedy agreement with dense, next-token top-1 agreement and mean KL over dense's answer
-    positions, median answer ms."""
+    positions, median answer ms and prefill ms, median ms per decode pass, mean decode passes."""
     out = {}
     for name in policies:
         rs = [r["policies"][name] for r in records]
@@ -513,6 +526,7 @@ def summarize(records: list[dict], policies: list[str]) -> dict[str, dict]:
         chosen = [r["choice_correct"] for r in rs if "choice_correct" in r]
         top1 = [v for r in rs for v in r.get("top1", [])]
         kl = [v for r in rs for v in r.get("kl", [])]
+        per_pass = [r["decode_ms_per_pass"] for r in rs if r["decode_ms_per_pass"] is not None]
         out[name] = {
             "questions": n,
             "accuracy": hits / n if n else 0.0,
@@ -524,6 +538,9 @@ def summarize(records: list[dict], policies: list[str]) -> dict[str, dict]:
             "top1_agreement": statistics.fmean(top1) if top1 else float("nan"),
             "kl_vs_dense": statistics.fmean(kl) if kl else float("nan"),
             "answer_ms": statistics.median(r["answer_ms"] for r in rs) if rs else 0.0,
+            "prefill_ms": statistics.median(r["prefill_ms"] for r in rs) if rs else 0.0,
+            "decode_ms_per_pass": statistics.median(per_pass) if per_pass else None,
+            "decode_passes": statistics.fmean(r["decode_passes"] for r in rs) if rs else 0.0,
         }
     return out
 

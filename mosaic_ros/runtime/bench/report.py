@@ -179,6 +179,8 @@ NEEDLE_COLUMNS = (
     ("recall", 7, lambda r: f"{r['recall']:.3f}"),
     ("out err", 8, lambda r: f"{r['out_rel_err']:.4f}"),
     ("answer ms", 9, lambda r: f"{r['answer_ms']:.0f}"),
+    ("prefill ms", 10, lambda r: f"{r['prefill_ms']:.0f}"),
+    ("ms/pass", 7, lambda r: "n/a" if r["decode_ms_per_pass"] is None else f"{r['decode_ms_per_pass']:.1f}"),
     ("attn ms", 8, lambda r: f"{r['replay_total_ms']:.1f}"),
 )
 
@@ -194,7 +196,9 @@ def needle_table(summary: dict[str, dict]) -> str:
         f"{n} questions; accuracy: expected answer in the greedy answer; choice: forced choice by "
         "log-likelihood; =dense: same greedy answer as dense; top1 / KL: next token vs dense over "
         "dense's answer (teacher-forced); recall / out err: attention vs dense at the question "
-        "(mean over layers); answer ms: greedy answer through the model (median); attn ms: "
+        "(mean over layers); answer ms: greedy answer through the model (median), of it prefill ms: "
+        "the question's pass with every layer's retrieval (median), ms/pass: one decode pass (median); "
+        "attn ms: "
         "select + transfer + attention over all layers in the replay (median)"
     )
     return "\n".join(lines)

@@ -233,21 +233,25 @@ def head_shares(query: Tensor, centroids: Tensor, counts: Tensor) -> Tensor:
 
 
 def choose_blocks(score: Tensor, sizes: Tensor, room: int) -> Tensor:
-    """(B,) bool: the blocks taken whole within ``room`` tokens, best ``score`` (B,) first, each
-    one that still fits (one too large for what is left is passed over); ``sizes`` (B,) tokens."""
-    sc, sz = score.tolist(), sizes.tolist()
-    taken = [False] * len(sz)
+    """(H, B) bool: per row of ``score`` (H, B) (a KV head's score of each block), the blocks taken
+    whole within ``room`` tokens, best score first, each one that still fits (one too large for
+    what is left is passed over); ``sizes`` (B,) tokens. A (B,) score gives a (B,) result."""
+    rows = score.reshape(-1, score.shape[-1]).tolist()
+    sz = sizes.tolist()
     live = [n for n in sz if n > 0]
-    left = room
-    if live and left > 0:
-        smallest = min(live)
-        for block in sorted(range(len(sz)), key=lambda b: -sc[b]):  # stable: ties keep id order
+    smallest = min(live) if live else 0
+    taken = [[False] * len(sz) for _ in rows]
+    for sc, took in zip(rows, taken, strict=True):
+        left = room
+        if not live or left <= 0:
+            continue
+        for block in sorted(range(len(sz)), key=sc.__getitem__, reverse=True):  # stable: ties keep id order
             if 0 < sz[block] <= left:
-                taken[block] = True
+                took[block] = True
                 left -= sz[block]
                 if left < smallest:
                     break
-    return torch.tensor(taken, dtype=torch.bool)
+    return torch.tensor(taken, dtype=torch.bool).reshape(score.shape)
 
 
 class _Layer:
@@ -886,14 +890,22 @@ class MosaicPolicy(StoreBackedPolicy):
         blocks, inverse = torch.unique_consecutive(self.frame_blocks.of(rest), return_inverse=True)
         sizes = torch.bincount(inverse, minlength=blocks.numel())
         scores = torch.zeros(h, blocks.numel()).index_add_(1, inverse, per_token)
-        taken = torch.stack([choose_blocks(scores[g], sizes, room)[inverse] for g in range(h)])
-        most = int(taken.sum(dim=1).max())
-        for g in range(h):
-            short = most - int(taken[g].sum())
-            if short > 0:
-                others = torch.nonzero(~taken[g]).flatten()
-                taken[g, others[torch.topk(per_token[g, others], short).indices]] = True
-        ids = torch.stack([torch.cat((base, rest[taken[g]])).sort().values for g in range(h)])
+        taken = choose_blocks(scores, sizes, room)[:, inverse]  # (H_kv, n)
+        counts_taken = taken.sum(dim=1)
+        most = int(counts_taken.max())
+        for g in torch.nonzero(counts_taken < most).flatten().tolist():
+            others = torch.nonzero(~taken[g]).flatten()
+            taken[g, others[torch.topk(per_token[g, others], most - int(counts_taken[g])).indices]] = True
+        # sinks < rest < window (split_candidates), so each head's ids come out ascending
+        sinks = base < self.config.sink_tokens
+        ids = torch.cat(
+            (
+                base[sinks].expand(h, -1),
+                rest.expand(h, -1)[taken].view(h, most),
+                base[~sinks].expand(h, -1),
+            ),
+            dim=1,
+        )
         return self.selection(layer, ids)
 
     @staticmethod
