@@ -708,3 +708,8 @@ def test_head_shares_average_to_the_centroid_scores_and_choose_blocks_fills_by_s
     assert choose_blocks(score, sizes, 20).tolist() == [False, True, False, True]  # 2 is passed over
     assert choose_blocks(score, sizes, 45).tolist() == [False, True, True, True]  # 0 no longer fits
     assert not choose_blocks(score, sizes, 4).any()
+    per_head = torch.stack((score, torch.tensor([0.9, 0.1, 0.2, 0.3])))  # each row decides alone
+    assert choose_blocks(per_head, sizes, 20).tolist() == [
+        [False, True, False, True],
+        [True, False, False, True],
+    ]
