@@ -424,6 +424,56 @@ def test_text_events_beyond_the_queue_drop_the_oldest_while_the_model_is_busy():
     assert [c[1] for c in session.calls] == [f"note {i}" for i in range(3, TEXT_QUEUE + 3)]
 
 
+def test_no_status_shows_a_frame_or_note_counted_without_the_memory_it_made():
+    """The counts and the memory figures of a stream's status change together: a status read
+    while the worker re-reads the memory (here: from inside ``status``) shows neither yet."""
+
+    class CountingSession(FakeSession):
+        """One token of memory per frame or text event; ``status`` records the stream's view."""
+
+        def __init__(self):
+            super().__init__()
+            self.tokens = 0
+            self.seen: list[tuple[int, int]] = []  # (frames + texts counted, tokens shown)
+
+        def ingest(self, frame, stamp, channel_order):
+            super().ingest(frame, stamp, channel_order)
+            self.tokens += 1
+
+        def add_text(self, text, stamp):
+            super().add_text(text, stamp)
+            self.tokens += 1
+
+        def status(self):
+            if stream is not None:
+                snap = stream.snapshot()
+                self.seen.append(
+                    (snap.counters.ingested + snap.counters.texts_ingested, snap.memory.tokens_in_memory)
+                )
+            return SessionStatus("dense", 0, self.tokens, 0, 0, 0, 0, None, None, 0.0)
+
+    stream = None
+    session, log = CountingSession(), ListLog()
+    stream = CameraStream("cam", "/cam", session, ModelGate(), 100.0, 0, now=lambda: 0.0, log=log)
+    stream.start()
+    try:
+        blank = np.zeros((4, 4, 3), np.uint8)
+        for stamp in (1.0, 2.0):
+            offer_and_wait(stream, stamp, lambda: blank)
+            stream.offer_text(f"note at {stamp}", stamp + 0.5)
+            wait_for(lambda s=stamp: stream.snapshot().counters.texts_ingested == s, 5, f"note at {stamp}")
+    finally:
+        stream.stop()
+    final = stream.snapshot()
+    assert (final.counters.ingested, final.counters.texts_ingested, final.memory.tokens_in_memory) == (
+        2,
+        2,
+        4,
+    )
+    assert len(session.seen) >= 4  # at least once per frame and note
+    assert all(counted == shown for counted, shown in session.seen), session.seen
+
+
 def test_time_jump_resets_the_stream_before_the_next_valid_frame():
     session, log = FakeSession(), ListLog()
     stream = CameraStream("cam", "/cam", session, ModelGate(), 100.0, 0, now=lambda: 0.0, log=log)

@@ -340,15 +340,18 @@ class CameraStream:
         except StreamFault as error:
             self.record_fault(f"ingesting the frame at {frame.stamp:.3f} s", error)
         else:
-            with self._lock:
-                self._counters.ingested += 1
-                now = self._now()
+            now = self._now()
+
+            def count(counters: StreamCounters) -> None:
+                counters.ingested += 1
                 if now > 0.0:  # on simulated time the clock reads 0 until the first /clock
                     lag_ms = (now - frame.stamp) * 1e3
-                    self._counters.ingest_lag_ms = max(lag_ms, 0.0)
-                    self._counters.stamp_ahead_ms = max(-lag_ms, 0.0)
-        finally:
-            self.refresh_memory()
+                    counters.ingest_lag_ms = max(lag_ms, 0.0)
+                    counters.stamp_ahead_ms = max(-lag_ms, 0.0)
+
+            self.refresh_memory(count)
+            return
+        self.refresh_memory()  # a failed frame may still have changed the memory (a reset)
 
     def _ingest_texts(self) -> None:
         """Ingest the queued text events, each taken from the queue once the model is ours (so
@@ -357,25 +360,34 @@ class CameraStream:
             with self._lock:
                 if not self._texts:
                     return
-            stamp = math.nan
             try:
                 with self._gate.frame(self._stop.is_set) as acquired:
                     if not acquired:
                         return
                     with self._lock:
                         text, stamp = self._texts.popleft()
-                    self.session.add_text(text, stamp)
-            except SessionError as error:
-                with self._lock:
-                    self._counters.texts_dropped += 1
-                self._log.warning(f"camera '{self.camera_id}': dropping a text event: {error}")
-            except Exception as error:  # StreamFault or worse: counted like a frame's
-                self.record_fault(f"adding the text event at {stamp:.3f} s", error)
-            else:
-                with self._lock:
-                    self._counters.texts_ingested += 1
-            finally:
-                self.refresh_memory()
+                    self._add_text(text, stamp)
+            except Exception as error:  # the worker must outlive any failure
+                self.record_fault("adding a text event", error)
+
+    def _add_text(self, text: str, stamp: float) -> None:
+        """Called holding the model gate."""
+        try:
+            self.session.add_text(text, stamp)
+        except SessionError as error:
+            with self._lock:
+                self._counters.texts_dropped += 1
+            self._log.warning(f"camera '{self.camera_id}': dropping a text event: {error}")
+        except Exception as error:  # StreamFault or worse: counted like a frame's
+            self.record_fault(f"adding the text event at {stamp:.3f} s", error)
+        else:
+
+            def count(counters: StreamCounters) -> None:
+                counters.texts_ingested += 1
+
+            self.refresh_memory(count)
+            return
+        self.refresh_memory()
 
     def record_fault(self, doing: str, error: BaseException | str) -> None:
         """Count and log a failure that was not the input's fault (it shows as ERROR on
@@ -390,11 +402,15 @@ class CameraStream:
             detail = "\n" + "".join(traceback.format_exception(error)).rstrip()
         self._log.error(f"camera '{self.camera_id}': {doing} failed: {reason}{detail}")
 
-    def refresh_memory(self) -> None:
-        """Re-read the session's memory figures (call holding the model gate)."""
+    def refresh_memory(self, count: Callable[[StreamCounters], None] | None = None) -> None:
+        """Re-read the session's memory figures (call holding the model gate). ``count``, when
+        given, updates the counters under the same lock, so that no status shows a frame or
+        text event counted without the memory it made, or the other way round."""
         memory = self.session.status()
         with self._lock:
             self._memory = memory
+            if count is not None:
+                count(self._counters)
 
     def continue_from(self, stamp: float | None) -> None:
         """The session was restored up to ``stamp`` (s, None: no frame): a frame stamped before
