@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 from test_policies import assert_map_inverts_slots, brute_force_ingest_ids
 
 from mosaic_ros.runtime.kv.attention import attend, rotate_context
+from mosaic_ros.runtime.kv.clock import WorkClock
 from mosaic_ros.runtime.kv.policies.mosaic import MosaicPolicy, Selection, chain_order, choose_clusters
 from mosaic_ros.runtime.kv.policy import KVGeometry, PolicyConfig, TokenMeta, make_policy
 from mosaic_ros.runtime.kv.rope import Rotary1D
@@ -713,3 +715,54 @@ def test_head_shares_average_to_the_centroid_scores_and_choose_blocks_fills_by_s
         [False, True, False, True],
         [True, False, False, True],
     ]
+
+
+# ------------------------------------------------------------------------ maintenance clocks
+
+
+def layout(policy) -> list[tuple[list[int], list[int], list[int]]]:
+    """Per layer: the live ids, their rows and their cluster ids."""
+    out = []
+    for layer in range(policy.geometry.num_layers):
+        ids = policy.live_ids(layer)
+        units = policy._layers[layer].index.units_of(ids)
+        out.append((ids.tolist(), policy.store.rows_of(layer, ids).tolist(), units.tolist()))
+    return out
+
+
+def test_work_clock_maintenance_is_the_same_however_slow_the_machine_is(monkeypatch):
+    """With ``maintain_clock="work"`` the budget is spent in fixed costs per split, sealed row and
+    layer, so a machine on which every timer read is a second later decides exactly as a fast
+    one; the wall clock there does no maintenance at all. The budget binds (unbounded
+    maintenance lays the stream out differently), so the clock is what decides."""
+
+    def run(clock: str, budget_ms: float, slow: bool):
+        policy = make_policy(
+            "mosaic",
+            GEOM,
+            small_config(budget_tokens=512, options={"max_cluster_tokens": 16, "maintain_clock": clock}),
+        )
+        stream = Stream(GEOM, seed=3)
+        with monkeypatch.context() as m:
+            if slow:
+                ticks = iter(range(10**9))
+                m.setattr(time, "perf_counter", lambda: 1000.0 * next(ticks))
+            stream.run([policy], frames=24, objects=[0, 1, 2, 3], maintain_ms=budget_ms)
+        return policy
+
+    fast, slow = run("work", 3.0, slow=False), run("work", 3.0, slow=True)
+    assert layout(fast) == layout(slow)
+    assert fast._clock.now_ms() == slow._clock.now_ms() > 0
+    assert layout(run("work", HUGE_MS, slow=False)) != layout(fast)
+    assert layout(run("wall", 3.0, slow=True)) != layout(fast)
+
+
+def test_work_clock_charges_fixed_costs_and_unknown_clocks_are_refused():
+    clock = WorkClock()
+    clock.charge("split_token", 10)
+    clock.charge("layer", 2)
+    assert clock.now_ms() == pytest.approx(
+        10 * WorkClock.COSTS_MS["split_token"] + 2 * WorkClock.COSTS_MS["layer"]
+    )
+    with pytest.raises(ValueError, match="maintain_clock must be one of"):
+        make_policy("mosaic", GEOM, small_config(options={"maintain_clock": "sundial"}))

@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -80,6 +79,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mosaic_ros.runtime.kv.clock import MaintenanceClock, WallClock
 from mosaic_ros.runtime.kv.kernels import centroid_scores
 
 KeyLookup = Callable[[Tensor], Tensor]
@@ -975,9 +975,14 @@ class ClusterIndex:
     # -----------------------------------------------------------------------------------------
 
     def maintain(
-        self, key_lookup: KeyLookup, budget_ms: float, ms_per_token: float | None = None
+        self,
+        key_lookup: KeyLookup,
+        budget_ms: float,
+        ms_per_token: float | None = None,
+        clock: MaintenanceClock | None = None,
     ) -> MaintenanceReport:
-        """Split queued clusters, oldest first, while less than ``budget_ms`` milliseconds have passed.
+        """Split queued clusters, oldest first, while less than ``budget_ms`` milliseconds of
+        ``clock`` (default: a ``WallClock``) have passed.
 
         A split is started only while time is left and, given ``ms_per_token`` (the caller's
         expected cost of a split per member token, everything it does per split included), only
@@ -987,31 +992,33 @@ class ClusterIndex:
         violate are dropped. First, once there are ``route_min_clusters`` live clusters and
         twice as many as when the regions were last built, the regions are rebuilt (a few
         k-means passes over the cluster means: about a millisecond per thousand clusters).
+        Each split is charged to ``clock`` (once and per member token), a rebuild per live cluster.
         """
         b, layer = self._bank, self.layer
-        start = time.perf_counter()
+        clock = clock if clock is not None else WallClock()
+        start = clock.now_ms()
         splits: list[Split] = []
         live = self.num_clusters
         if budget_ms > 0 and live >= self.config.route_min_clusters and live >= 2 * b.routed[layer]:
             b.rebuild_regions(layer)
+            clock.charge("region_cluster", live)
         queue, queued = b.queue[layer], b.queued[layer]
-        while queue and (time.perf_counter() - start) * 1e3 < budget_ms:
+        while queue and clock.now_ms() - start < budget_ms:
             c = queue[0]
             count = b.count[layer, c : c + 1]
             n = int(count)
             if n >= 2 and bool(b.violates(layer, count, b.sum_norm2[layer, c : c + 1])):
-                if (
-                    ms_per_token is not None
-                    and (time.perf_counter() - start) * 1e3 + ms_per_token * n > budget_ms
-                ):
+                if ms_per_token is not None and clock.now_ms() - start + ms_per_token * n > budget_ms:
                     break  # expected not to fit: it waits at the head of the queue
                 queue.popleft()
                 queued.discard(c)
                 splits.append(self._split(c, key_lookup))
+                clock.charge("split", 1)
+                clock.charge("split_token", n)
             else:
                 queue.popleft()
                 queued.discard(c)
-        return MaintenanceReport(splits, (time.perf_counter() - start) * 1e3, len(queue))
+        return MaintenanceReport(splits, clock.now_ms() - start, len(queue))
 
     def _split(self, parent: int, key_lookup: KeyLookup) -> Split:
         b, layer = self._bank, self.layer

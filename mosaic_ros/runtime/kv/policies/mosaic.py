@@ -85,6 +85,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mosaic_ros.runtime.kv.clock import make_clock
 from mosaic_ros.runtime.kv.clusters import ClusterBank, ClusterConfig, ClusterIndex, Split, require
 from mosaic_ros.runtime.kv.policies.base import Selection, StoreBackedPolicy
 from mosaic_ros.runtime.kv.policies.units import FrameBlocks, grouped_queries
@@ -332,6 +333,7 @@ class MosaicPolicy(StoreBackedPolicy):
         "prefetch_share": 0.5,  # share of the retrievable budget a prediction fills
         "max_cluster_tokens": 256,  # ClusterIndex: clusters above this size are split
         "blocks_below": 0.5,  # clusters below this many frame blocks in size: retrieve blocks per head
+        "maintain_clock": "wall",  # what maintenance's budget is measured in: "wall" or "work" (clock.py)
     }
 
     def __init__(self, geometry: KVGeometry, config: PolicyConfig, device: torch.device | str = "cpu"):
@@ -345,6 +347,7 @@ class MosaicPolicy(StoreBackedPolicy):
             raise ValueError(f"prefetch_share must be in (0, 1], got {o['prefetch_share']}")
         if float(o["blocks_below"]) < 0.0:
             raise ValueError(f"blocks_below must be >= 0, got {o['blocks_below']}")
+        self._clock = make_clock(str(o["maintain_clock"]))
         if o["prefetch_predictor"] not in PREDICTORS:
             raise ValueError(
                 f"prefetch_predictor must be one of {PREDICTORS}, got {o['prefetch_predictor']!r}"
@@ -623,61 +626,69 @@ class MosaicPolicy(StoreBackedPolicy):
     # ------------------------------------------------------------------ maintenance
     def maintain(self, budget_ms: float) -> float:
         """Deferred splits (re-laid in place), sealing and hole compaction, layer by layer in turn,
-        while ``budget_ms`` lasts (a layer's work is started only while time is left).
+        while ``budget_ms`` lasts (a layer's work is started only while time is left); returns the
+        wall milliseconds the call took.
 
-        Each step is started only if its expected cost fits in the time left: a split at the
-        measured cost per member token (the index's split and the extent's re-layout; moving
-        average in ``ClusterBank.split_ms_per_token``), and a seal moves only as many rows as
-        the time left allows at the measured cost per row (``_seal_ms_per_row``; before any is
-        measured, two chunks' worth), oldest clusters first, and only if that is at least half
-        a chunk (a seal has a fixed cost: a few smaller ones would cost more than the rows they
-        move). What is left waits for the next call (or, if maintenance keeps falling behind,
-        is sealed by ``append`` when the ring's head reaches it). An expected split cost that
-        keeps every queued split from starting shrinks by a tenth per call, so one slow split
-        cannot stop splitting. What the estimates miss (fixed costs, a split dearer than its
-        size says, the compaction check) shows as overrun: the call aims at the budget less a
-        holdback (``ClusterBank.holdback_ms``, at most half the budget) that every call moves
-        by 0.3 times its distance from nine tenths of the budget (the calls' spread lies mostly
-        above the aim), so the calls keep to the budget on average.
+        Time is read from the clock ``options['maintain_clock']`` names (``clock.py``): ``"wall"``
+        (default) real time, ``"work"`` fixed costs per unit of work, so that benchmark runs are
+        reproducible. Each step is started only if its expected cost fits in the time left: a
+        split at the measured cost per member token (the index's split and the extent's
+        re-layout; moving average in ``ClusterBank.split_ms_per_token``), and a seal moves only
+        as many rows as the time left allows at the measured cost per row (``_seal_ms_per_row``;
+        before any is measured, two chunks' worth), oldest clusters first, and only if that is
+        at least half a chunk (a seal has a fixed cost: a few smaller ones would cost more than
+        the rows they move). What is left waits for the next call (or, if maintenance keeps
+        falling behind, is sealed by ``append`` when the ring's head reaches it). An expected
+        split cost that keeps every queued split from starting shrinks by a tenth per call, so
+        one slow split cannot stop splitting. What the estimates miss (fixed costs, a split
+        dearer than its size says, the compaction check) shows as overrun: the call aims at the
+        budget less a holdback (``ClusterBank.holdback_ms``, at most half the budget) that every
+        call moves by 0.3 times its distance from nine tenths of the budget (the calls' spread
+        lies mostly above the aim), so the calls keep to the budget on average.
         """
+        wall = time.perf_counter()
         self._settle()
         self._flush()
-        start = time.perf_counter()
+        clock = self._clock
+        start = clock.now_ms()
         n = self.geometry.num_layers
         bank = self._bank
         aim, budget_ms = budget_ms, budget_ms - min(bank.holdback_ms, 0.5 * budget_ms)
         for _ in range(n):
-            spent = (time.perf_counter() - start) * 1e3
+            spent = clock.now_ms() - start
             if spent >= budget_ms:
                 break
             layer = self._next_maintained
             self._next_maintained = (layer + 1) % n
             st = self._layers[layer]
-            t0 = time.perf_counter()
+            t0 = clock.now_ms()
             per_token = bank.split_ms_per_token
-            report = st.index.maintain(self._key_lookup(layer), budget_ms - spent, per_token)
+            report = st.index.maintain(self._key_lookup(layer), budget_ms - spent, per_token, clock)
             for split in report.splits:
                 self._relayout_split(layer, split)
-            t1 = time.perf_counter()
+            t1 = clock.now_ms()
             if report.splits:
                 tokens = sum(m.numel() for s in report.splits for m in s.members)
-                ms = (t1 - t0) * 1e3 / max(tokens, 1)
+                ms = (t1 - t0) / max(tokens, 1)
                 bank.split_ms_per_token = ms if per_token is None else 0.7 * per_token + 0.3 * ms
             elif report.pending and per_token is not None:
                 bank.split_ms_per_token = 0.9 * per_token
             cost = self._seal_ms_per_row
-            left = budget_ms - (t1 - start) * 1e3
+            left = budget_ms - (t1 - start)
             limit = 2 * self._largest_chunk if cost is None else int(left / cost)
             if left > 0 and limit >= max(1, self._largest_chunk // 2):
                 moved = self._seal(layer, limit=limit)
                 if moved:
-                    ms = (time.perf_counter() - t1) * 1e3
+                    clock.charge("seal", 1)
+                    clock.charge("seal_row", moved)
+                    ms = clock.now_ms() - t1
                     self._seal_ms_per_row = ms / moved if cost is None else 0.7 * cost + 0.3 * ms / moved
-            self._compact_holes(layer)
-        spent = (time.perf_counter() - start) * 1e3
+            clock.charge("compact_row", self._compact_holes(layer))
+            clock.charge("layer", 1)
+        spent = clock.now_ms() - start
         if aim > 0:
             bank.holdback_ms = min(max(bank.holdback_ms + 0.3 * (spent - 0.9 * aim), 0.0), 0.5 * aim)
-        return spent
+        return (time.perf_counter() - wall) * 1e3
 
     def _relayout_split(self, layer: int, split: Split) -> None:
         """Rewrite a split parent's extent as its children's two extents, side by side."""
@@ -714,8 +725,9 @@ class MosaicPolicy(StoreBackedPolicy):
         units = _unit_rows(st.index.centroids[[anchor, a, b]].cpu())
         return bool(units[0] @ units[1] > units[0] @ units[2])
 
-    def _compact_holes(self, layer: int) -> None:
-        """Compact the layer once free rows outside the ring exceed a quarter of its rows."""
+    def _compact_holes(self, layer: int) -> int:
+        """Compact the layer once free rows outside the ring exceed a quarter of its rows;
+        returns the rows compacted (the layer's live rows; 0: not compacted)."""
         store, st = self.store, self._layers[layer]
         free = store.allocated_rows(layer) - store.live_count(layer)
         if st.ring_size:
@@ -724,6 +736,8 @@ class MosaicPolicy(StoreBackedPolicy):
         if free > max(self.page_rows, store.allocated_rows(layer) // 4):
             store.compact(layer)
             self._rebuild(layer)
+            return store.live_count(layer)
+        return 0
 
     # ------------------------------------------------------------------ host cap
     def hot_rows(self, layer: int) -> Tensor:
