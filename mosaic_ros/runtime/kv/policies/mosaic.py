@@ -646,9 +646,9 @@ class MosaicPolicy(StoreBackedPolicy):
         call moves by 0.3 times its distance from nine tenths of the budget (the calls' spread
         lies mostly above the aim), so the calls keep to the budget on average.
         """
-        wall = time.perf_counter()
         self._settle()
         self._flush()
+        wall = time.perf_counter()
         clock = self._clock
         start = clock.now_ms()
         n = self.geometry.num_layers
