@@ -275,6 +275,28 @@ def test_gate_serves_questions_in_arrival_order_before_frames():
     assert order == ["q1", "q2", "frame"]
 
 
+def test_gate_serves_frames_in_arrival_order_so_a_stream_asking_again_cannot_starve_another():
+    """A stream with queued text events asks for the model again the moment it lets go; a
+    stream already waiting goes first."""
+    gate = ModelGate()
+    order: list[str] = []
+
+    def other() -> None:
+        with gate.frame(lambda: False) as acquired:
+            assert acquired
+            order.append("other")
+
+    thread = threading.Thread(target=other)
+    with gate.frame(lambda: False):
+        thread.start()
+        wait_for(lambda: gate.frames_waiting == 1, 5, "the other stream waiting")
+    with gate.frame(lambda: False) as acquired:  # at once, as a text queue does
+        assert acquired
+        order.append("again")
+    thread.join(5)
+    assert order == ["other", "again"]
+
+
 class FakeSession:
     """Records what a CameraStream does with its session."""
 

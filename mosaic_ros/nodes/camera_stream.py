@@ -103,13 +103,14 @@ class LatestFrameSlot:
 
 
 class ModelGate:
-    """One user of the model at a time. Questions go first, in arrival order; frames wait
-    until no question is waiting."""
+    """One user of the model at a time. Questions go first, in arrival order; frames (and text
+    events) wait until no question is waiting, then go in arrival order too."""
 
     def __init__(self):
         self._cond = threading.Condition()
         self._busy = False
         self._questions: deque[object] = deque()
+        self._frames: deque[object] = deque()
 
     @contextmanager
     def question(self, give_up: Callable[[], bool]) -> Iterator[bool]:
@@ -133,17 +134,30 @@ class ModelGate:
 
     @contextmanager
     def frame(self, give_up: Callable[[], bool]) -> Iterator[bool]:
-        """Like ``question``, for a frame: waits while any question is waiting."""
+        """Like ``question``, for a frame or text event of any stream: waits while any question
+        is waiting, then goes in arrival order among them, so that a stream that asks again the
+        moment it lets go (a queue of text events) cannot starve the others."""
+        ticket = object()
         with self._cond:
-            while (self._busy or self._questions) and not give_up():
-                self._cond.wait(0.05)
-            acquired = not (self._busy or self._questions)
-            self._busy = self._busy or acquired
+            self._frames.append(ticket)
+            try:
+                while (self._busy or self._questions or self._frames[0] is not ticket) and not give_up():
+                    self._cond.wait(0.05)
+                acquired = not (self._busy or self._questions) and self._frames[0] is ticket
+                self._busy = self._busy or acquired
+            finally:
+                self._frames.remove(ticket)
+                self._cond.notify_all()
         try:
             yield acquired
         finally:
             if acquired:
                 self._release()
+
+    @property
+    def frames_waiting(self) -> int:
+        with self._cond:
+            return len(self._frames)
 
     @property
     def questions_waiting(self) -> int:

@@ -358,6 +358,11 @@ OPTION_HELP: dict[str, Setting] = {
     "hold_windows": Setting(
         "A cluster idle this many local windows beyond the local window is sealed.", "windows", 0.0, 1e6
     ),
+    "maintain_clock": Setting(
+        "What the maintenance budget is measured in: wall time, or fixed costs per unit of work "
+        "(reproducible runs).",
+        choices=("wall", "work"),
+    ),
     "max_cluster_tokens": Setting("Clusters above this size are split.", "tokens", 1, 1 << 20),
     "prefetch_predictor": Setting(
         "What predicts the next layer's clusters: the tokens this layer retrieved, or its query.",
