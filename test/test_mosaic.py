@@ -648,7 +648,11 @@ def test_layers_whose_clusters_do_not_cohere_retrieve_whole_frame_blocks_per_hea
                 assert torch.equal(ctx.keys[g, slot], keys[layer][t][g].to(ctx.keys.dtype))
     policy.end_question()
     # with room for one block only, each head takes exactly the frame its queries ask about
-    narrow = make_policy("mosaic", GEOM, PolicyConfig(budget_tokens=22, sink_tokens=4, window_tokens=8))
+    narrow = make_policy(
+        "mosaic",
+        GEOM,
+        PolicyConfig(budget_tokens=22, sink_tokens=4, window_tokens=8, options={"block_parts": 0}),
+    )
     frames, keys = feed_unclustered(narrow, frames=12)
     narrow.begin_question()
     for layer in range(GEOM.num_layers):
@@ -660,6 +664,38 @@ def test_layers_whose_clusters_do_not_cohere_retrieve_whole_frame_blocks_per_hea
             frames[5].tolist(),
         ]
     narrow.end_question()
+
+
+def test_a_block_longer_than_a_part_of_the_free_budget_is_taken_in_parts():
+    from mosaic_ros.runtime.kv.policies.mosaic import cut_blocks
+
+    block = torch.tensor([0] * 10 + [1] * 3 + [2] * 8)
+    assert cut_blocks(block, 4).tolist() == [0] * 4 + [1] * 3 + [2] * 3 + [3] * 3 + [4] * 4 + [5] * 4
+    assert torch.equal(cut_blocks(block, 10), block)
+    assert cut_blocks(block, 1).tolist() == list(range(21))
+    # free budget 52 - 12 = 40 tokens per head, 13 parts: at most 4 tokens per part, so a frame of
+    # 10 tokens is taken as parts of 4, 3 and 3 (positions 0-3, 4-6, 7-9 of the frame)
+    config = PolicyConfig(budget_tokens=52, sink_tokens=4, window_tokens=8, options={"block_parts": 13})
+    policy = make_policy("mosaic", GEOM, config)
+    frames, keys = feed_unclustered(policy, frames=12)
+    base = set(range(4)) | set(range(policy.store.num_tokens - 8, policy.store.num_tokens))
+    parts = [[f[:4], f[4:7], f[7:]] for f in frames[1:]]
+    policy.begin_question()
+    for layer in range(GEOM.num_layers):
+        # KV head 0 asks about position 8 of frame 2 (its last part), KV head 1 about 5 of frame 5
+        query = aimed_query(keys[layer], [int(frames[2][8]), int(frames[5][5])])
+        ids = policy.retrieve(layer, query).token_ids
+        assert set(frames[2][7:].tolist()) <= set(ids[0].tolist())
+        assert set(frames[5][4:7].tolist()) <= set(ids[1].tolist())
+        for g in range(2):
+            got = set(ids[g].tolist()) - base
+            whole = [set(p.tolist()) for f in parts for p in f if set(p.tolist()) <= got]
+            assert len(whole) >= 8  # 40 free tokens: parts, not two whole frames and a bit
+            # what is not whole parts is the fill up to the fullest head (its best other tokens)
+            assert len(got - set().union(*whole)) < 4
+            # and a frame is taken in part (whole blocks would take every frame whole or not at all)
+            assert any(0 < len(set(f.tolist()) & got) < 10 for f in frames[1:])
+    policy.end_question()
 
 
 def test_block_layers_honour_a_time_window_and_blocks_below_zero_keeps_shared_clusters():

@@ -354,6 +354,13 @@ OPTION_HELP: dict[str, Setting] = {
         0.0,
         1e6,
     ),
+    "block_parts": Setting(
+        "In a block layer, a frame block longer than a KV head's free budget divided by this is "
+        "cut into equal consecutive parts no longer than that (0: blocks stay whole).",
+        "",
+        0,
+        1 << 20,
+    ),
     "cpu_prefetch": Setting("Cross-layer prefetch on a CPU device too (a worker thread)."),
     "hold_windows": Setting(
         "A cluster idle this many local windows beyond the local window is sealed.", "windows", 0.0, 1e6

@@ -61,8 +61,11 @@ best blocks whole (``choose_blocks``); heads that took fewer tokens are filled u
 fullest one with their best other tokens, so the selection is (H_kv, n) rows (``per_head_layer``;
 the layer's device buffer holds a token per head per slot). A question's answer sits next to
 what the question matches (a locker's number next to "red locker"): a whole block brings it
-along, one token does not, and per head each KV head finds its own blocks. No prefetch runs into
-or out of a block layer. Measured in docs/BENCHMARKS.md (the needle workload).
+along, one token does not, and per head each KV head finds its own blocks. A block longer than
+a head's free budget (budget less sinks and window) over ``options['block_parts']`` (4) is cut
+into equal consecutive parts (``cut_blocks``): a long sentence is one text event, and a head
+that can take only two or three whole ones has no room left for the part that answers. No
+prefetch runs into or out of a block layer. Measured in docs/BENCHMARKS.md (the needle workload).
 
 Cross-layer prefetch (``config.prefetch``; the base class runs it for every policy): right
 after layer l's fetch, layer l+1's selection is predicted (``predict_next``) and copied into
@@ -233,6 +236,24 @@ def head_shares(query: Tensor, centroids: Tensor, counts: Tensor) -> Tensor:
     return torch.softmax(z, dim=-1).mean(dim=1).cpu()
 
 
+def cut_blocks(block: Tensor, most: int) -> Tensor:
+    """Block number (n,) of each of n candidates with every block of more than ``most`` tokens cut
+    into the fewest equal consecutive parts of at most ``most`` tokens (sizes differing by at most
+    one, the larger first), renumbered 0.. in order. ``block`` (n,) int64: 0-based block numbers
+    that never decrease and skip none (``unique_consecutive``'s inverse)."""
+    if block.numel() == 0:
+        return block
+    sizes = torch.bincount(block)
+    pieces = (sizes + most - 1) // most
+    start = torch.cumsum(sizes, 0) - sizes
+    at = torch.arange(block.numel()) - start[block]  # position inside its block
+    base, extra = sizes // pieces, sizes % pieces  # the first ``extra`` parts hold base + 1
+    b, e = base[block], extra[block]
+    big = e * (b + 1)  # tokens in the larger parts
+    part = torch.where(at < big, at // (b + 1), e + (at - big) // b.clamp_min(1))
+    return (torch.cumsum(pieces, 0) - pieces)[block] + part
+
+
 def choose_blocks(score: Tensor, sizes: Tensor, room: int) -> Tensor:
     """(H, B) bool: per row of ``score`` (H, B) (a KV head's score of each block), the blocks taken
     whole within ``room`` tokens, best score first, each one that still fits (one too large for
@@ -333,6 +354,7 @@ class MosaicPolicy(StoreBackedPolicy):
         "prefetch_share": 0.5,  # share of the retrievable budget a prediction fills
         "max_cluster_tokens": 256,  # ClusterIndex: clusters above this size are split
         "blocks_below": 0.5,  # clusters below this many frame blocks in size: retrieve blocks per head
+        "block_parts": 4,  # a block layer's block is at most 1/block_parts of a head's free budget (0: whole)
         "maintain_clock": "wall",  # what maintenance's budget is measured in: "wall" or "work" (clock.py)
     }
 
@@ -347,6 +369,8 @@ class MosaicPolicy(StoreBackedPolicy):
             raise ValueError(f"prefetch_share must be in (0, 1], got {o['prefetch_share']}")
         if float(o["blocks_below"]) < 0.0:
             raise ValueError(f"blocks_below must be >= 0, got {o['blocks_below']}")
+        if int(o["block_parts"]) < 0 or int(o["block_parts"]) != float(o["block_parts"]):
+            raise ValueError(f"block_parts must be an integer >= 0, got {o['block_parts']}")
         self._clock = make_clock(str(o["maintain_clock"]))
         if o["prefetch_predictor"] not in PREDICTORS:
             raise ValueError(
@@ -901,9 +925,12 @@ class MosaicPolicy(StoreBackedPolicy):
         shares = head_shares(query, index.centroids, index.counts)  # (H_kv, C)
         per_token = (shares / counts.clamp_min(1))[:, index.units_of(rest)]  # (H_kv, n)
         # ids ascending, so their blocks (numbered in arrival order) never decrease
-        blocks, inverse = torch.unique_consecutive(self.frame_blocks.of(rest), return_inverse=True)
-        sizes = torch.bincount(inverse, minlength=blocks.numel())
-        scores = torch.zeros(h, blocks.numel()).index_add_(1, inverse, per_token)
+        _, inverse = torch.unique_consecutive(self.frame_blocks.of(rest), return_inverse=True)
+        parts = int(self.options["block_parts"])
+        if parts:
+            inverse = cut_blocks(inverse, -(-room // parts))
+        sizes = torch.bincount(inverse)
+        scores = torch.zeros(h, sizes.numel()).index_add_(1, inverse, per_token)
         taken = choose_blocks(scores, sizes, room)[:, inverse]  # (H_kv, n)
         counts_taken = taken.sum(dim=1)
         most = int(counts_taken.max())
