@@ -61,10 +61,11 @@ best blocks whole (``choose_blocks``); heads that took fewer tokens are filled u
 fullest one with their best other tokens, so the selection is (H_kv, n) rows (``per_head_layer``;
 the layer's device buffer holds a token per head per slot). A question's answer sits next to
 what the question matches (a locker's number next to "red locker"): a whole block brings it
-along, one token does not, and per head each KV head finds its own blocks. A block longer than
-a head's free budget (budget less sinks and window) over ``options['block_parts']`` (4) is cut
-into equal consecutive parts (``cut_blocks``): a long sentence is one text event, and a head
-that can take only two or three whole ones has no room left for the part that answers. No
+along, one token does not, and per head each KV head finds its own blocks. With
+``options['block_parts']`` = k > 0 (0 by default: blocks stay whole), a block longer than a
+head's free budget (budget less sinks and window) over k is cut into equal consecutive parts
+(``cut_blocks``), for streams of long text events (measured both ways in docs/BENCHMARKS.md,
+"Long events taken in parts": it helps on SQuAD's sentences, it hurts on short events). No
 prefetch runs into or out of a block layer. Measured in docs/BENCHMARKS.md (the needle workload).
 
 Cross-layer prefetch (``config.prefetch``; the base class runs it for every policy): right
@@ -354,7 +355,7 @@ class MosaicPolicy(StoreBackedPolicy):
         "prefetch_share": 0.5,  # share of the retrievable budget a prediction fills
         "max_cluster_tokens": 256,  # ClusterIndex: clusters above this size are split
         "blocks_below": 0.5,  # clusters below this many frame blocks in size: retrieve blocks per head
-        "block_parts": 4,  # a block layer's block is at most 1/block_parts of a head's free budget (0: whole)
+        "block_parts": 0,  # a block layer's block is at most 1/block_parts of a head's free budget (0: whole)
         "maintain_clock": "wall",  # what maintenance's budget is measured in: "wall" or "work" (clock.py)
     }
 
