@@ -648,11 +648,7 @@ def test_layers_whose_clusters_do_not_cohere_retrieve_whole_frame_blocks_per_hea
                 assert torch.equal(ctx.keys[g, slot], keys[layer][t][g].to(ctx.keys.dtype))
     policy.end_question()
     # with room for one block only, each head takes exactly the frame its queries ask about
-    narrow = make_policy(
-        "mosaic",
-        GEOM,
-        PolicyConfig(budget_tokens=22, sink_tokens=4, window_tokens=8, options={"block_parts": 0}),
-    )
+    narrow = make_policy("mosaic", GEOM, PolicyConfig(budget_tokens=22, sink_tokens=4, window_tokens=8))
     frames, keys = feed_unclustered(narrow, frames=12)
     narrow.begin_question()
     for layer in range(GEOM.num_layers):
