@@ -6,7 +6,8 @@ everything device-specific about it: streams, events, staging memory and timing.
 
 - ``HostCopyEngine``: host pages into a buffer in host memory (a CPU "device"). Whole rows go
   by runs, each run one copy (numpy row views for short runs, torch's threaded ``copy_`` for
-  long ones); per-head units are gathered. Copies are synchronous: their time is wall time.
+  long ones); per-head units are copied by a compiled loop over byte views. Copies are
+  synchronous: their time is wall time.
 - ``CudaCopyEngine``: pages (pinned host memory, or on the device itself) into a buffer on a
   CUDA device. Runs of at least ``run_min_rows`` rows are copied one copy per run, shorter ones
   gathered per page into one pinned staging tensor and sent with one copy. From host memory the
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from mosaic_ros.runtime.kv.buffer import DeviceBuffer
-from mosaic_ros.runtime.kv.plan import copy_runs, write_slot_meta
+from mosaic_ros.runtime.kv.plan import copy_runs, gather_heads, write_slot_meta
 from mosaic_ros.runtime.kv.pool import PagePool
 
 # host-to-host runs at least this long are copied by torch (split across its intra-op threads),
@@ -82,6 +83,11 @@ def _index(values: np.ndarray, device: torch.device) -> torch.Tensor:
     """An int64 index tensor on ``device`` from a host numpy array."""
     t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
     return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
+def _byte_units(tensor: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU tensor (rows, 2, H_kv, D) as a numpy uint8 view (rows, 2, H_kv, D x element size)."""
+    return tensor.view(torch.uint8).numpy()
 
 
 def _unit_views(into: DeviceBuffer, tensor: torch.Tensor) -> torch.Tensor:
@@ -266,10 +272,12 @@ class HostCopyEngine(CopyEngine):
 
     def move_slots(self, into: DeviceBuffer, src: np.ndarray, dst: np.ndarray) -> None:
         if into.groups > 1:
-            super().move_slots(into, src, dst)
-            return
-        buf = into.host_rows()
-        buf[dst] = buf[src]
+            heads, src_slots = np.divmod(src, into.capacity)
+            units = _byte_units(into.data)
+            gather_heads(units, src_slots, heads, dst % into.capacity, units)  # sources >= n > targets
+        else:
+            buf = into.host_rows()
+            buf[dst] = buf[src]
         ids = into.slot_ids.numpy().reshape(-1)
         ids[dst] = ids[src]
         pos = into.slot_pos.numpy().reshape(into.slot_pos.shape[0], -1)
@@ -296,6 +304,30 @@ class HostCopyEngine(CopyEngine):
         # CPU to CPU a row-by-row gather (rows indexed one by one, into scattered slots through a
         # temporary) costs more than the microsecond or two of a short run's copy: every run is copied
         return 1
+
+    def _gather(
+        self,
+        pool: PagePool,
+        layer: int,
+        into: DeviceBuffer,
+        rows: np.ndarray,
+        dst: np.ndarray,
+        stats: FetchStats,
+    ) -> None:
+        if into.groups == 1:
+            super()._gather(pool, layer, into, rows, dst, stats)
+            return
+        # per head: one compiled copy per page touched (torch's indexing of the (G, slot) units of
+        # permuted views costs tens of microseconds per layer)
+        pr = pool.rows_per_page(layer)
+        pages = rows // pr
+        bounds = np.flatnonzero(np.concatenate(([True], pages[1:] != pages[:-1], [True])))
+        heads, slots = np.divmod(dst, into.capacity)
+        out = _byte_units(into.data)
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+            page = _byte_units(pool.pages[layer][int(pages[a])])
+            gather_heads(page, rows[a:b] % pr, heads[a:b], slots[a:b], out)
+        stats.copies += len(bounds) - 1
 
     def _copy_runs(
         self,

@@ -1,4 +1,5 @@
-"""Compiled host-side planning for ``HostKVStore.fetch`` (numba, no Python per row).
+"""Compiled host-side planning for ``HostKVStore.fetch`` (numba, no Python per row), and the
+per-head copy a CPU buffer gets its units by.
 
 A fetch into a device buffer first decides, for up to a budget of rows, which are resident,
 which slots are free, which rows move inside the buffer and which are copied, then cuts the
@@ -106,3 +107,17 @@ def write_slot_meta(rows, slots, row_token, positions, slot_ids, slot_pos):
         slot_ids[s] = t
         for d in range(p):
             slot_pos[d, s] = positions[d, t]
+
+
+_UNITS = "uint8[:, :, :, ::1]"
+
+
+@njit(f"void({_UNITS}, {_I64}, {_I64}, {_I64}, {_UNITS})", cache=True, nogil=True)
+def gather_heads(page, rows, heads, slots, out):
+    """out[slots[i], :, heads[i]] = page[rows[i], :, heads[i]] for every i: one KV head's key and
+    value of a row into a per-head buffer's slot. page (R, 2, H_kv, B) and out (capacity, 2, H_kv,
+    B) are byte views (B = head_dim x element size), so any dtype copies bit for bit."""
+    for i in range(rows.size):
+        r, h, s = rows[i], heads[i], slots[i]
+        out[s, 0, h, :] = page[r, 0, h, :]
+        out[s, 1, h, :] = page[r, 1, h, :]

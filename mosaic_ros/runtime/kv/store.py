@@ -452,8 +452,8 @@ class HostKVStore:
         that fetch's event orders both). No effect off CUDA.
 
         Planning: a stable sort of the rows (linear on the run-structured selections policies hand
-        over), then, for a selection shared by all heads, compiled passes over the buffer's
-        row -> slot map (``plan.plan_shared``); per head it runs on numpy views of the same maps.
+        over), then compiled passes over the buffer's row -> slot map (``plan.plan_shared``), once
+        for a selection shared by all heads, once per group for a per-head one.
         """
         rows = rows.to("cpu", torch.int64)
         if rows.dim() == 1 and into.groups > 1:
@@ -472,35 +472,47 @@ class HostKVStore:
         if g_count == 1:
             self._fetch_shared(engine, layer, rows.numpy().reshape(-1), into, stats, wait)
             return stats
-        cap = into.capacity
-        want = np.sort(rows.numpy(), axis=1, kind="stable")
-        rmap = into.row_slots(int(want.max()) + 1 if n else 0)
-        slot = np.take_along_axis(rmap, want, axis=1)
-        hit = slot >= 0
-        keep = hit & (slot < n)
-        occupied = np.zeros((g_count, n), dtype=bool)
-        kg, ki = np.nonzero(keep)
-        occupied[kg, slot[kg, ki]] = True
-        fg, fs = np.nonzero(~occupied)  # free slots in [0, n), group-major, ascending
-        ng, ni = np.nonzero(~keep)  # rows that need a slot, group-major, rows ascending
-        dst = fg * cap + fs
-        need_rows = want[ng, ni]
-        moved = hit[ng, ni]
-        stats.tokens_reused = int(hit.sum())
-        with engine.session(into, stats, wait):
-            if moved.any():
-                src_m = ng[moved] * cap + slot[ng[moved], ni[moved]]
-                dst_m = dst[moved]
-                engine.move_slots(into, src_m, dst_m)
-                into.track(dst_m, need_rows[moved])
-                into.track(src_m, -1)
-                stats.device_moves = int(src_m.size)
-            miss = ~moved
-            if miss.any():
-                self._copy_and_track(engine, layer, into, need_rows[miss], dst[miss], stats)
-        into.count = n
-        stats.tokens_copied = int(miss.sum())
+        self._fetch_per_head(engine, layer, rows.numpy(), into, stats, wait)
         return stats
+
+    def _fetch_per_head(
+        self,
+        engine: CopyEngine,
+        layer: int,
+        rows: np.ndarray,
+        into: DeviceBuffer,
+        stats: FetchStats,
+        wait: bool,
+    ) -> None:
+        """``fetch`` for one selection per head (G, n): each group planned as a shared selection is
+        (``plan.plan_shared`` on that group's maps, updated in place), then every group's moves and
+        copies carried out together on flat slots (group * capacity + slot)."""
+        g_count, n = rows.shape
+        cap = into.capacity
+        want = np.sort(rows.astype(np.int64, copy=False), axis=1, kind="stable")
+        rmap = into.row_slots(int(want.max()) + 1 if n else 0)
+        held = into.slot_rows.numpy()
+        need, free, move_from = [], [], []
+        n_moved = 0
+        for g in range(g_count):
+            rows_g, free_g, from_g, moved_g = plan_shared(want[g], rmap[g], held[g])
+            need.append(rows_g)
+            free.append(free_g + g * cap)
+            move_from.append(np.where(from_g >= 0, from_g + g * cap, -1))
+            n_moved += moved_g
+        need_rows, dst, src = np.concatenate(need), np.concatenate(free), np.concatenate(move_from)
+        stats.tokens_reused = g_count * n - need_rows.size + n_moved
+        with engine.session(into, stats, wait):
+            moved = src >= 0
+            if n_moved:
+                engine.move_slots(into, src[moved], dst[moved])
+                stats.device_moves = n_moved
+            if need_rows.size > n_moved:
+                rows_in, slots_in = need_rows[~moved], dst[~moved]
+                self._copy_in(engine, layer, into, rows_in, slots_in, stats)
+                self._write_slot_meta(engine, layer, into, rows_in, slots_in)
+        into.count = n
+        stats.tokens_copied = int(need_rows.size - n_moved)
 
     def _fetch_shared(
         self,
