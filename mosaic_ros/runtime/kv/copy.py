@@ -28,6 +28,7 @@ import time
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -83,6 +84,12 @@ def _index(values: np.ndarray, device: torch.device) -> torch.Tensor:
     """An int64 index tensor on ``device`` from a host numpy array."""
     t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
     return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
+def page_segments(pages: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each maximal stretch of equal values in ``pages`` (k,), in order."""
+    bounds = np.flatnonzero(np.concatenate(([True], pages[1:] != pages[:-1], [True]))).tolist()
+    return list(pairwise(bounds))
 
 
 def _byte_units(tensor: torch.Tensor) -> np.ndarray:
@@ -238,11 +245,11 @@ class CopyEngine:
         pages = rows // pr
         order = np.argsort(pages, kind="stable")
         rows, dst, pages = rows[order], dst[order], pages[order]
-        bounds = np.flatnonzero(np.concatenate(([True], pages[1:] != pages[:-1], [True])))
-        stats.copies += len(bounds) - 1
+        segments = page_segments(pages)
+        stats.copies += len(segments)
         groups, slots = np.divmod(dst, cap)
         local = torch.from_numpy(rows % pr)
-        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        for a, b in segments:
             page = pool.pages[layer][int(pages[a])]
             loc = local[a:b].to(page.device)
             if into.groups == 1:
@@ -321,13 +328,13 @@ class HostCopyEngine(CopyEngine):
         # permuted views costs tens of microseconds per layer)
         pr = pool.rows_per_page(layer)
         pages = rows // pr
-        bounds = np.flatnonzero(np.concatenate(([True], pages[1:] != pages[:-1], [True])))
+        segments = page_segments(pages)
         heads, slots = np.divmod(dst, into.capacity)
         out = _byte_units(into.data)
-        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        for a, b in segments:
             page = _byte_units(pool.pages[layer][int(pages[a])])
             gather_heads(page, rows[a:b] % pr, heads[a:b], slots[a:b], out)
-        stats.copies += len(bounds) - 1
+        stats.copies += len(segments)
 
     def _copy_runs(
         self,

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from mosaic_ros.runtime.kv.buffer import DeviceBuffer
-from mosaic_ros.runtime.kv.copy import CopyEngine, CudaCopyEngine, FetchStats, HostCopyEngine
+from mosaic_ros.runtime.kv.copy import CopyEngine, CudaCopyEngine, FetchStats, HostCopyEngine, page_segments
 from mosaic_ros.runtime.kv.plan import plan_shared
 from mosaic_ros.runtime.kv.policy import KVGeometry, TokenMeta
 from mosaic_ros.runtime.kv.pool import PagePool, StoreFullError, contiguous_runs
@@ -629,7 +629,6 @@ class HostKVStore:
         pages = rows // pr
         order = np.argsort(pages, kind="stable")
         rows, dst, pages = rows[order], dst[order], pages[order]
-        bounds = np.flatnonzero(np.concatenate(([True], pages[1:] != pages[:-1], [True])))
-        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+        for a, b in page_segments(pages):
             data = self.pool.read_spilled(layer, int(pages[a]), rows[a:b] % pr)
             engine.put(into, dst[a:b], data, stats)
