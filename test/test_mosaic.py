@@ -663,11 +663,12 @@ def test_layers_whose_clusters_do_not_cohere_retrieve_whole_frame_blocks_per_hea
 
 
 def test_a_block_longer_than_a_part_of_the_free_budget_is_taken_in_parts():
-    from mosaic_ros.runtime.kv.policies.mosaic import cut_blocks
+    from mosaic_ros.runtime.kv.plan import cut_blocks
 
-    block = torch.tensor([0] * 10 + [1] * 3 + [2] * 8)
+    block = np.array([3] * 10 + [4] * 3 + [9] * 8)  # any block numbers that never decrease
     assert cut_blocks(block, 4).tolist() == [0] * 4 + [1] * 3 + [2] * 3 + [3] * 3 + [4] * 4 + [5] * 4
-    assert torch.equal(cut_blocks(block, 10), block)
+    assert cut_blocks(block, 10).tolist() == [0] * 10 + [1] * 3 + [2] * 8
+    assert cut_blocks(block, 0).tolist() == [0] * 10 + [1] * 3 + [2] * 8  # 0: renumbered, not cut
     assert cut_blocks(block, 1).tolist() == list(range(21))
     # free budget 52 - 12 = 40 tokens per head, 13 parts: at most 4 tokens per part, so a frame of
     # 10 tokens is taken as parts of 4, 3 and 3 (positions 0-3, 4-6, 7-9 of the frame)
@@ -726,7 +727,8 @@ def test_block_layers_honour_a_time_window_and_blocks_below_zero_keeps_shared_cl
 
 def test_head_shares_average_to_the_centroid_scores_and_choose_blocks_fills_by_score():
     from mosaic_ros.runtime.kv.kernels import centroid_scores
-    from mosaic_ros.runtime.kv.policies.mosaic import choose_blocks, head_shares
+    from mosaic_ros.runtime.kv.plan import choose_blocks
+    from mosaic_ros.runtime.kv.policies.mosaic import head_shares
 
     gen = torch.Generator().manual_seed(4)
     query, centroids = torch.randn(4, 3, 16, generator=gen), torch.randn(7, 2, 16, generator=gen)
@@ -737,13 +739,24 @@ def test_head_shares_average_to_the_centroid_scores_and_choose_blocks_fills_by_s
     torch.testing.assert_close(
         shares.mean(dim=0), centroid_scores(query, centroids, counts).exp().masked_fill(counts == 0, 0)
     )
-    score = torch.tensor([0.1, 0.5, 0.3, 0.2])
-    sizes = torch.tensor([10, 10, 25, 5])
-    assert choose_blocks(score, sizes, 20).tolist() == [False, True, False, True]  # 2 is passed over
-    assert choose_blocks(score, sizes, 45).tolist() == [False, True, True, True]  # 0 no longer fits
-    assert not choose_blocks(score, sizes, 4).any()
-    per_head = torch.stack((score, torch.tensor([0.9, 0.1, 0.2, 0.3])))  # each row decides alone
-    assert choose_blocks(per_head, sizes, 20).tolist() == [
+    # four parts of 10, 10, 25 and 5 tokens; a part scores the sum of its tokens' shares
+    part = np.repeat(np.arange(4), [10, 10, 25, 5])
+    score = np.array([0.1, 0.5, 0.3, 0.2], np.float32)
+    per_token = (score / np.array([10, 10, 25, 5], np.float32))[part][None].copy()
+
+    def chosen(per_token, room):  # the parts each head took, from its (H, n) per-token result
+        taken = choose_blocks(per_token, part, room)
+        assert all(len(set(t[part == b].tolist())) == 1 for t in taken for b in range(4))  # parts whole
+        return [[bool(t[part == b][0]) for b in range(4)] for t in taken]
+
+    assert chosen(per_token, 20) == [[False, True, False, True]]  # 2 is passed over
+    assert chosen(per_token, 45) == [[False, True, True, True]]  # 0 no longer fits
+    assert chosen(per_token, 4) == [[False] * 4]
+    assert chosen(per_token, 0) == [[False] * 4]
+    tie = np.full((1, part.size), 0.01, np.float32)  # parts 0 and 1 tie (0.1): the lower goes first
+    assert chosen(tie, 10) == [[True, False, False, False]]
+    other = (np.array([0.9, 0.1, 0.2, 0.3], np.float32) / np.array([10, 10, 25, 5], np.float32))[part]
+    assert chosen(np.stack((per_token[0], other)), 20) == [  # each head decides alone
         [False, True, False, True],
         [True, False, False, True],
     ]

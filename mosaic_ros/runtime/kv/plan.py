@@ -121,3 +121,65 @@ def gather_heads(page, rows, heads, slots, out):
         r, h, s = rows[i], heads[i], slots[i]
         out[s, 0, h, :] = page[r, 0, h, :]
         out[s, 1, h, :] = page[r, 1, h, :]
+
+
+@njit(f"int64[::1]({_I64}, int64)", cache=True, nogil=True)
+def cut_blocks(block, most):
+    """Part number (n,) of each of n candidates: ``block`` (n,) their block numbers, which never
+    decrease (any values), renumbered 0.. in order, with every block of more than ``most``
+    tokens cut into the fewest equal consecutive parts of at most ``most`` tokens (sizes
+    differing by at most one, the larger first). ``most`` <= 0: blocks are not cut."""
+    n = block.size
+    out = np.empty(n, np.int64)
+    part = 0
+    i = 0
+    while i < n:
+        j = i + 1
+        while j < n and block[j] == block[i]:
+            j += 1
+        size = j - i
+        pieces = 1 if most <= 0 else (size + most - 1) // most
+        small, larger = size // pieces, size % pieces  # the first ``larger`` parts hold small + 1
+        at = i
+        for p in range(pieces):
+            end = at + small + (1 if p < larger else 0)
+            for k in range(at, end):
+                out[k] = part
+            part += 1
+            at = end
+        i = j
+    return out
+
+
+@njit(f"boolean[:, ::1](float32[:, ::1], {_I64}, int64)", cache=True, nogil=True)
+def choose_blocks(per_token, part, room):
+    """(H, n) bool: per row of ``per_token`` (H, n) (a KV head's estimated share of each of n
+    candidates), the candidates of the parts taken whole within ``room`` tokens. ``part`` (n,):
+    each candidate's part, 0.. in order, none skipped (``cut_blocks``). A head scores a part by
+    the sum of its candidates' shares (float32, in candidate order), takes parts best score
+    first (ties: lower part first), each one that still fits (one too large for what is left is
+    passed over), and stops once what is left is less than the smallest part."""
+    h, n = per_token.shape
+    taken = np.zeros((h, n), np.bool_)
+    if n == 0 or room <= 0:
+        return taken
+    parts = part[n - 1] + 1
+    sizes = np.zeros(parts, np.int64)
+    for i in range(n):
+        sizes[part[i]] += 1
+    smallest = sizes.min()
+    for g in range(h):
+        score = np.zeros(parts, np.float32)
+        for i in range(n):
+            score[part[i]] += per_token[g, i]
+        took = np.zeros(parts, np.bool_)
+        left = room
+        for b in np.argsort(-score, kind="mergesort"):  # stable: ties keep part order
+            if sizes[b] <= left:
+                took[b] = True
+                left -= sizes[b]
+                if left < smallest:
+                    break
+        for i in range(n):
+            taken[g, i] = took[part[i]]
+    return taken

@@ -57,14 +57,14 @@ takes time as its unit: each KV
 head scores every frame block (a frame with its time marker, or a text chunk, as ReKV's blocks)
 by the sum of its tokens' estimated shares of that head's attention (``head_shares``: the
 clusters' estimates per KV head; a token's share is its cluster's over its size) and takes the
-best blocks whole (``choose_blocks``); heads that took fewer tokens are filled up to the
+best blocks whole (``plan.choose_blocks``); heads that took fewer tokens are filled up to the
 fullest one with their best other tokens, so the selection is (H_kv, n) rows (``per_head_layer``;
 the layer's device buffer holds a token per head per slot). A question's answer sits next to
 what the question matches (a locker's number next to "red locker"): a whole block brings it
 along, one token does not, and per head each KV head finds its own blocks. With
 ``options['block_parts']`` = k > 0 (0 by default: blocks stay whole), a block longer than a
 head's free budget (budget less sinks and window) over k is cut into equal consecutive parts
-(``cut_blocks``), for streams of long text events (measured both ways in docs/BENCHMARKS.md,
+(``plan.cut_blocks``), for streams of long text events (measured both ways in docs/BENCHMARKS.md,
 "Long events taken in parts": it helps on SQuAD's sentences, it hurts on short events). No
 prefetch runs into or out of a block layer. Measured in docs/BENCHMARKS.md (the needle workload).
 
@@ -89,6 +89,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mosaic_ros.runtime.kv import plan
 from mosaic_ros.runtime.kv.clock import make_clock
 from mosaic_ros.runtime.kv.clusters import ClusterBank, ClusterConfig, ClusterIndex, Split, require
 from mosaic_ros.runtime.kv.policies.base import Selection, StoreBackedPolicy
@@ -235,46 +236,6 @@ def head_shares(query: Tensor, centroids: Tensor, counts: Tensor) -> Tensor:
     z = torch.bmm(q, centroids.float().permute(1, 2, 0))  # (H_kv, G * L_q, C)
     z.add_(counts.to(z.device).float().log())  # log(0) = -inf: unused ids draw nothing
     return torch.softmax(z, dim=-1).mean(dim=1).cpu()
-
-
-def cut_blocks(block: Tensor, most: int) -> Tensor:
-    """Block number (n,) of each of n candidates with every block of more than ``most`` tokens cut
-    into the fewest equal consecutive parts of at most ``most`` tokens (sizes differing by at most
-    one, the larger first), renumbered 0.. in order. ``block`` (n,) int64: 0-based block numbers
-    that never decrease and skip none (``unique_consecutive``'s inverse)."""
-    if block.numel() == 0:
-        return block
-    sizes = torch.bincount(block)
-    pieces = (sizes + most - 1) // most
-    start = torch.cumsum(sizes, 0) - sizes
-    at = torch.arange(block.numel()) - start[block]  # position inside its block
-    base, extra = sizes // pieces, sizes % pieces  # the first ``extra`` parts hold base + 1
-    b, e = base[block], extra[block]
-    big = e * (b + 1)  # tokens in the larger parts
-    part = torch.where(at < big, at // (b + 1), e + (at - big) // b.clamp_min(1))
-    return (torch.cumsum(pieces, 0) - pieces)[block] + part
-
-
-def choose_blocks(score: Tensor, sizes: Tensor, room: int) -> Tensor:
-    """(H, B) bool: per row of ``score`` (H, B) (a KV head's score of each block), the blocks taken
-    whole within ``room`` tokens, best score first, each one that still fits (one too large for
-    what is left is passed over); ``sizes`` (B,) tokens. A (B,) score gives a (B,) result."""
-    rows = score.reshape(-1, score.shape[-1]).tolist()
-    sz = sizes.tolist()
-    live = [n for n in sz if n > 0]
-    smallest = min(live) if live else 0
-    taken = [[False] * len(sz) for _ in rows]
-    for sc, took in zip(rows, taken, strict=True):
-        left = room
-        if not live or left <= 0:
-            continue
-        for block in sorted(range(len(sz)), key=sc.__getitem__, reverse=True):  # stable: ties keep id order
-            if 0 < sz[block] <= left:
-                took[block] = True
-                left -= sz[block]
-                if left < smallest:
-                    break
-    return torch.tensor(taken, dtype=torch.bool).reshape(score.shape)
 
 
 class _Layer:
@@ -926,13 +887,9 @@ class MosaicPolicy(StoreBackedPolicy):
         shares = head_shares(query, index.centroids, index.counts)  # (H_kv, C)
         per_token = (shares / counts.clamp_min(1))[:, index.units_of(rest)]  # (H_kv, n)
         # ids ascending, so their blocks (numbered in arrival order) never decrease
-        _, inverse = torch.unique_consecutive(self.frame_blocks.of(rest), return_inverse=True)
         parts = int(self.options["block_parts"])
-        if parts:
-            inverse = cut_blocks(inverse, -(-room // parts))
-        sizes = torch.bincount(inverse)
-        scores = torch.zeros(h, sizes.numel()).index_add_(1, inverse, per_token)
-        taken = choose_blocks(scores, sizes, room)[:, inverse]  # (H_kv, n)
+        part = plan.cut_blocks(self.frame_blocks.of(rest).numpy(), -(-room // parts) if parts else 0)
+        taken = torch.from_numpy(plan.choose_blocks(per_token.numpy(), part, room))  # (H_kv, n)
         counts_taken = taken.sum(dim=1)
         most = int(counts_taken.max())
         for g in torch.nonzero(counts_taken < most).flatten().tolist():
