@@ -9,6 +9,10 @@ has evicted the CPU caches each pass costs tens of microseconds: half a millisec
 as much as copying the rows. The kernels below do the same in three passes over small
 int arrays, in place where the result is a map update.
 
+Mosaic's block layers choose, per KV head and layer, which frame blocks (or parts of them) a
+question gets (``cut_blocks``, ``choose_blocks``): one pass each, where tensor operations and
+a Python sort per head cost about 0.1 ms per layer, 30 layers per question.
+
 Signatures are given so the kernels compile (or load from numba's cache) at import, not
 inside the first question.
 """
