@@ -231,6 +231,7 @@ class CameraStream:
         self._last_stamp: float | None = None
         self._reset_pending = False
         self._warned_invalid = False
+        self._faulted = False
         self._memory = session.status()
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name=f"ingest-{camera_id}", daemon=True)
@@ -318,8 +319,8 @@ class CameraStream:
         self._slot.wake()
 
     def _count_invalid(self, reason: str) -> None:
+        # Logged before counted: a status that shows the count comes after the log line.
         with self._lock:
-            self._counters.dropped_invalid += 1
             first = not self._warned_invalid
             self._warned_invalid = True
         if first:
@@ -327,6 +328,8 @@ class CameraStream:
                 f"dropping invalid frame on {self.topic}: {reason} (warned once per topic; "
                 "further invalid frames only count in frames_dropped_invalid)"
             )
+        with self._lock:
+            self._counters.dropped_invalid += 1
 
     # ---- worker ------------------------------------------------------------------------
 
@@ -389,9 +392,9 @@ class CameraStream:
         try:
             self.session.add_text(text, stamp)
         except SessionError as error:
+            self._log.warning(f"camera '{self.camera_id}': dropping a text event: {error}")
             with self._lock:
                 self._counters.texts_dropped += 1
-            self._log.warning(f"camera '{self.camera_id}': dropping a text event: {error}")
         except Exception as error:  # StreamFault or worse: counted like a frame's
             self.record_fault(f"adding the text event at {stamp:.3f} s", error)
         else:
@@ -408,13 +411,15 @@ class CameraStream:
         /diagnostics until a period passes without one)."""
         reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         with self._lock:
-            self._counters.faults += 1
-            self._counters.last_error = f"{doing}: {reason}"
-            first = self._counters.faults == 1
+            first, self._faulted = not self._faulted, True
         detail = ""
         if first and isinstance(error, BaseException):  # the first one with its stack, for a bug report
             detail = "\n" + "".join(traceback.format_exception(error)).rstrip()
+        # Logged before counted: a status that shows the fault comes after the log line.
         self._log.error(f"camera '{self.camera_id}': {doing} failed: {reason}{detail}")
+        with self._lock:
+            self._counters.faults += 1
+            self._counters.last_error = f"{doing}: {reason}"
 
     def refresh_memory(self, count: Callable[[StreamCounters], None] | None = None) -> None:
         """Re-read the session's memory figures (call holding the model gate). ``count``, when
