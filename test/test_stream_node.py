@@ -410,6 +410,54 @@ def test_a_decoder_that_raises_anything_counts_an_invalid_frame():
     assert session.calls == [("ingest", 2.0)]
 
 
+def test_a_dropped_frame_text_or_fault_is_logged_before_a_status_can_count_it():
+    """Each line is written while the counters still show the event uncounted: a status published
+    between the two steps (the node's timer runs on another thread) never shows a count whose
+    log line is not there yet."""
+
+    class FailingAt3(FakeSession):
+        def ingest(self, frame, stamp, channel_order):
+            if stamp == 3.0:
+                raise KeyError("a bug")
+            super().ingest(frame, stamp, channel_order)
+
+    class CountersAtEachLine(ListLog):
+        stream: CameraStream | None = None
+
+        def __init__(self):
+            super().__init__()
+            self.counters = []
+
+        def info(self, text):
+            super().info(text)
+            self.counters.append(self.stream.snapshot().counters)
+
+        warning = error = info
+
+    log = CountersAtEachLine()
+    stream = CameraStream("cam", "/cam", FailingAt3(), ModelGate(), 100.0, 0, now=lambda: 0.0, log=log)
+    log.stream = stream
+    blank = np.zeros((4, 4, 3), np.uint8)
+    stream.start()
+    try:
+        offer_and_wait(stream, -1.0, lambda: blank)
+        offer_and_wait(stream, 3.0, lambda: blank)
+        stream.offer_text("  ", 4.0)
+        wait_for(lambda: stream.snapshot().counters.texts_dropped == 1, 5, "the empty note dropped")
+    finally:
+        stream.stop()
+
+    def counters_at(text: str):
+        return next(c for line, c in zip(log.lines, log.counters, strict=True) if text in line)
+
+    assert counters_at("dropping invalid frame on /cam").dropped_invalid == 0
+    fault = counters_at("ingesting the frame at 3.000 s failed")
+    assert (fault.faults, fault.last_error) == (0, "")
+    assert counters_at("dropping a text event").texts_dropped == 0
+    final = stream.snapshot().counters
+    assert (final.dropped_invalid, final.faults, final.texts_dropped) == (1, 1, 1)
+
+
 def test_text_events_are_ingested_by_the_worker_in_order_and_bad_ones_counted():
     session, log = FakeSession(), ListLog()
     stream = CameraStream("cam", "/cam", session, ModelGate(), 100.0, 0, now=lambda: 0.0, log=log)
