@@ -49,13 +49,58 @@ def unapply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return x * cos - rotate_half(x) * sin
 
 
+class PositionTable:
+    """Rotary cos/sin of positions 0..P-1 kept on the CPU and looked up, grown by doubling.
+
+    On a CPU evaluating the trigonometry per call costs more than the whole attention over the
+    same tokens (e.g. 0.22 ms for 768 positions at head_dim 64, against 0.02 ms for the lookup),
+    and a question rotates every layer's context anew. ``half`` maps positions (N,) int64 to the
+    first halves (N, D/2) float32 of cos and sin (standard RoPE repeats them in the second half);
+    the table holds what ``half`` returned, so a lookup gives the same values. It costs
+    ``D * 4`` bytes per position (256 B at head_dim 64) and stops growing at ``max_bytes``
+    (None: no limit): ``lookup`` then answers None for positions beyond it, and for negative ones.
+    """
+
+    def __init__(
+        self,
+        half: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        head_dim: int,
+        max_bytes: int | None = None,
+    ):
+        self.half = half
+        self.limit = None if max_bytes is None else max_bytes // (head_dim * 4)
+        self._cos = torch.zeros(0, head_dim // 2)
+        self._sin = torch.zeros(0, head_dim // 2)
+
+    @property
+    def positions(self) -> int:
+        """Positions the table holds (0..positions-1)."""
+        return self._cos.shape[0]
+
+    def lookup(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """pos (N,) int64 on the CPU -> cos, sin (N, D) float32, or None past the limit / below 0."""
+        if pos.numel() == 0:
+            return torch.zeros(0, 2 * self._cos.shape[1]), torch.zeros(0, 2 * self._sin.shape[1])
+        need = int(pos.max()) + 1
+        if int(pos.min()) < 0 or (self.limit is not None and need > self.limit):
+            return None
+        have = self.positions
+        if need > have:
+            size = max(need, 2 * have, 4096)
+            if self.limit is not None:
+                size = min(size, self.limit)
+            cos, sin = self.half(torch.arange(have, size))
+            self._cos, self._sin = torch.cat((self._cos, cos)), torch.cat((self._sin, sin))
+        cos, sin = self._cos.index_select(0, pos), self._sin.index_select(0, pos)
+        return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+
+
 class Rotary1D:
     """Standard 1-D RoPE table (``theta`` base), for benchmarks and tests without a model.
 
-    On a CPU the cos/sin of every position seen so far are kept in a table (grown by
-    doubling, 512 B per position for head_dim 128: ~1% of the KV it rotates) and looked up,
-    since evaluating the trigonometry per call costs more than the whole attention over the
-    same tokens there. Values are identical either way (same float32 angles, same functions).
+    On a CPU the cos/sin of every position seen so far are looked up in a ``PositionTable``
+    (no size limit: 512 B per position at head_dim 128, ~1% of the KV it rotates). Values are
+    identical either way (same float32 angles, same functions).
     """
 
     def __init__(self, head_dim: int, theta: float = 1_000_000.0, device: torch.device | str = "cpu"):
@@ -63,28 +108,18 @@ class Rotary1D:
             raise ValueError(f"head_dim must be even, got {head_dim}")
         exponents = torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim
         self.inv_freq = (1.0 / theta**exponents).float()
-        self._table: tuple[torch.Tensor, torch.Tensor] | None = None  # CPU: (P, D/2) cos, sin
+        self._table = PositionTable(self._half, head_dim) if self.inv_freq.device.type == "cpu" else None
 
     def _half(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = torch.outer(pos.to(torch.float32), self.inv_freq)
         return angles.cos(), angles.sin()
 
-    def _lookup(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        need = int(pos.max()) + 1 if pos.numel() else 0
-        have = 0 if self._table is None else self._table[0].shape[0]
-        if need > have:
-            size = max(need, 2 * have, 4096)
-            cos, sin = self._half(torch.arange(have, size))
-            if self._table is not None:
-                cos, sin = torch.cat((self._table[0], cos)), torch.cat((self._table[1], sin))
-            self._table = (cos, sin)
-        return self._table[0].index_select(0, pos), self._table[1].index_select(0, pos)
-
     def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (1, N) or (N,) int64 -> cos, sin (N, D) float32."""
         pos = positions.reshape(-1).to(self.inv_freq.device)
-        if pos.device.type == "cpu" and (pos.numel() == 0 or int(pos.min()) >= 0):
-            cos, sin = self._lookup(pos.to(torch.int64))
-        else:
-            cos, sin = self._half(pos)  # both halves share the angles: trig once, then copy
+        if self._table is not None:
+            table = self._table.lookup(pos.to(torch.int64))
+            if table is not None:
+                return table
+        cos, sin = self._half(pos)  # both halves share the angles: trig once, then copy
         return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
