@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mosaic_ros.runtime.kv.plan import copy_runs, plan_shared, write_slot_meta
+from mosaic_ros.runtime.kv.plan import copy_runs, plan_per_head, plan_shared, write_slot_meta
 
 
 def reference_plan(want, rmap, held):
@@ -113,3 +113,30 @@ def test_write_slot_meta_writes_ids_and_every_position_component():
     assert slot_pos[:, 1].tolist() == positions[:, 2].tolist()
     assert slot_pos[:, 2].tolist() == positions[:, 0].tolist()
     assert (slot_pos[:, [0, 3, 4]] == 0).all()
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_plan_per_head_is_plan_shared_per_group_on_flat_slots(seed):
+    rng = np.random.default_rng(100 + seed)
+    rows, capacity, groups = 300, 64, 3
+    states = [random_buffer(rng, rows, capacity) for _ in range(groups)]
+    rmap = np.stack([s[0] for s in states])
+    held = np.stack([s[1] for s in states])
+    n = int(rng.integers(1, capacity + 1))
+    want = np.stack([np.sort(rng.choice(rows, size=n, replace=False)) for _ in range(groups)])
+    want = want.astype(np.int64)
+    expect_moves, expect_copies = [], []
+    rmap_ref, held_ref = rmap.copy(), held.copy()
+    for g in range(groups):
+        need, free, move_from, _ = plan_shared(want[g], rmap_ref[g], held_ref[g])
+        for r, s, f in zip(need.tolist(), free.tolist(), move_from.tolist(), strict=True):
+            if f >= 0:
+                expect_moves.append((f + g * capacity, s + g * capacity))
+            else:
+                expect_copies.append((r, s + g * capacity))
+    move_src, move_dst, copy_rows, copy_dst = plan_per_head(want, rmap, held, capacity)
+    assert list(zip(move_src.tolist(), move_dst.tolist(), strict=True)) == expect_moves
+    assert list(zip(copy_rows.tolist(), copy_dst.tolist(), strict=True)) == expect_copies
+    assert np.array_equal(rmap, rmap_ref) and np.array_equal(held, held_ref)
+    for g in range(groups):  # each group's slots [0, n) hold its wanted rows
+        assert sorted(held[g, :n].tolist()) == want[g].tolist()

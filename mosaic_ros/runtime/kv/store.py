@@ -37,7 +37,7 @@ import torch
 
 from mosaic_ros.runtime.kv.buffer import DeviceBuffer
 from mosaic_ros.runtime.kv.copy import CopyEngine, CudaCopyEngine, FetchStats, HostCopyEngine, page_segments
-from mosaic_ros.runtime.kv.plan import plan_shared
+from mosaic_ros.runtime.kv.plan import plan_per_head, plan_shared
 from mosaic_ros.runtime.kv.policy import KVGeometry, TokenMeta
 from mosaic_ros.runtime.kv.pool import PagePool, StoreFullError, contiguous_runs
 from mosaic_ros.runtime.kv.tokens import TokenTable
@@ -485,34 +485,23 @@ class HostKVStore:
         wait: bool,
     ) -> None:
         """``fetch`` for one selection per head (G, n): each group planned as a shared selection is
-        (``plan.plan_shared`` on that group's maps, updated in place), then every group's moves and
-        copies carried out together on flat slots (group * capacity + slot)."""
+        (``plan.plan_per_head``: ``plan_shared`` on each group's maps, updated in place), then every
+        group's moves and copies carried out together on flat slots (group * capacity + slot)."""
         g_count, n = rows.shape
         cap = into.capacity
         want = np.sort(rows.astype(np.int64, copy=False), axis=1, kind="stable")
         rmap = into.row_slots(int(want.max()) + 1 if n else 0)
-        held = into.slot_rows.numpy()
-        need, free, move_from = [], [], []
-        n_moved = 0
-        for g in range(g_count):
-            rows_g, free_g, from_g, moved_g = plan_shared(want[g], rmap[g], held[g])
-            need.append(rows_g)
-            free.append(free_g + g * cap)
-            move_from.append(np.where(from_g >= 0, from_g + g * cap, -1))
-            n_moved += moved_g
-        need_rows, dst, src = np.concatenate(need), np.concatenate(free), np.concatenate(move_from)
-        stats.tokens_reused = g_count * n - need_rows.size + n_moved
+        move_src, move_dst, rows_in, slots_in = plan_per_head(want, rmap, into.slot_rows.numpy(), cap)
+        stats.tokens_reused = g_count * n - rows_in.size
         with engine.session(into, stats, wait):
-            moved = src >= 0
-            if n_moved:
-                engine.move_slots(into, src[moved], dst[moved])
-                stats.device_moves = n_moved
-            if need_rows.size > n_moved:
-                rows_in, slots_in = need_rows[~moved], dst[~moved]
+            if move_src.size:
+                engine.move_slots(into, move_src, move_dst)
+                stats.device_moves = move_src.size
+            if rows_in.size:
                 self._copy_in(engine, layer, into, rows_in, slots_in, stats)
                 self._write_slot_meta(engine, layer, into, rows_in, slots_in)
         into.count = n
-        stats.tokens_copied = int(need_rows.size - n_moved)
+        stats.tokens_copied = int(rows_in.size)
 
     def _fetch_shared(
         self,
