@@ -739,27 +739,44 @@ def test_head_shares_average_to_the_centroid_scores_and_choose_blocks_fills_by_s
     torch.testing.assert_close(
         shares.mean(dim=0), centroid_scores(query, centroids, counts).exp().masked_fill(counts == 0, 0)
     )
-    # four parts of 10, 10, 25 and 5 tokens; a part scores the sum of its tokens' shares
-    part = np.repeat(np.arange(4), [10, 10, 25, 5])
-    score = np.array([0.1, 0.5, 0.3, 0.2], np.float32)
-    per_token = (score / np.array([10, 10, 25, 5], np.float32))[part][None].copy()
+    # four parts of 10, 10, 25 and 5 tokens, each one unit; a part scores the sum of its tokens'
+    # shares, a token's share is its unit's over the unit's size
+    sizes = np.array([10, 10, 25, 5])
+    part = np.repeat(np.arange(4), sizes)
+    score = np.array([[0.1, 0.5, 0.3, 0.2]], np.float32)
 
-    def chosen(per_token, room):  # the parts each head took, from its (H, n) per-token result
-        taken = choose_blocks(per_token, part, room)
-        assert all(len(set(t[part == b].tolist())) == 1 for t in taken for b in range(4))  # parts whole
-        return [[bool(t[part == b][0]) for b in range(4)] for t in taken]
+    def picked(shares, room):  # (H, m) candidate indices, each row ascending
+        pick = choose_blocks(np.ascontiguousarray(shares, np.float32), sizes, part, part, room)
+        assert all(list(row) == sorted(set(row.tolist())) for row in pick)
+        return pick
 
-    assert chosen(per_token, 20) == [[False, True, False, True]]  # 2 is passed over
-    assert chosen(per_token, 45) == [[False, True, True, True]]  # 0 no longer fits
-    assert chosen(per_token, 4) == [[False] * 4]
-    assert chosen(per_token, 0) == [[False] * 4]
-    tie = np.full((1, part.size), 0.01, np.float32)  # parts 0 and 1 tie (0.1): the lower goes first
+    def chosen(shares, room):  # the parts each head took whole (no head is filled up here)
+        out = []
+        for row in picked(shares, room):
+            taken = np.zeros(part.size, bool)
+            taken[row] = True
+            assert all(len(set(taken[part == b].tolist())) == 1 for b in range(4))  # parts whole
+            out.append([bool(taken[part == b][0]) for b in range(4)])
+        return out
+
+    assert chosen(score, 20) == [[False, True, False, True]]  # 2 is passed over
+    assert chosen(score, 45) == [[False, True, True, True]]  # 0 no longer fits
+    assert chosen(score, 4) == [[False] * 4]
+    assert chosen(score, 0) == [[False] * 4]
+    tie = np.array([[0.1, 0.1, 0.25, 0.05]], np.float32)  # parts 0 and 1 tie: the lower goes first
     assert chosen(tie, 10) == [[True, False, False, False]]
-    other = (np.array([0.9, 0.1, 0.2, 0.3], np.float32) / np.array([10, 10, 25, 5], np.float32))[part]
-    assert chosen(np.stack((per_token[0], other)), 20) == [  # each head decides alone
+    other = [0.9, 0.1, 0.2, 0.3]
+    assert chosen(np.stack((score[0], other)), 20) == [  # each head decides alone
         [False, True, False, True],
         [True, False, False, True],
     ]
+    # head 1 cannot fit its best part (25 tokens) and takes parts 0 and 1 (20 tokens); head 0
+    # takes 1 and 3 (15) and is filled up to 20 with its best other tokens: part 2's share per
+    # token (0.3 / 25) beats part 0's (0.1 / 10), equal ones go by index
+    pick = picked(np.stack((score[0], [0.06, 0.05, 0.85, 0.04])), 20)
+    assert pick.shape == (2, 20)
+    assert pick[0].tolist() == list(range(10, 25)) + list(range(45, 50))
+    assert pick[1].tolist() == list(range(20))
 
 
 # ------------------------------------------------------------------------ maintenance clocks

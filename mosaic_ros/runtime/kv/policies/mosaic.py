@@ -232,9 +232,10 @@ def head_shares(query: Tensor, centroids: Tensor, counts: Tensor) -> Tensor:
     (``counts[c] * exp(q . centroid / sqrt(D))``, normalised over clusters per query head and
     token), averaged over the KV head's query-head group and the question's tokens only.
     """
-    q = grouped_queries(query, centroids.shape[1]).to(centroids.device) * query.shape[-1] ** -0.5
-    z = torch.bmm(q, centroids.float().permute(1, 2, 0))  # (H_kv, G * L_q, C)
-    z.add_(counts.to(z.device).float().log())  # log(0) = -inf: unused ids draw nothing
+    q = grouped_queries(query, centroids.shape[1]).to(centroids.device)
+    log_counts = counts.to(q.device).float().log()  # log(0) = -inf: unused ids draw nothing
+    # (H_kv, G * L_q, C): log(count) + (q . centroid) / sqrt(D), one fused product
+    z = torch.baddbmm(log_counts, q, centroids.float().permute(1, 2, 0), alpha=query.shape[-1] ** -0.5)
     return torch.softmax(z, dim=-1).mean(dim=1).cpu()
 
 
@@ -884,26 +885,15 @@ class MosaicPolicy(StoreBackedPolicy):
             return self.selection(layer, torch.cat((base, rest)).sort().values.expand(h, -1))
         index = self._layers[layer].index
         counts = index.counts.cpu()
-        shares = head_shares(query, index.centroids, index.counts)  # (H_kv, C)
-        per_token = (shares / counts.clamp_min(1))[:, index.units_of(rest)]  # (H_kv, n)
+        shares = head_shares(query, index.centroids, counts)  # (H_kv, C)
         # ids ascending, so their blocks (numbered in arrival order) never decrease
         parts = int(self.options["block_parts"])
         part = plan.cut_blocks(self.frame_blocks.of(rest).numpy(), -(-room // parts) if parts else 0)
-        taken = torch.from_numpy(plan.choose_blocks(per_token.numpy(), part, room))  # (H_kv, n)
-        counts_taken = taken.sum(dim=1)
-        most = int(counts_taken.max())
-        for g in torch.nonzero(counts_taken < most).flatten().tolist():
-            others = torch.nonzero(~taken[g]).flatten()
-            taken[g, others[torch.topk(per_token[g, others], most - int(counts_taken[g])).indices]] = True
+        pick = plan.choose_blocks(shares.numpy(), counts.numpy(), index.units_of(rest).numpy(), part, room)
         # sinks < rest < window (split_candidates), so each head's ids come out ascending
         sinks = base < self.config.sink_tokens
         ids = torch.cat(
-            (
-                base[sinks].expand(h, -1),
-                rest.expand(h, -1)[taken].view(h, most),
-                base[~sinks].expand(h, -1),
-            ),
-            dim=1,
+            (base[sinks].expand(h, -1), rest[torch.from_numpy(pick)], base[~sinks].expand(h, -1)), dim=1
         )
         return self.selection(layer, ids)
 
