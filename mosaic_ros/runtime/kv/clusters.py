@@ -897,7 +897,8 @@ class ClusterIndex:
         b = self._bank
         ids = token_ids.to("cpu", torch.int64).reshape(-1)
         idx = ids - b.base
-        if idx.numel() and int(idx.min()) >= 0 and int(idx.max()) < b.tok_len:
+        lo, hi = torch.aminmax(idx) if idx.numel() else (-1, -1)
+        if int(lo) >= 0 and int(hi) < b.tok_len:
             return b.tok_cluster[self.layer, idx]  # every id held (the nursery, a chunk): no mask
         known = (idx >= 0) & (idx < b.tok_len)
         out = torch.full_like(ids, -1)

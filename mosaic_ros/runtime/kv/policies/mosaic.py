@@ -890,10 +890,10 @@ class MosaicPolicy(StoreBackedPolicy):
         parts = int(self.options["block_parts"])
         part = plan.cut_blocks(self.frame_blocks.of(rest).numpy(), -(-room // parts) if parts else 0)
         pick = plan.choose_blocks(shares.numpy(), counts.numpy(), index.units_of(rest).numpy(), part, room)
-        # sinks < rest < window (split_candidates), so each head's ids come out ascending
-        sinks = base < self.config.sink_tokens
+        # sinks < rest < window (split_candidates, base ascending), so each head's ids come out ascending
+        sinks = int(np.searchsorted(base.numpy(), self.config.sink_tokens))
         ids = torch.cat(
-            (base[sinks].expand(h, -1), rest[torch.from_numpy(pick)], base[~sinks].expand(h, -1)), dim=1
+            (base[:sinks].expand(h, -1), rest[torch.from_numpy(pick)], base[sinks:].expand(h, -1)), dim=1
         )
         return self.selection(layer, ids)
 
