@@ -296,17 +296,17 @@ def test_a_1d_rope_adapter_looks_its_rotary_up_in_a_table_of_the_models_own_valu
     what the model's rotary embedding gives, grows past its first 4,096 positions, and falls back
     to the model beyond its size limit; M-RoPE families have no table."""
     adapter = make_adapter("llava-ov")
-    table = adapter._rotary_table
+    table = adapter.rotary.table
     assert table is not None and table.positions == 0
     pos = torch.tensor([[9, 0, 4095, 12_000, 3, 12_000]])
     cos, sin = adapter.rotary(pos)
     assert table.positions >= 12_001
-    ref_cos, ref_sin = adapter._model_rotary(pos)
+    ref_cos, ref_sin = adapter.rotary.from_model(pos)
     assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
     assert torch.equal(adapter.rotary(pos[:, 1:3])[0], cos[1:3])  # a lookup after growth
     table.limit = table.positions  # as if the byte limit were reached: no further growth
     far = torch.tensor([[5, table.positions + 7]])
-    got, want = adapter.rotary(far), adapter._model_rotary(far)
+    got, want = adapter.rotary(far), adapter.rotary.from_model(far)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert table.positions == table.limit
-    assert make_adapter("qwen2.5-vl")._rotary_table is None
+    assert make_adapter("qwen2.5-vl").rotary.table is None

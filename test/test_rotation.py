@@ -104,3 +104,41 @@ def test_scratch_reuses_its_buffer_and_grows_when_asked_for_more():
     c = s.take("x", (2, 20, 4), "cpu")
     assert c.shape == (2, 20, 4) and c.numel() == 160
     assert s.take("x", (2, 20, 4), "cpu").data_ptr() == c.data_ptr()
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_float32_keys_are_rotated_from_the_table_rows_as_the_plain_form_does(per_head):
+    """With a ``table`` on the rotary, float32 keys (a strided view, as a buffer's are) are
+    rotated in one pass from the table's rows: the plain form's values, fresh or into a scratch;
+    positions beyond the table's limit take the plain path."""
+    gen = torch.Generator().manual_seed(3)
+    h, t, d = 3, 40, 16
+    storage = torch.randn(t, 2, h, d, generator=gen)  # (slots, K/V, heads, D), like a buffer
+    keys = storage[:, 0].permute(1, 0, 2)
+    if per_head:
+        pos = torch.randint(0, 10_000, (1, h, t), generator=gen)
+    else:
+        pos = torch.randint(0, 10_000, (1, 1, t), generator=gen).expand(1, h, t)
+    ctx = KVContext(keys=keys, values=keys, positions=pos, token_ids=torch.arange(t).expand(h, t))
+    rot = Rotary1D(d)
+    expect = torch.stack([apply_rotary(keys[g], *rot(pos[:, g])) for g in range(h)])
+    got = rotate_context(ctx, rot)
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    torch.testing.assert_close(got, expect, rtol=0, atol=1e-6)
+    scratch = Scratch()
+    into = rotate_context(ctx, rot, scratch=scratch)
+    assert into.data_ptr() == scratch.take("rotated", (h, t, d), "cpu").data_ptr()
+    torch.testing.assert_close(into, got, rtol=0, atol=0)
+    torch.testing.assert_close(rotate_context(ctx, rot, dtype=torch.float16), got.half(), rtol=0, atol=0)
+    direct = torch.empty(h, t, d)
+    assert rot.table.rotate_into(keys, pos[0], direct)  # the pass rotate_context takes
+    torch.testing.assert_close(direct, got, rtol=0, atol=0)
+    small = Rotary1D(d)
+    small.table.limit = 5_000  # a table that may not grow to the positions asked: the plain path
+    out = torch.full((h, t, d), float("nan"))
+    assert not small.table.rotate_into(keys, pos[0], out) and bool(out.isnan().all())
+    assert small.table.positions == 0
+    torch.testing.assert_close(rotate_context(ctx, small), expect, rtol=0, atol=1e-6)
+    negative = KVContext(keys=keys, values=keys, positions=pos - 20_000, token_ids=ctx.token_ids)
+    far = torch.stack([apply_rotary(keys[g], *rot(pos[:, g] - 20_000)) for g in range(h)])
+    torch.testing.assert_close(rotate_context(negative, rot), far, rtol=0, atol=1e-6)

@@ -29,13 +29,23 @@ def rotate_context(
     allocations: the result is then valid until that scratch's next use for a rotation.
 
     When all heads share one selection (positions expanded over heads) the rotation table
-    is computed once for T tokens, not for H_kv x T.
+    is computed once for T tokens, not for H_kv x T. Float32 keys on a CPU whose ``rotary`` has
+    a ``table`` (a ``PositionTable``: ``Rotary1D``, a 1-D RoPE model's ``ModelRotary``) are rotated
+    from its rows in one compiled pass, with no cos/sin tensors made.
     """
     h, t, d = ctx.keys.shape
     dtype = ctx.keys.dtype if dtype is None else dtype
     if t == 0:
         return ctx.keys.to(dtype)
     pos = ctx.positions
+    table = getattr(rotary, "table", None)
+    if table is not None and ctx.keys.dtype == torch.float32 and ctx.keys.device.type == "cpu":
+        if scratch is None:
+            out = torch.empty((h, t, d), dtype=torch.float32)
+        else:
+            out = scratch.take("rotated", (h, t, d), "cpu")
+        if table.rotate_into(ctx.keys, pos[0].to(torch.int64), out):
+            return out if dtype == torch.float32 else out.to(dtype)
     if h == 1 or pos.stride(1) == 0:
         cos, sin = rotary(pos[:, 0])
     else:
@@ -86,6 +96,7 @@ class MemoRotary:
 
     def __init__(self, rotary: RotaryFn):
         self.rotary = rotary
+        self.table = getattr(rotary, "table", None)  # rotate_context reads keys' angles from it
         self._last: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

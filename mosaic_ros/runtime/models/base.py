@@ -178,7 +178,7 @@ class VLMAdapter(ABC):
         self.head_dim: int = int(self.language_model.layers[0].self_attn.head_dim)
         self.hidden_size: int = int(text_config.hidden_size)
         self.eos_token_ids: tuple[int, ...] = self._find_eos_ids()
-        self._rotary_table = self._make_rotary_table()
+        self.rotary = ModelRotary(self)  # positions (P, N) -> cos, sin (N, head_dim)
 
     # ------------------------------------------------------------------ model parts
 
@@ -354,42 +354,6 @@ class VLMAdapter(ABC):
             logits = self.model.lm_head(hidden)
         return logits.float()
 
-    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotary cos/sin for token positions (P, N) -> two (N, head_dim) float32 tensors on the
-        model device, from the model's own rotary embedding (M-RoPE sections applied), such that
-        the model's post-RoPE key is ``apply_rotary(k_pre, cos, sin)``. With 1-D RoPE on a CPU
-        the model's values are kept in a ``PositionTable`` and looked up (the same values)."""
-        if positions.ndim != 2 or positions.shape[0] != self.position_dims:
-            raise ValueError(f"positions must be ({self.position_dims}, N), got {tuple(positions.shape)}")
-        if self._rotary_table is not None:
-            table = self._rotary_table.lookup(positions[0].to("cpu", torch.int64))
-            if table is not None:
-                return table
-        return self._model_rotary(positions)
-
-    def _model_rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probe = torch.zeros((), dtype=torch.float32, device=self.device)
-        position_ids = self._model_position_ids(positions.to(self.device, torch.long)[:, None, :])
-        cos, sin = self.language_model.rotary_emb(probe, position_ids)
-        return cos[0].float(), sin[0].float()
-
-    def _make_rotary_table(self) -> PositionTable | None:
-        """A table of the model's own rotary values for 1-D RoPE on a CPU whose angles do not depend
-        on the sequence length (not a "dynamic" RoPE type), up to ``ROTARY_TABLE_BYTES``."""
-        rope_type = str(getattr(self.language_model.rotary_emb, "rope_type", "default"))
-        if self.position_dims != 1 or self.device.type != "cpu" or "dynamic" in rope_type:
-            return None
-        half = self.head_dim // 2
-
-        def halves(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            cos, sin = self._model_rotary(pos[None])
-            return cos[:, :half].contiguous(), sin[:, :half].contiguous()
-
-        cos, sin = self._model_rotary(torch.arange(64)[None])  # standard RoPE: halves repeat
-        if not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
-            return None
-        return PositionTable(halves, self.head_dim, max_bytes=ROTARY_TABLE_BYTES)
-
     # ------------------------------------------------------------------ persistence
 
     def save_pretrained(self, folder: str | Path) -> None:
@@ -402,3 +366,53 @@ class VLMAdapter(ABC):
     @abstractmethod
     def _image_processor(self) -> Any:
         """The transformers image processor equivalent to this adapter's preprocessing."""
+
+
+class ModelRotary:
+    """A model's own rotary cos/sin as a ``RotaryFn``: positions (P, N) -> two (N, head_dim) float32
+    tensors on the model device (M-RoPE sections applied), such that the model's post-RoPE key is
+    ``apply_rotary(k_pre, cos, sin)``.
+
+    With 1-D RoPE on a CPU whose angles do not depend on the sequence length (not a "dynamic" RoPE
+    type), the model's values are kept in ``table`` (a ``PositionTable`` of at most
+    ``ROTARY_TABLE_BYTES``) and looked up: the same values, and ``rotate_context`` rotates keys
+    straight from it. Otherwise ``table`` is None and every call asks the model.
+    """
+
+    def __init__(self, adapter: VLMAdapter):
+        self._adapter = adapter
+        self.table = self._make_table()
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dims = self._adapter.position_dims
+        if positions.ndim != 2 or positions.shape[0] != dims:
+            raise ValueError(f"positions must be ({dims}, N), got {tuple(positions.shape)}")
+        if self.table is not None:
+            found = self.table.lookup(positions[0].to("cpu", torch.int64))
+            if found is not None:
+                return found
+        return self.from_model(positions)
+
+    def from_model(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's rotary embedding evaluated for ``positions`` (P, N), no table."""
+        ad = self._adapter
+        probe = torch.zeros((), dtype=torch.float32, device=ad.device)
+        position_ids = ad._model_position_ids(positions.to(ad.device, torch.long)[:, None, :])
+        cos, sin = ad.language_model.rotary_emb(probe, position_ids)
+        return cos[0].float(), sin[0].float()
+
+    def _make_table(self) -> PositionTable | None:
+        ad = self._adapter
+        rope_type = str(getattr(ad.language_model.rotary_emb, "rope_type", "default"))
+        if ad.position_dims != 1 or ad.device.type != "cpu" or "dynamic" in rope_type:
+            return None
+        half = ad.head_dim // 2
+
+        def halves(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            cos, sin = self.from_model(pos[None])
+            return cos[:, :half].contiguous(), sin[:, :half].contiguous()
+
+        cos, sin = self.from_model(torch.arange(64)[None])  # standard RoPE: halves repeat
+        if not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
+            return None
+        return PositionTable(halves, ad.head_dim, max_bytes=ROTARY_TABLE_BYTES)
