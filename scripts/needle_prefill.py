@@ -1,0 +1,131 @@
+"""A question's prefill under two policies, paired question by question, on the needle streams.
+
+The needle bench (`mosaic-ros-bench --workload needles`) runs each policy over a whole stream
+before the next, so the machine's drift over minutes lands in the comparison, and its answer
+time is mostly decode passes that do the same work under every policy at equal budget. This
+script times only what differs: the question's prefill (every layer's retrieval, fetch,
+rotation and attention), the two policies one right after the other on the same question, in
+alternating order, several times. With ``--parts``, the time inside named steps as well
+(wall time around each call, summed; a step includes the steps it calls).
+
+    .venv/bin/python scripts/needle_prefill.py --streams 4 --repeats 4 --parts
+
+The model is the real SmolLM2 LM with the build's random vision tower unused (the needle
+stream's "frames" are sentence embeddings: an oracle vision tower). Times are per question, ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import time
+
+import torch
+
+from mosaic_ros.runtime.bench.needles import NeedleConfig, _stream, generate_needles
+from mosaic_ros.runtime.kv import attention, bridge, plan, store
+from mosaic_ros.runtime.kv.clusters import ClusterIndex
+from mosaic_ros.runtime.kv.policies import base, mosaic
+from mosaic_ros.runtime.models import load_model
+
+# (owner, attribute, label): the steps ``--parts`` times
+PARTS = [
+    (base.StoreBackedPolicy, "retrieve", "retrieve (select + fetch + reposition)"),
+    (base.StoreBackedPolicy, "split_candidates", "  split_candidates"),
+    (mosaic, "head_shares", "  head_shares"),
+    (ClusterIndex, "units_of", "  units_of"),
+    (plan, "choose_blocks", "  choose_blocks"),
+    (base.StoreBackedPolicy, "materialize", "  materialize (fetch)"),
+    (store.HostKVStore, "_copy_in", "    copy_in"),
+    (bridge, "rotate_context", "rotate_context"),
+    (attention.MemoRotary, "__call__", "  rotary table"),
+    (bridge, "attend", "attend"),
+]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policies", default="rekv,mosaic", help="two policies, compared as second - first")
+    p.add_argument("--budget", type=int, default=256)
+    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--streams", type=int, default=4, help="generated needle streams, seeds --seed on")
+    p.add_argument("--seed", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=4, help="passes over every question")
+    p.add_argument("--parts", action="store_true", help="also time the named steps")
+    args = p.parse_args()
+    first, second = args.policies.split(",")
+    torch.set_num_threads(1)
+    acc: dict[tuple[str, str], float] = collections.defaultdict(float)
+    current = [first]
+    if args.parts:
+        for owner, name, label in PARTS:
+            _time_calls(owner, name, label, acc, current)
+    adapter = load_model("smollm2-llava:135m-instruct", device="cpu", dtype="float32")
+    cfg = NeedleConfig(
+        policies=[first, second],
+        budget_tokens=args.budget,
+        window_tokens=args.window,
+        options={"mosaic": {"maintain_clock": "work"}},
+        maintain_ms=50,
+    )
+    sets = [generate_needles(s, 24, 6) for s in range(args.seed, args.seed + args.streams)]
+    streams = {name: [_stream(adapter, name, cfg, s) for s in sets] for name in (first, second)}
+    acc.clear()
+
+    def prefill(name: str, index: int, question: str) -> float:
+        current[0] = name
+        st = streams[name][index]
+        chunk = adapter.question_chunk(question, st.cursor)
+        t0 = time.perf_counter()
+        st.bridge.begin_question(None)
+        with torch.no_grad(), st.bridge.question_step(chunk.token_positions) as cache:
+            adapter.forward(chunk, cache)
+        st.bridge.end_question()
+        ms = (time.perf_counter() - t0) * 1e3
+        acc[(name, "prefill")] += ms / 1e3
+        return ms
+
+    diffs, count = [], 0
+    for rep in range(args.repeats):
+        for index, needle_set in enumerate(sets):
+            for qi, q in enumerate(needle_set.questions):
+                if (rep + qi) % 2:
+                    a = prefill(first, index, q.question)
+                    b = prefill(second, index, q.question)
+                else:
+                    b = prefill(second, index, q.question)
+                    a = prefill(first, index, q.question)
+                diffs.append(b - a)
+                count += 1
+    print(
+        f"{count} prefills per policy ({args.streams} streams x {args.repeats} passes), budget {args.budget}"
+    )
+    print(
+        f"{second} - {first} per question, paired: median {statistics.median(diffs):.2f} ms, "
+        f"mean {statistics.mean(diffs):.2f} ms, {second} faster in {sum(d < 0 for d in diffs)} of {count}"
+    )
+    labels = ["prefill"] + [label for _, _, label in PARTS if args.parts]
+    print(f"{'ms per question':40s} {first:>9s} {second:>9s}")
+    for label in labels:
+        print(
+            f"{label:40s} {acc[(first, label)] / count * 1e3:9.2f} {acc[(second, label)] / count * 1e3:9.2f}"
+        )
+
+
+def _time_calls(owner, name: str, label: str, acc: dict, current: list[str]) -> None:
+    """Wrap ``owner.name`` so each call's wall time adds to ``acc[(policy now asked, label)]``."""
+    inner = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            acc[(current[0], label)] += time.perf_counter() - t0
+
+    setattr(owner, name, timed)
+
+
+if __name__ == "__main__":
+    main()
