@@ -151,8 +151,6 @@ class KVBridge:
         self.reselect_every = int(policy.config.reselect_every)
         self._context_rotary = MemoRotary(rotary)
         self._scratch = Scratch()  # ingest's rotated context lives for one layer only
-        # a question's rotated context of each layer lives until that layer's next retrieval
-        self._question_scratch = [Scratch() for _ in range(num_layers)]
         self.num_layers = num_layers
         self.cache = StreamCache(self, num_layers)
         self.stored_tokens = 0
@@ -295,7 +293,6 @@ class KVBridge:
                 if question.prefill_queries is not None:
                     question.prefill_queries[layer] = query_pre
             ctx = self.policy.retrieve(layer, query_pre)
-            keys = rotate_context(ctx, self._context_rotary, scratch=self._question_scratch[layer])
-            question.context[layer] = (keys, ctx.values)
+            question.context[layer] = (rotate_context(ctx, self._context_rotary), ctx.values)
         ctx_keys, ctx_values = question.context[layer]
         return attend(query[0], ctx_keys, ctx_values, local_keys[0], local_values[0], scaling)[None]
