@@ -24,6 +24,7 @@ from mosaic_ros.runtime.models import (
     rotate_half,
     unapply_rotary,
 )
+from mosaic_ros.runtime.models.base import ModelRotary
 
 FAMILIES = ["qwen2.5-vl", "llava-ov", "qwen3-vl"]
 LOGIT_ATOL = 1e-4
@@ -310,3 +311,6 @@ def test_a_1d_rope_adapter_looks_its_rotary_up_in_a_table_of_the_models_own_valu
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert table.positions == table.limit
     assert make_adapter("qwen2.5-vl").rotary.table is None
+    for varying in ("dynamic", "longrope"):  # frequencies that change with the positions asked
+        adapter.language_model.rotary_emb.rope_type = varying
+        assert ModelRotary(adapter).table is None

@@ -373,8 +373,8 @@ class ModelRotary:
     tensors on the model device (M-RoPE sections applied), such that the model's post-RoPE key is
     ``apply_rotary(k_pre, cos, sin)``.
 
-    With 1-D RoPE on a CPU whose angles do not depend on the sequence length (not a "dynamic" RoPE
-    type), the model's values are kept in ``table`` (a ``PositionTable`` of at most
+    With 1-D RoPE on a CPU whose angles do not depend on the sequence length (not a "dynamic" or
+    "longrope" RoPE type), the model's values are kept in ``table`` (a ``PositionTable`` of at most
     ``ROTARY_TABLE_BYTES``) and looked up: the same values, and ``rotate_context`` rotates keys
     straight from it. Otherwise ``table`` is None and every call asks the model.
     """
@@ -404,7 +404,9 @@ class ModelRotary:
     def _make_table(self) -> PositionTable | None:
         ad = self._adapter
         rope_type = str(getattr(ad.language_model.rotary_emb, "rope_type", "default"))
-        if ad.position_dims != 1 or ad.device.type != "cpu" or "dynamic" in rope_type:
+        # "dynamic" and "longrope" change their frequencies with the positions asked: no table
+        varying = "dynamic" in rope_type or rope_type == "longrope"
+        if ad.position_dims != 1 or ad.device.type != "cpu" or varying:
             return None
         half = ad.head_dim // 2
 
