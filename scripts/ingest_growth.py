@@ -154,12 +154,15 @@ def main() -> None:
     ap.add_argument("--maintain-ms", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--spare-pages", type=int, default=None, help="the policy's spare_pages option")
+    ap.add_argument("--sketch-dims", type=int, default=None, help="mosaic's sketch_dims option")
     ap.add_argument("--parts", action="store_true", help="time the named steps of the last block")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     spec = SyntheticSpec(frames=args.frames, questions=1, seed=0, sink_tokens=args.sinks)
     work = SyntheticWorkload(SHAPES[args.shape], spec, torch.float16)
     options = {} if args.spare_pages is None else {"spare_pages": args.spare_pages}
+    if args.sketch_dims is not None:
+        options["sketch_dims"] = args.sketch_dims
     config = PolicyConfig(
         budget_tokens=args.budget, sink_tokens=args.sinks, window_tokens=args.window, options=options
     )

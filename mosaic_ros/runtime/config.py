@@ -371,6 +371,13 @@ OPTION_HELP: dict[str, Setting] = {
         choices=("wall", "work"),
     ),
     "max_cluster_tokens": Setting("Clusters above this size are split.", "tokens", 1, 1 << 20),
+    "sketch_dims": Setting(
+        "Cluster a count sketch of each KV head's key in this many dimensions (a divisor of the "
+        "head dim below it): cheaper assignment, other clusters (0: every dimension).",
+        "dims",
+        0,
+        1 << 16,
+    ),
     "prefetch_predictor": Setting(
         "What predicts the next layer's clusters: the tokens this layer retrieved, or its query.",
         choices=("tokens", "query"),

@@ -5,9 +5,10 @@ of its layer, so the store can lay a layer's KV out cluster by cluster. Clusters
 cross-modal and cross-time: any two tokens whose keys are close share a cluster, whatever frame
 or modality they came from.
 
-Assignment space
+Assignment space (``embedding.py``)
     Each head of a key is L2-normalized, the heads are concatenated and the row is divided by
-    ``sqrt(H_kv)``: a unit vector of ``F = H_kv * D`` values. The squared distance of two rows
+    ``sqrt(H_kv)``: a unit vector of ``F = H_kv * D`` values (with ``sketch_dims`` = m, each head
+    is first count-sketched to m values, ``F = H_kv * m``). The squared distance of two rows
     is ``2 - 2 * mean_h cos_h``: each head weighs the same whatever its norm, and scaling keys
     changes nothing. Since every row has norm 1, a cluster's variance (its Welford ``M2 / n``,
     the mean squared distance of its members to their mean) equals ``1 - |mean|^2``, so per
@@ -80,6 +81,7 @@ import torch
 from torch import Tensor
 
 from mosaic_ros.runtime.kv.clock import MaintenanceClock, WallClock
+from mosaic_ros.runtime.kv.embedding import CountSketch, HeadNormalized
 from mosaic_ros.runtime.kv.kernels import centroid_scores
 
 KeyLookup = Callable[[Tensor], Tensor]
@@ -110,6 +112,9 @@ class ClusterConfig:
     scale_momentum: weight of one chunk (of the largest chunk size seen) in the moving average of
         the log local scale; the first chunks are averaged evenly.
     split_iters: 2-means iterations per split.
+    sketch_dims: 0 (the default) clusters every coordinate of the keys (``HeadNormalized``); m > 0
+        clusters a count sketch of each head's D coordinates into m (``CountSketch``: a
+        divisor of D below it; a head dim of at most m keeps every coordinate).
     route_min_clusters: from this many live clusters on, ``maintain`` groups the clusters into
         about ``sqrt(C)`` regions, and a token no recent cluster accepts is compared with the
         older clusters of its nearest regions only.
@@ -122,6 +127,7 @@ class ClusterConfig:
     scale_momentum: float = 0.2
     split_iters: int = 6
     route_min_clusters: int = 256
+    sketch_dims: int = 0
 
     def __post_init__(self) -> None:
         if self.cohesion <= 0 or self.join_radius <= 0 or self.loose_factor < 1:
@@ -130,6 +136,14 @@ class ClusterConfig:
             raise ValueError("max_cluster_tokens, split_iters and route_min_clusters must be >= 1")
         if not 0 < self.scale_momentum <= 1:
             raise ValueError(f"scale_momentum must be in (0, 1], got {self.scale_momentum}")
+        if self.sketch_dims < 0:
+            raise ValueError(f"sketch_dims must be >= 0, got {self.sketch_dims}")
+
+    def embedding(self, num_kv_heads: int, head_dim: int) -> HeadNormalized | CountSketch:
+        """The assignment space of keys (H_kv, D) under this configuration."""
+        if 0 < self.sketch_dims < head_dim:
+            return CountSketch(num_kv_heads, head_dim, self.sketch_dims)
+        return HeadNormalized(num_kv_heads, head_dim)
 
 
 @dataclass
@@ -192,7 +206,8 @@ class ClusterBank:
         self.head_dim = head_dim
         self.config = config or ClusterConfig()
         self.device = torch.device(device)
-        n, width = num_layers, num_kv_heads * head_dim
+        self.embedding = self.config.embedding(num_kv_heads, head_dim)
+        n, width = num_layers, self.embedding.width
         proj_dim = min(width, _PROJ_DIM)
         if proj_dim == width:
             self.proj = torch.eye(width, device=self.device)
@@ -204,7 +219,7 @@ class ClusterBank:
         # |sum_unit|^2, the last chunk that added to it, its region (-1: none)
         self.count = torch.zeros(n, 0, dtype=torch.int64, device=dev)
         self.sum_unit = torch.zeros(n, 0, width, device=dev)
-        self.sum_raw = torch.zeros(n, 0, width, device=dev)
+        self.sum_raw = torch.zeros(n, 0, num_kv_heads * head_dim, device=dev)
         self.sum_norm2 = torch.zeros(n, 0, device=dev)
         self.sum_proj = torch.zeros(n, 0, proj_dim, device=dev)
         self.touched = torch.zeros(n, 0, dtype=torch.int64, device=dev)
@@ -340,10 +355,10 @@ class ClusterBank:
         return count
 
     def embed(self, keys: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys (..., T, H_kv, D) -> (unit (..., T, F) assignment-space rows, raw (..., T, F) float32)."""
-        raw = keys.to(self.device, torch.float32)
-        inv = (raw.norm(dim=-1, keepdim=True).clamp_min(1e-30) * math.sqrt(self.num_kv_heads)).reciprocal_()
-        return (raw * inv).flatten(-2), raw.flatten(-2)
+        """Keys (..., T, H_kv, D) -> (unit (..., T, F) assignment-space rows (``self.embedding``),
+        raw (..., T, H_kv * D) float32)."""
+        raw = keys.to(self.device, torch.float32).contiguous()
+        return self.embedding(raw), raw.flatten(-2)
 
     def _embed_chunk(self, keys: Tensor | Sequence[Tensor], count: int) -> tuple[Tensor, Tensor]:
         """``embed`` of a chunk's keys (L, T, H_kv, D) or L layers' (T, H_kv, D), into reused buffers:
@@ -357,12 +372,12 @@ class ClusterBank:
         else:
             for layer, k in enumerate(keys):
                 raw[layer].copy_(k)
-        inv = (raw.norm(dim=-1, keepdim=True).clamp_min(1e-30) * math.sqrt(self.num_kv_heads)).reciprocal_()
-        spare = next((i for i, b in enumerate(self._spare_units) if b.shape == shape), None)
-        unit = torch.empty(shape, device=self.device) if spare is None else self._spare_units.pop(spare)
-        torch.mul(raw, inv, out=unit)
+        unit_shape = (self.num_layers, count, self.embedding.width)
+        spare = next((i for i, b in enumerate(self._spare_units) if b.shape == unit_shape), None)
+        unit = torch.empty(unit_shape, device=self.device) if spare is None else self._spare_units.pop(spare)
+        self.embedding(raw, out=unit)
         self._ref_buffers.append(unit)
-        return unit.flatten(-2), raw.flatten(-2)
+        return unit, raw.flatten(-2)
 
     def _take_rows(self, x: Tensor, rows: Tensor, name: str) -> Tensor:
         """x (L, T, F) rows ``rows`` (L, R) per layer -> (L, R, F), in the reused buffer ``name``
@@ -666,10 +681,10 @@ class ClusterBank:
     def _add_stats(self, layers: Tensor, cid: Tensor, unit: Tensor, raw: Tensor, sign: float) -> None:
         flat = (layers.to(self.device) * self.capacity + cid.to(self.device)).reshape(-1)
         width = unit.shape[-1]
-        unit, raw = unit.reshape(-1, width), raw.reshape(-1, width)
+        unit, raw = unit.reshape(-1, width), raw.reshape(-1, raw.shape[-1])
         self.count.view(-1).index_add_(0, flat, torch.full_like(flat, int(sign)))
         self.sum_unit.view(-1, width).index_add_(0, flat, unit, alpha=sign)
-        self.sum_raw.view(-1, width).index_add_(0, flat, raw, alpha=sign)
+        self.sum_raw.view(-1, raw.shape[1]).index_add_(0, flat, raw, alpha=sign)
         touched = flat.unique()
         sums = self.sum_unit.view(-1, width)[touched]
         self.sum_norm2.view(-1)[touched] = (sums * sums).sum(dim=1)

@@ -316,6 +316,7 @@ class MosaicPolicy(StoreBackedPolicy):
         "prefetch_predictor": "tokens",  # "tokens" or "query" (see the module docstring)
         "prefetch_share": 0.5,  # share of the retrievable budget a prediction fills
         "max_cluster_tokens": 256,  # ClusterIndex: clusters above this size are split
+        "sketch_dims": 0,  # ClusterIndex: cluster a count sketch of each head's key, this many dims (0: all)
         "blocks_below": 0.5,  # clusters below this many frame blocks in size: retrieve blocks per head
         "block_parts": 0,  # a block layer's block is at most 1/block_parts of a head's free budget (0: whole)
         "maintain_clock": "wall",  # what maintenance's budget is measured in: "wall" or "work" (clock.py)
@@ -343,7 +344,10 @@ class MosaicPolicy(StoreBackedPolicy):
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         super().reset()
-        cfg = ClusterConfig(max_cluster_tokens=int(self.options["max_cluster_tokens"]))
+        cfg = ClusterConfig(
+            max_cluster_tokens=int(self.options["max_cluster_tokens"]),
+            sketch_dims=int(self.options["sketch_dims"]),
+        )
         g = self.geometry
         self._bank = ClusterBank(g.num_layers, g.num_kv_heads, g.head_dim, cfg, self.device)
         self._layers = [_Layer(index) for index in self._bank.layers]

@@ -1,0 +1,101 @@
+"""Assignment-space rows of pre-RoPE keys: what ``clusters.ClusterBank`` clusters.
+
+An embedding maps a key row ``(H_kv, D)`` to a unit vector of ``width`` values in which each KV
+head weighs the same (each head's part has norm ``1 / sqrt(H_kv)``), so a squared distance is
+``2 - 2 * mean_h cos_h`` of the heads' parts and a cluster's variance is ``1 - |mean|^2``.
+
+``HeadNormalized`` (width ``H_kv * D``) keeps every coordinate: each head L2-normalized.
+
+``CountSketch`` (width ``H_kv * m``, ``m < D``) first sums each head's ``D`` coordinates into
+``m`` buckets with a fixed random sign per coordinate (a count sketch: every coordinate in one
+bucket, ``D / m`` per bucket), then normalizes each head's ``m`` sums. The sketch is linear and
+preserves squared distances in expectation (a relative spread of about ``sqrt(2 / width)``), so
+the clusters' cosine geometry is kept approximately at ``m / D`` of the cost of every product,
+sum and reference row of the assignment. It changes what the assignment decides; the raw keys
+(what retrieval scores) are untouched.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from numba import njit
+from torch import Tensor
+
+
+class HeadNormalized:
+    """Every coordinate of the key, each head L2-normalized: width ``H_kv * D``."""
+
+    def __init__(self, num_kv_heads: int, head_dim: int):
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.width = num_kv_heads * head_dim
+
+    def __call__(self, raw: Tensor, out: Tensor | None = None) -> Tensor:
+        """raw (..., H_kv, D) float32 -> unit rows (..., width) float32 (into ``out`` if given)."""
+        inv = (raw.norm(dim=-1, keepdim=True).clamp_min(1e-30) * math.sqrt(self.num_kv_heads)).reciprocal_()
+        if out is None:
+            return (raw * inv).flatten(-2)
+        torch.mul(raw, inv, out=out.view(raw.shape))
+        return out
+
+
+class CountSketch:
+    """Each head's ``D`` coordinates summed into ``m`` signed buckets, then normalized: width ``H_kv * m``.
+
+    The buckets and signs are drawn once from ``seed``: every bank built with the same shape and
+    seed embeds a key the same way (a split or a check recomputes what ``assign`` computed).
+    """
+
+    def __init__(self, num_kv_heads: int, head_dim: int, dims: int, seed: int = 0):
+        if not 0 < dims < head_dim or head_dim % dims:
+            raise ValueError(f"sketch dims must divide the head dim {head_dim} and be below it, got {dims}")
+        self.num_kv_heads, self.head_dim, self.dims = num_kv_heads, head_dim, dims
+        self.width = num_kv_heads * dims
+        gen = torch.Generator().manual_seed(seed)
+        bucket = torch.empty(head_dim, dtype=torch.int64)
+        bucket[torch.randperm(head_dim, generator=gen)] = torch.arange(head_dim) % dims
+        sign = torch.where(torch.rand(head_dim, generator=gen) < 0.5, -1.0, 1.0)
+        self.bucket, self.sign = bucket, sign
+        # the same map as a (D, m) matrix, for keys on other devices
+        self.matrix = torch.zeros(head_dim, dims).index_put_((torch.arange(head_dim), bucket), sign)
+
+    def __call__(self, raw: Tensor, out: Tensor | None = None) -> Tensor:
+        """raw (..., H_kv, D) float32 -> unit rows (..., width) float32 (into ``out`` if given)."""
+        lead = raw.shape[:-2]
+        if out is None:
+            out = torch.empty((*lead, self.width), dtype=torch.float32, device=raw.device)
+        if raw.device.type == "cpu" and raw.is_contiguous() and out.is_contiguous():
+            _sketch(
+                raw.view(-1, self.num_kv_heads, self.head_dim).numpy(),
+                self.bucket.numpy(),
+                self.sign.numpy(),
+                out.view(-1, self.width).numpy(),
+            )
+            return out
+        sums = raw @ self.matrix.to(raw.device)  # (..., H_kv, m)
+        inv = (sums.norm(dim=-1, keepdim=True).clamp_min(1e-30) * math.sqrt(self.num_kv_heads)).reciprocal_()
+        torch.mul(sums, inv, out=out.view(sums.shape))
+        return out
+
+
+@njit("void(float32[:, :, ::1], int64[::1], float32[::1], float32[:, ::1])", cache=True, nogil=True)
+def _sketch(raw, bucket, sign, out):
+    """out[n, h * m + b] = (sum of sign[i] * raw[n, h, i] over bucket[i] == b), each head's m
+    sums divided by their norm times sqrt(H): ``CountSketch`` on the host in one pass."""
+    rows, heads, dim = raw.shape
+    m = out.shape[1] // heads
+    acc = np.zeros(m, np.float32)
+    scale = np.float32(1.0 / math.sqrt(heads))
+    for r in range(rows):
+        for h in range(heads):
+            acc[:] = 0.0
+            for i in range(dim):
+                acc[bucket[i]] += sign[i] * raw[r, h, i]
+            norm2 = np.float32(0.0)
+            for j in range(m):
+                norm2 += acc[j] * acc[j]
+            inv = scale / max(math.sqrt(norm2), 1e-30)
+            for j in range(m):
+                out[r, h * m + j] = acc[j] * inv
