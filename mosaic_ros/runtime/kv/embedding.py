@@ -34,11 +34,9 @@ class HeadNormalized:
 
     def __call__(self, raw: Tensor, out: Tensor | None = None) -> Tensor:
         """raw (..., H_kv, D) float32 -> unit rows (..., width) float32 (into ``out`` if given)."""
-        inv = (raw.norm(dim=-1, keepdim=True).clamp_min(1e-30) * math.sqrt(self.num_kv_heads)).reciprocal_()
         if out is None:
-            return (raw * inv).flatten(-2)
-        torch.mul(raw, inv, out=out.view(raw.shape))
-        return out
+            out = torch.empty((*raw.shape[:-2], self.width), dtype=torch.float32, device=raw.device)
+        return _normalized_heads(raw, out)
 
 
 class CountSketch:
@@ -74,10 +72,14 @@ class CountSketch:
                 out.view(-1, self.width).numpy(),
             )
             return out
-        sums = raw @ self.matrix.to(raw.device)  # (..., H_kv, m)
-        inv = (sums.norm(dim=-1, keepdim=True).clamp_min(1e-30) * math.sqrt(self.num_kv_heads)).reciprocal_()
-        torch.mul(sums, inv, out=out.view(sums.shape))
-        return out
+        return _normalized_heads(raw @ self.matrix.to(raw.device), out)  # sums (..., H_kv, m)
+
+
+def _normalized_heads(x: Tensor, out: Tensor) -> Tensor:
+    """x (..., H_kv, d) -> out (..., H_kv * d): each head divided by its norm times sqrt(H_kv)."""
+    inv = (x.norm(dim=-1, keepdim=True).clamp_min(1e-30) * math.sqrt(x.shape[-2])).reciprocal_()
+    torch.mul(x, inv, out=out.view(x.shape))
+    return out
 
 
 @njit("void(float32[:, :, ::1], int64[::1], float32[::1], float32[:, ::1])", cache=True, nogil=True)
