@@ -56,6 +56,10 @@ class CountSketch:
         bucket[torch.randperm(head_dim, generator=gen)] = torch.arange(head_dim) % dims
         sign = torch.where(torch.rand(head_dim, generator=gen) < 0.5, -1.0, 1.0)
         self.bucket, self.sign = bucket, sign
+        # the host kernel gathers: members[k, b] is bucket b's k-th coordinate (ascending), with
+        # its sign in signs[k, b], so each head's m sums are D / m passes over contiguous m lanes
+        members = torch.argsort(bucket, stable=True).view(dims, head_dim // dims).T.contiguous()
+        self.members, self.signs = members, sign[members].contiguous()
         # the same map as a (D, m) matrix, for keys on other devices
         self.matrix = torch.zeros(head_dim, dims).index_put_((torch.arange(head_dim), bucket), sign)
 
@@ -67,8 +71,8 @@ class CountSketch:
         if raw.device.type == "cpu" and raw.is_contiguous() and out.is_contiguous():
             _sketch(
                 raw.view(-1, self.num_kv_heads, self.head_dim).numpy(),
-                self.bucket.numpy(),
-                self.sign.numpy(),
+                self.members.numpy(),
+                self.signs.numpy(),
                 out.view(-1, self.width).numpy(),
             )
             return out
@@ -82,22 +86,28 @@ def _normalized_heads(x: Tensor, out: Tensor) -> Tensor:
     return out
 
 
-@njit("void(float32[:, :, ::1], int64[::1], float32[::1], float32[:, ::1])", cache=True, nogil=True)
-def _sketch(raw, bucket, sign, out):
-    """out[n, h * m + b] = (sum of sign[i] * raw[n, h, i] over bucket[i] == b), each head's m
-    sums divided by their norm times sqrt(H): ``CountSketch`` on the host in one pass."""
-    rows, heads, dim = raw.shape
-    m = out.shape[1] // heads
+@njit("void(float32[:, :, ::1], int64[:, ::1], float32[:, ::1], float32[:, ::1])", cache=True, nogil=True)
+def _sketch(raw, members, signs, out):
+    """out[n, h * m + b] = (sum over k of signs[k, b] * raw[n, h, members[k, b]]), each head's m
+    sums divided by their norm times sqrt(H): ``CountSketch`` on the host in one pass. A gather
+    per bucket, not a scatter per coordinate: the m lanes of each step are independent, so the
+    loop vectorizes (~20% faster at the 7B shape than the scatter), and each bucket still adds
+    its coordinates in ascending order."""
+    rows, heads, _ = raw.shape
+    per, m = members.shape
     acc = np.zeros(m, np.float32)
     scale = np.float32(1.0 / math.sqrt(heads))
     for r in range(rows):
         for h in range(heads):
-            acc[:] = 0.0
-            for i in range(dim):
-                acc[bucket[i]] += sign[i] * raw[r, h, i]
+            x = raw[r, h]
+            for b in range(m):
+                acc[b] = signs[0, b] * x[members[0, b]]
+            for k in range(1, per):
+                for b in range(m):
+                    acc[b] += signs[k, b] * x[members[k, b]]
             norm2 = np.float32(0.0)
-            for j in range(m):
-                norm2 += acc[j] * acc[j]
+            for b in range(m):
+                norm2 += acc[b] * acc[b]
             inv = scale / max(math.sqrt(norm2), 1e-30)
-            for j in range(m):
-                out[r, h * m + j] = acc[j] * inv
+            for b in range(m):
+                out[r, h * m + b] = acc[b] * inv
