@@ -90,9 +90,16 @@ class Stream:
         for p in policies:
             ids = p.add_tokens(meta)
             for layer in range(self.geom.num_layers):
-                if p.ingest_context(layer) is not None and p.name != "dense":
+                ctx = p.ingest_context(layer)
+                if ctx is not None and p.name != "dense":
                     assert p.ingest_ids(layer).tolist() == brute_force_ingest_ids(p, layer)
                     assert_map_inverts_slots(p._ingest_buffers[layer])
+                    # the slots hold those tokens' own keys and values, after any rows moved
+                    held = ctx.token_ids[0].tolist()
+                    assert sorted(held) == p.ingest_ids(layer).tolist()
+                    want_k = torch.stack([self.log[layer][t][0] for t in held], dim=1)
+                    want_v = torch.stack([self.log[layer][t][1] for t in held], dim=1)
+                    assert torch.equal(ctx.keys, want_k) and torch.equal(ctx.values, want_v)
                 p.append(layer, keys[layer], values[layer], ids)
             if maintain_ms is not None:
                 p.maintain(maintain_ms)

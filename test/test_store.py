@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_policies import assert_map_inverts_slots
 
 from mosaic_ros.runtime.kv.copy import HOST_PARALLEL_ROWS
 from mosaic_ros.runtime.kv.policy import KVGeometry, TokenMeta
@@ -71,6 +72,35 @@ def test_place_and_move_relocate_without_changing_data():
     assert torch.equal(store.read(0, store.rows_of(0, torch.arange(20))), truth[0])
     # The other layer is untouched.
     assert store.rows_of(1, ids).tolist() == ids.tolist()
+
+
+def test_repoint_follows_moved_and_compacted_tokens_without_copying():
+    store, truth = filled_store(20, page_rows=8)
+    buf = DeviceBuffer(GEOM, 6, "cpu")
+    store.fetch(0, store.rows_of(0, torch.tensor([3, 11, 17, 4])), buf)
+    held = buf.slot_ids[0, :4].clone()
+    data_before = buf.data.clone()
+    store.move(0, torch.tensor([3, 17]), store.alloc(0, 2))  # two of them move
+    store.release(0, torch.tensor([4]))  # one leaves the layer
+    store.compact(0)  # and everything shifts down
+    with pytest.raises(RuntimeError, match="layout changed"):
+        store.copy_to_slots(0, store.rows_of(0, torch.tensor([5])), buf, torch.tensor([5]))
+    store.repoint(0, buf)
+    assert torch.equal(buf.data, data_before)  # nothing copied
+    kept = held != 4
+    assert buf.slot_rows[0, :4][kept].tolist() == store.rows_of(0, held[kept]).tolist()
+    assert (buf.slot_rows[0, :4][~kept] == -1).all() and (buf.slot_rows[0, 4:] == -1).all()
+    assert_map_inverts_slots(buf)
+    store.copy_to_slots(0, store.rows_of(0, torch.tensor([5])), buf, torch.tensor([5]))  # current
+    # a fetch after further moves keeps every resident token and copies only the new one
+    store.move(0, torch.tensor([11]), store.alloc(0, 1))
+    stats = store.fetch(0, store.rows_of(0, torch.tensor([3, 11, 17, 9])), buf)
+    assert stats.tokens_copied == 1
+    ctx = buf.context()
+    assert sorted(ctx.token_ids[0].tolist()) == [3, 9, 11, 17]
+    want = truth[0][ctx.token_ids[0]]
+    assert torch.equal(ctx.keys.permute(1, 0, 2), want[:, 0])
+    assert torch.equal(ctx.values.permute(1, 0, 2), want[:, 1])
 
 
 def test_place_writes_into_rows_the_policy_chose():
@@ -217,15 +247,33 @@ def test_rows_moved_inside_the_buffer_are_tracked_where_they_land():
     assert torch.equal(ctx.keys, truth[0][:10, 0].permute(1, 0, 2))
 
 
-def test_fetch_after_relocation_refetches_instead_of_serving_stale_rows():
+def test_fetch_after_relocation_keeps_the_moved_tokens_resident_and_serves_their_data():
     store, truth = filled_store(30, page_rows=16)
     buf = DeviceBuffer(GEOM, 30, "cpu")
     sel = torch.arange(5, 15)
     store.fetch(0, store.rows_of(0, sel), buf)
     store.move(0, sel, store.alloc(0, 10))
-    fs = store.fetch(0, store.rows_of(0, sel), buf)
-    assert fs.tokens_reused == 0
-    assert torch.equal(buf.context().keys, truth[0][sel][:, 0].permute(1, 0, 2))
+    # the moved tokens' old rows now hold others: a row-keyed residency would serve those
+    store.move(0, torch.arange(20, 30), torch.arange(5, 15))  # into rows 5-14, freed by the move
+    fs = store.fetch(0, store.rows_of(0, torch.cat((sel, torch.arange(20, 23)))), buf)
+    assert (fs.tokens_reused, fs.tokens_copied) == (10, 3)
+    ctx = buf.context()
+    assert torch.equal(ctx.keys, truth[0][ctx.token_ids[0]][:, 0].permute(1, 0, 2))
+    assert sorted(ctx.token_ids[0].tolist()) == [*range(5, 15), 20, 21, 22]
+
+
+def test_a_per_head_buffer_keeps_its_tokens_resident_across_moves():
+    store, truth = filled_store(40, page_rows=16)
+    sel = torch.tensor([[0, 3, 17, 33], [1, 2, 20, 39]])
+    buf = DeviceBuffer(GEOM, 8, "cpu", per_head=True)
+    store.fetch(1, store.rows_of(1, sel), buf)
+    store.move(1, torch.tensor([3, 20, 39]), store.alloc(1, 3))
+    again = store.fetch(1, store.rows_of(1, sel), buf)
+    assert again.bytes_moved == 0
+    ctx = buf.context()
+    for h in range(2):
+        assert torch.equal(ctx.keys[h], truth[1][ctx.token_ids[h], 0, h])
+        assert sorted(ctx.token_ids[h].tolist()) == sorted(sel[h].tolist())
 
 
 def test_per_head_fetch_gives_each_head_its_own_tokens():

@@ -17,7 +17,8 @@ class DeviceBuffer:
     (head h's token in slot s is ``data[s, :, h]``). After a fetch of n tokens per group the
     context is slots [0, n). Slot bookkeeping: ``slot_rows`` (G, capacity) int64 physical rows on
     the host (-1 empty), ``slot_ids`` (G, capacity) token ids and ``slot_pos`` (P, G, capacity)
-    rotary positions on the device.
+    rotary positions on the device, ``slot_tokens`` (G, capacity) the same ids on the host (a
+    view of ``slot_ids`` on a CPU buffer), by which the store re-points the slots after a move.
     """
 
     def __init__(
@@ -35,6 +36,9 @@ class DeviceBuffer:
         self.slot_ids = torch.full((g, capacity), -1, dtype=torch.int64, device=self.device)
         self.slot_pos = torch.zeros(
             geometry.position_dims, g, capacity, dtype=torch.int64, device=self.device
+        )
+        self.slot_tokens = (
+            self.slot_ids.numpy() if self.device.type == "cpu" else np.full((g, capacity), -1, dtype=np.int64)
         )
         self.count = 0
         self.layout_version = -1

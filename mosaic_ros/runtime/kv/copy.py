@@ -175,6 +175,8 @@ class CopyEngine:
         view = _unit_views(into, into.data)
         view[dev_dst // cap, dev_dst % cap] = view[dev_src // cap, dev_src % cap]
         into.slot_ids.view(-1)[dev_dst] = into.slot_ids.view(-1)[dev_src]
+        host_ids = into.slot_tokens.reshape(-1)
+        host_ids[dst] = host_ids[src]
         flat_pos = into.slot_pos.view(into.slot_pos.shape[0], -1)
         flat_pos[:, dev_dst] = flat_pos[:, dev_src]
 
@@ -191,6 +193,7 @@ class CopyEngine:
         ids = row_token[rows]
         dev_dst = _index(dst, into.device)
         into.slot_ids.view(-1)[dev_dst] = _index(ids, into.device)
+        into.slot_tokens.reshape(-1)[dst] = ids
         pos = torch.from_numpy(positions[:, ids]).to(into.device, non_blocking=True)
         into.slot_pos.view(positions.shape[0], -1)[:, dev_dst] = pos
 

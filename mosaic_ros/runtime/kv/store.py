@@ -463,10 +463,7 @@ class HostKVStore:
             raise ValueError(f"fetch: rows have {g_count} groups, buffer has {into.groups}")
         if n > into.capacity:
             raise ValueError(f"fetch: {n} rows exceed the buffer capacity {into.capacity}")
-        version = self.table.version[layer]
-        if into.layout_version != version:
-            into.invalidate()
-            into.layout_version = version
+        self.repoint(layer, into)  # rows moved since the last fetch stay resident
         engine = self.engine(into)
         stats = FetchStats()
         if g_count == 1:
@@ -534,6 +531,25 @@ class HostKVStore:
         into.count = n
         stats.tokens_copied = int(rows_in.size)
 
+    def repoint(self, layer: int, into: DeviceBuffer) -> None:
+        """Bring a buffer up to ``layer``'s layout without copying: each held slot is pointed at the
+        row where its token (``into.slot_tokens``) lives now, and slots whose token left the layer
+        become empty. A token's keys and values never change once placed, so moves and compaction
+        (which change the layout version) leave the buffer's data valid and only its row maps
+        stale. ``fetch`` does this itself; ``copy_to_slots`` requires it. ``count`` is kept."""
+        version = self.table.version[layer]
+        if into.layout_version == version:
+            return
+        held = into.slot_rows.numpy() >= 0
+        rows = np.full(held.shape, -1, dtype=np.int64)
+        rows[held] = self.table.token_row[layer].numpy()[into.slot_tokens[held]]
+        count = into.count
+        into.invalidate()
+        flat = np.flatnonzero(rows >= 0)
+        into.track(flat, rows.reshape(-1)[flat])
+        into.count = count
+        into.layout_version = version
+
     def copy_to_slots(
         self, layer: int, rows: torch.Tensor, into: DeviceBuffer, slots: torch.Tensor
     ) -> FetchStats:
@@ -544,7 +560,7 @@ class HostKVStore:
         the buffer was last filled by ``fetch`` (its resident rows would be stale).
         """
         if into.layout_version != self.table.version[layer]:
-            raise RuntimeError("copy_to_slots: the store layout changed; refill the buffer with fetch()")
+            raise RuntimeError("copy_to_slots: the store layout changed; repoint() or fetch() the buffer")
         rows_np = rows.to("cpu", torch.int64).numpy().reshape(-1)
         slots_np = slots.to("cpu", torch.int64).numpy().reshape(-1)
         stats = FetchStats()

@@ -337,7 +337,9 @@ class StoreBackedPolicy(KVPolicy):
     def ingest_context(self, layer: int) -> KVContext | None:
         """Sinks + last ``window_tokens`` live tokens, kept in a per-layer device buffer that slides:
         each call copies only the tokens appended since the last one into the slots of the
-        tokens that left the window (a full refill after the store's layout changed)."""
+        tokens that left the window. Rows the policy moved (or compaction) only re-point its slots
+        (``HostKVStore.repoint``); it is refilled whole only when a slot inside the context lost
+        its token (eviction)."""
         self._check_layer(layer)
         store = self.store
         n_tok = store.appended_upto(layer)
@@ -350,10 +352,8 @@ class StoreBackedPolicy(KVPolicy):
             self._ingest_buffers[layer] = buf
             self._ingest_upto[layer] = 0
             self._track_device()
-        if buf.layout_version != store.layout_version(layer):
-            store.fetch(layer, store.rows_of(layer, self.ingest_ids(layer)), buf)
-            self._ingest_upto[layer] = n_tok
-            return buf.context()
+        store.repoint(layer, buf)
+        held = torch.where(buf.slot_rows[0] >= 0, torch.from_numpy(buf.slot_tokens[0]), -1)
         sinks = self.config.sink_tokens
         lo = max(n_tok - self.config.window_tokens, sinks)
         upto = self._ingest_upto[layer]
@@ -362,17 +362,16 @@ class StoreBackedPolicy(KVPolicy):
         new = torch.cat((new_sinks, torch.arange(start, max(start, n_tok))))
         new_rows = store.rows_of(layer, new)
         new_rows = new_rows[new_rows >= 0]
-        held = buf.slot_rows[0]
-        held_ids = torch.where(held >= 0, store.tokens_at(layer, held.clamp_min(0)), -1)
-        stale = (held_ids >= sinks) & (held_ids < lo)
+        stale = (held >= sinks) & (held < lo)
         free = torch.nonzero((held < 0) | stale).flatten()[: new_rows.numel()]
         buf.track(torch.nonzero(stale).flatten().numpy(), -1)  # slots and row -> slot map alike
         store.copy_to_slots(layer, new_rows, buf, free)
         self._ingest_upto[layer] = n_tok
         valid = buf.slot_rows[0] >= 0
         count = int(valid.sum())
-        if not bool(valid[:count].all()):
+        if not bool(valid[:count].all()):  # a hole inside the context (eviction): refill it whole
             store.fetch(layer, store.rows_of(layer, self.ingest_ids(layer)), buf)
+            count = buf.count
         buf.count = count
         return buf.context()
 
