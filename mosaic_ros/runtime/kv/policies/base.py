@@ -361,7 +361,9 @@ class StoreBackedPolicy(KVPolicy):
         start = max(upto, lo)
         new = torch.cat((new_sinks, torch.arange(start, max(start, n_tok))))
         new_rows = store.rows_of(layer, new)
-        new_rows = new_rows[new_rows >= 0]
+        # in row order: a policy that lays a chunk out by its own order (mosaic, cluster by cluster)
+        # still has it in consecutive rows, copied as one run into the slots its oldest chunk left
+        new_rows = torch.sort(new_rows[new_rows >= 0]).values
         stale = (held >= sinks) & (held < lo)
         free = torch.nonzero((held < 0) | stale).flatten()[: new_rows.numel()]
         buf.track(torch.nonzero(stale).flatten().numpy(), -1)  # slots and row -> slot map alike
