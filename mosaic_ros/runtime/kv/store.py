@@ -17,7 +17,10 @@ expose the tables themselves.
 
 Fetching. ``fetch(layer, rows, into=DeviceBuffer)`` fills a reusable per-layer device
 buffer: rows already resident from the previous question stay (moved inside the buffer at
-most), the others are copied by the engine; rows on spilled pages are read from their file
+most), the others are copied by the engine. Residency follows tokens, not rows: a buffer keeps
+its slots' token ids, and after moves or compaction (a new layout version) ``repoint`` points
+the held slots at their tokens' new rows, since a token's KV never changes once placed. Rows
+on spilled pages are read from their file
 straight into the buffer (``FetchStats.disk_ms``/``disk_bytes``), leaving the page on disk.
 The residency plan for a selection shared by all heads is compiled (``plan``).
 
@@ -100,6 +103,7 @@ class HostKVStore:
             # to the device
             "fetch",
             "copy_to_slots",
+            "repoint",
             # accounting and lifetime
             "host_kv_bytes",
             "used_kv_bytes",
