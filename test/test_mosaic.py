@@ -351,6 +351,41 @@ def test_retrieval_takes_the_clusters_the_question_is_about():
     policy.end_question()
 
 
+def test_a_question_after_seals_keeps_the_tokens_it_already_had_and_serves_their_own_data():
+    """Rows moved between two questions (seals of the frames in between) stay resident."""
+    policy = make_policy("mosaic", GEOM, small_config(budget_tokens=80))
+    stream = Stream(GEOM)
+    stream.run([policy], frames=8, objects=[5])
+    stream.run([policy], frames=16, objects=[0, 1])
+    query = [4.0 * stream.protos[layer][5].repeat_interleave(2, dim=0)[:, None, :] for layer in range(2)]
+
+    def ask() -> list[set[int]]:
+        policy.begin_question()
+        held = [
+            set(by_token(policy.retrieve(layer, query[layer]), stream, layer)[0].tolist())
+            for layer in range(2)
+        ]
+        stats = policy.end_question()
+        return held, stats
+
+    first, _ = ask()
+    before = [policy.store.rows_of(layer, torch.tensor(sorted(first[layer]))) for layer in range(2)]
+    moves = policy.store.layout_version(0), policy.store.layout_version(1)
+    stream.run([policy], frames=6, objects=[2, 3])  # new clusters; the old ones seal and move
+    assert (policy.store.layout_version(0), policy.store.layout_version(1)) != moves
+    moved = sum(
+        int((policy.store.rows_of(layer, torch.tensor(sorted(first[layer]))) != before[layer]).sum())
+        for layer in range(2)
+    )
+    assert moved > 0  # some of the first question's tokens now live in other rows
+    second, stats = ask()  # by_token checked every token's keys and values against the log
+    kept = sum(len(first[layer] & second[layer]) for layer in range(2))
+    assert kept > moved // 2
+    # only the tokens the first question did not have are copied
+    new = sum(len(second[layer] - first[layer]) for layer in range(2))
+    assert stats.bytes_moved == new * 2 * GEOM.token_row_bytes
+
+
 def test_choose_clusters_fills_the_room_by_value_per_token_and_prefers_extending_runs():
     share = torch.tensor([0.5, 0.1, 0.1, 0.3])
     sizes = torch.tensor([10, 10, 10, 10])
