@@ -544,14 +544,9 @@ class HostKVStore:
         version = self.table.version[layer]
         if into.layout_version == version:
             return
-        held = into.slot_rows.numpy() >= 0
-        rows = np.full(held.shape, -1, dtype=np.int64)
-        rows[held] = self.table.token_row[layer].numpy()[into.slot_tokens[held]]
-        count = into.count
-        into.invalidate()
-        flat = np.flatnonzero(rows >= 0)
-        into.track(flat, rows.reshape(-1)[flat])
-        into.count = count
+        held = np.flatnonzero(into.slot_rows.numpy().reshape(-1) >= 0)
+        tokens = into.slot_tokens.reshape(-1)[held]
+        into.track(held, self.table.token_row[layer].numpy()[tokens])  # -1: the token left
         into.layout_version = version
 
     def copy_to_slots(
