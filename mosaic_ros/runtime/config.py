@@ -372,8 +372,8 @@ OPTION_HELP: dict[str, Setting] = {
     ),
     "max_cluster_tokens": Setting("Clusters above this size are split.", "tokens", 1, 1 << 20),
     "sketch_dims": Setting(
-        "Cluster a count sketch of each KV head's key in this many dimensions (a divisor of the "
-        "head dim below it): cheaper assignment, other clusters (0: every dimension).",
+        "Cluster a count sketch of each KV head's key in this many dimensions: cheaper assignment "
+        "(0, or a head dim at or below it: every dimension).",
         "dims",
         0,
         1 << 16,

@@ -113,8 +113,8 @@ class ClusterConfig:
         the log local scale; the first chunks are averaged evenly.
     split_iters: 2-means iterations per split.
     sketch_dims: 0 (the default) clusters every coordinate of the keys (``HeadNormalized``); m > 0
-        clusters a count sketch of each head's D coordinates into m (``CountSketch``: a
-        divisor of D below it; a head dim of at most m keeps every coordinate).
+        clusters a count sketch of each head's D coordinates into m (``CountSketch``); a head
+        dim of at most m keeps every coordinate. ``MosaicPolicy`` sets 16 by default.
     route_min_clusters: from this many live clusters on, ``maintain`` groups the clusters into
         about ``sqrt(C)`` regions, and a token no recent cluster accepts is compared with the
         older clusters of its nearest regions only.

@@ -8,7 +8,8 @@ head weighs the same (each head's part has norm ``1 / sqrt(H_kv)``), so a square
 
 ``CountSketch`` (width ``H_kv * m``, ``m < D``) first sums each head's ``D`` coordinates into
 ``m`` buckets with a fixed random sign per coordinate (a count sketch: every coordinate in one
-bucket, ``D / m`` per bucket), then normalizes each head's ``m`` sums. The sketch is linear and
+bucket, ``D / m`` per bucket, rounded up or down where m does not divide D), then normalizes each
+head's ``m`` sums. The sketch is linear and
 preserves squared distances in expectation (a relative spread of about ``sqrt(2 / width)``), so
 the clusters' cosine geometry is kept approximately at ``m / D`` of the cost of every product,
 sum and reference row of the assignment. It changes what the assignment decides; the raw keys
@@ -47,8 +48,8 @@ class CountSketch:
     """
 
     def __init__(self, num_kv_heads: int, head_dim: int, dims: int, seed: int = 0):
-        if not 0 < dims < head_dim or head_dim % dims:
-            raise ValueError(f"sketch dims must divide the head dim {head_dim} and be below it, got {dims}")
+        if not 0 < dims < head_dim:
+            raise ValueError(f"sketch dims must be in 1 .. {head_dim - 1} (below the head dim), got {dims}")
         self.num_kv_heads, self.head_dim, self.dims = num_kv_heads, head_dim, dims
         self.width = num_kv_heads * dims
         gen = torch.Generator().manual_seed(seed)
@@ -57,9 +58,15 @@ class CountSketch:
         sign = torch.where(torch.rand(head_dim, generator=gen) < 0.5, -1.0, 1.0)
         self.bucket, self.sign = bucket, sign
         # the host kernel gathers: members[k, b] is bucket b's k-th coordinate (ascending), with
-        # its sign in signs[k, b], so each head's m sums are D / m passes over contiguous m lanes
-        members = torch.argsort(bucket, stable=True).view(dims, head_dim // dims).T.contiguous()
-        self.members, self.signs = members, sign[members].contiguous()
+        # its sign in signs[k, b], so each head's m sums are ceil(D / m) passes over m lanes; a
+        # bucket with fewer coordinates is padded with coordinate 0 at sign 0 after its last one
+        order = torch.argsort(bucket, stable=True)
+        sizes = torch.bincount(bucket, minlength=dims)
+        rank = torch.arange(head_dim) - (torch.cumsum(sizes, 0) - sizes)[bucket[order]]
+        self.members = torch.zeros(int(sizes.max()), dims, dtype=torch.int64)
+        self.signs = torch.zeros(int(sizes.max()), dims)
+        self.members[rank, bucket[order]] = order
+        self.signs[rank, bucket[order]] = sign[order]
         # the same map as a (D, m) matrix, for keys on other devices
         self.matrix = torch.zeros(head_dim, dims).index_put_((torch.arange(head_dim), bucket), sign)
 

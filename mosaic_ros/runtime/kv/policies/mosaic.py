@@ -1,7 +1,9 @@
 """``mosaic``: the cluster is the unit of KV organisation, maintenance and retrieval.
 
 Per layer a ``ClusterIndex`` clusters the position-free keys online, across frames and
-modalities (time markers, questions and answers join clusters like vision tokens do), and
+modalities (time markers, questions and answers join clusters like vision tokens do), in a
+count sketch of each KV head's key (``options['sketch_dims']``, 16 by default; 0 or a head dim
+at or below it: every coordinate; ``embedding.py``) while retrieval scores raw key means, and
 the layer's rows in the host store are laid out so that a cluster is one contiguous extent.
 The layers' indexes are one ``ClusterBank``: a chunk is held until its last layer is
 appended, then clustered in every layer at once (batched products over the layers) and
@@ -316,7 +318,7 @@ class MosaicPolicy(StoreBackedPolicy):
         "prefetch_predictor": "tokens",  # "tokens" or "query" (see the module docstring)
         "prefetch_share": 0.5,  # share of the retrievable budget a prediction fills
         "max_cluster_tokens": 256,  # ClusterIndex: clusters above this size are split
-        "sketch_dims": 0,  # ClusterIndex: cluster a count sketch of each head's key, this many dims (0: all)
+        "sketch_dims": 16,  # ClusterIndex: cluster a count sketch of each head's key, this many dims (0: all)
         "blocks_below": 0.5,  # clusters below this many frame blocks in size: retrieve blocks per head
         "block_parts": 0,  # a block layer's block is at most 1/block_parts of a head's free budget (0: whole)
         "maintain_clock": "wall",  # what maintenance's budget is measured in: "wall" or "work" (clock.py)
