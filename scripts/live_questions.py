@@ -33,7 +33,7 @@ from mosaic_ros.runtime.kv.policy import PolicyConfig, make_policy
 def run(name: str, work: SyntheticWorkload, args: argparse.Namespace) -> list[tuple[float, float, float]]:
     """(MB copied, transfer ms, retrieval ms) of each question of one policy's run."""
     g = work.geometry
-    options = {"sketch_dims": args.sketch_dims} if name == "mosaic" and args.sketch_dims else {}
+    options = {"sketch_dims": args.sketch_dims} if name == "mosaic" and args.sketch_dims is not None else {}
     config = PolicyConfig(
         budget_tokens=args.budget, sink_tokens=args.sinks, window_tokens=args.window, options=options
     )
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--sinks", type=int, default=32)
     ap.add_argument("--question-tokens", type=int, default=16)
     ap.add_argument("--maintain-ms", type=float, default=5.0)
-    ap.add_argument("--sketch-dims", type=int, default=0, help="mosaic's sketch_dims option")
+    ap.add_argument("--sketch-dims", type=int, default=None, help="mosaic's sketch_dims (unset: default)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()

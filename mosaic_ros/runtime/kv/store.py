@@ -556,7 +556,7 @@ class HostKVStore:
         with no residency planning: for callers that track what sits where (e.g. a sliding window).
 
         The buffer's ``count`` is left to the caller. Raises if the store's layout changed since
-        the buffer was last filled by ``fetch`` (its resident rows would be stale).
+        the buffer's last ``fetch`` or ``repoint`` (its rows would be stale).
         """
         if into.layout_version != self.table.version[layer]:
             raise RuntimeError("copy_to_slots: the store layout changed; repoint() or fetch() the buffer")
