@@ -7,6 +7,7 @@ swapped, truncated or mis-encoded on the way shows up as a mismatch.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -64,12 +65,33 @@ def call(executor, client, request, what: str):
     return future.result()
 
 
+PROBE_WAIT_S = 1.0
+
+
 def wait_for_service(executor, client, server_process, what: str) -> None:
+    """Until a response has reached this client, not only until the client sees the service.
+
+    ``service_is_ready`` says the client matched the server's endpoints; the server may not yet
+    have matched the client's response reader, and Fast DDS then drops the response after a
+    100 ms wait ("failed to send response (timeout)"), which a loaded machine exceeds. Discovery
+    is the thing waited for: the probe (an empty question, which the server answers at once)
+    is sent again while no answer has come back, then the test's own request goes out.
+    """
+
     def ready() -> bool:
         assert server_process.running(), f"server exited:\n{server_process.output()}"
         return client.service_is_ready()
 
     spin_until(executor, ready, DISCOVERY_TIMEOUT_S, what)
+    deadline = time.monotonic() + DISCOVERY_TIMEOUT_S
+    while True:
+        probe = client.call_async(AskVideo.Request(question=""))
+        executor.spin_until_future_complete(probe, timeout_sec=PROBE_WAIT_S)
+        if probe.done():
+            return
+        client.remove_pending_request(probe)
+        assert server_process.running(), f"server exited:\n{server_process.output()}"
+        assert time.monotonic() < deadline, f"no response from {what} in {DISCOVERY_TIMEOUT_S:.0f} s"
 
 
 def test_service_answer_and_every_stat_cross_processes_intact(server, client_node):
