@@ -727,3 +727,24 @@ def test_text_events_join_every_streams_memory_and_bad_ones_are_counted(faults):
     finally:
         faults.client.destroy_publisher(notes)
     assert_still_answers(faults)
+
+
+def test_a_crash_in_native_code_leaves_the_python_stack_on_stderr():
+    """The node enables ``faulthandler`` first: a segfault during startup (here forced inside the
+    node's run function) still says where it happened."""
+    script = textwrap.dedent(
+        """
+        import ctypes
+        from mosaic_ros.nodes import stream_main
+
+        def crashing_run(argv, interrupts):
+            ctypes.string_at(0)
+
+        stream_main._run = crashing_run
+        stream_main.main([])
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGSEGV
+    assert "Fatal Python error: Segmentation fault" in done.stderr
+    assert "in crashing_run" in done.stderr and "in main" in done.stderr

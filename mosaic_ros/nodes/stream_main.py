@@ -11,6 +11,7 @@ as the second SIGINT ``ros2 launch`` forwards after the terminal's, are ignored.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
@@ -85,6 +86,7 @@ def check_params_file(path: str) -> None:
 def main(args: list[str] | None = None) -> None:
     """Process entry point: runs the node until Ctrl-C or SIGTERM, then exits the process
     (status 0, or 1 when the node cannot start)."""
+    faulthandler.enable()  # a crash in native code prints every thread's Python stack to stderr
     interrupts = Interrupts()
     print("mosaic_stream: starting", file=sys.stderr, flush=True)
     try:
