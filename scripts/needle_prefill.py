@@ -26,7 +26,7 @@ import torch
 from mosaic_ros.runtime.bench.needles import NeedleConfig, _stream, generate_needles
 from mosaic_ros.runtime.kv import attention, bridge, plan, store
 from mosaic_ros.runtime.kv.clusters import ClusterIndex
-from mosaic_ros.runtime.kv.policies import base, mosaic
+from mosaic_ros.runtime.kv.policies import base, mosaic, rekv, units
 from mosaic_ros.runtime.models import load_model
 
 # (owner, attribute, label): the steps ``--parts`` times
@@ -34,6 +34,8 @@ PARTS = [
     (base.StoreBackedPolicy, "retrieve", "retrieve (select + fetch + reposition)"),
     (base.StoreBackedPolicy, "split_candidates", "  split_candidates"),
     (mosaic, "head_shares", "  head_shares"),
+    (rekv, "take_units", "  take_units (rekv's choice)"),
+    (units, "unit_scores", "    unit_scores"),
     (ClusterIndex, "units_of", "  units_of"),
     (plan, "choose_blocks", "  choose_blocks"),
     (base.StoreBackedPolicy, "materialize", "  materialize (fetch)"),
