@@ -269,6 +269,35 @@ def test_a_seal_under_a_row_limit_moves_the_oldest_clusters_and_leaves_the_rest(
     limited.check_invariants()
 
 
+def test_a_seal_forced_by_the_ring_head_frees_the_rows_of_the_next_chunks_too():
+    """Without maintenance the ring's head comes back to rows still held; the append that finds
+    them seals their clusters and those held in the rows of the next chunks, so the next three
+    chunks of that size find their rows free (a seal's fixed cost is paid once per four chunks)."""
+    policy = make_policy("mosaic", GEOM, small_config())
+    stream = Stream(GEOM)
+    forced: list[int] = []
+    seal = policy._seal
+
+    def checked(layer, force=None, limit=None):
+        moved = seal(layer, force=force, limit=limit)
+        if force is not None:
+            st = policy._layers[layer]
+            ahead = st.ring_lo + (st.head + torch.arange(4 * 13)) % st.ring_size
+            assert bool((policy.store.tokens_at(layer, ahead) < 0).all())
+            forced.append(layer)
+        return moved
+
+    policy._seal = checked
+    stream.run([policy], frames=80, per_frame=13, maintain_ms=None)
+    ring = policy._layers[0].ring_size
+    assert ring == 8 * 24  # 192 rows: the head comes back to its first rows after ~15 frames
+    wraps = 80 * 13 // ring
+    per_layer = [forced.count(layer) for layer in range(GEOM.num_layers)]
+    # every wrap needs seals (nothing else frees the ring), at most one per four chunks
+    assert all(wraps <= n <= 80 // 4 + 1 for n in per_layer), per_layer
+    policy.check_invariants()
+
+
 def test_a_chunk_is_clustered_once_every_layer_has_it_and_a_partial_one_is_refused():
     policy = make_policy("mosaic", GEOM, small_config())
     stream = Stream(GEOM)
