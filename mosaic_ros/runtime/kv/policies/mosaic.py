@@ -515,7 +515,8 @@ class MosaicPolicy(StoreBackedPolicy):
             self._make_ring(layer)
         if st.ring_size == 0 or 4 * n > st.ring_size:
             return self._alloc(layer, n)
-        ahead = st.ring_lo + (st.head + torch.arange(_FORCE_AHEAD_CHUNKS * n)) % st.ring_size  # 4n <= size
+        # at most the whole ring: a chunk above a quarter of it took tail rows above
+        ahead = st.ring_lo + (st.head + torch.arange(_FORCE_AHEAD_CHUNKS * n)) % st.ring_size
         rows = ahead[:n]
         busy = self.store.tokens_at(layer, rows)
         if bool((busy >= 0).any()):  # maintenance fell behind: seal the clusters in the way now,
