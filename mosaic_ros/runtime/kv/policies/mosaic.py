@@ -515,7 +515,7 @@ class MosaicPolicy(StoreBackedPolicy):
             self._make_ring(layer)
         if st.ring_size == 0 or 4 * n > st.ring_size:
             return self._alloc(layer, n)
-        # at most the whole ring: a chunk above a quarter of it took tail rows above
+        # a chunk is at most a quarter ring here, so the look-ahead never wraps onto its own rows
         ahead = st.ring_lo + (st.head + torch.arange(_FORCE_AHEAD_CHUNKS * n)) % st.ring_size
         rows = ahead[:n]
         busy = self.store.tokens_at(layer, rows)
