@@ -11,16 +11,20 @@ it prints the rows the store relocated per frame (``HostKVStore.move``: mosaic's
 splits and compaction) with the milliseconds those moves took, and the kernel (system) CPU
 time per frame, mostly first-touch page faults of new store pages. With ``--parts`` it then
 prints where the last block's ingest and maintenance went: wall milliseconds per frame in each
-named step (a step's time includes the steps it calls, e.g. ``_seal`` inside ``_ring_rows``).
+named step (a step's time includes the steps it calls, e.g. ``_seal`` inside ``_ring_rows``),
+with the minor page faults and kernel CPU milliseconds per frame of the stepping thread in it.
 
     .venv/bin/python scripts/ingest_growth.py --policy mosaic --shape qwen2.5-vl-3b --frames 1200
     .venv/bin/python scripts/ingest_growth.py --policy mosaic --shape qwen2.5-vl-7b --frames 120 \\
         --block 60 --parts
+    .venv/bin/python scripts/ingest_growth.py --policy mosaic --shape qwen2.5-vl-7b --frames 240 \\
+        --block 120 --parts --after rekv
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import resource
 import statistics
@@ -110,11 +114,15 @@ PARTS = (
 
 
 class PartClock:
-    """Wall time per step of ``PARTS``, counted while ``on``."""
+    """Wall time, minor page faults and kernel CPU time of this thread per step of ``PARTS``,
+    counted while ``on`` (the page reserve's worker faults pages in on its own thread)."""
 
     def __init__(self) -> None:
         self.on = False
-        self.seconds = dict.fromkeys((label for label, _, _ in PARTS), 0.0)
+        labels = [label for label, _, _ in PARTS]
+        self.seconds = dict.fromkeys(labels, 0.0)
+        self.faults = dict.fromkeys(labels, 0)
+        self.system = dict.fromkeys(labels, 0.0)
         for label, cls, name in PARTS:
             self._wrap(label, cls, name)
 
@@ -124,18 +132,24 @@ class PartClock:
 
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
+            r0 = resource.getrusage(resource.RUSAGE_THREAD)
             try:
                 return inner(*args, **kwargs)
             finally:
                 if clock.on:
                     clock.seconds[label] += time.perf_counter() - t0
+                    r1 = resource.getrusage(resource.RUSAGE_THREAD)
+                    clock.faults[label] += r1.ru_minflt - r0.ru_minflt
+                    clock.system[label] += r1.ru_stime - r0.ru_stime
 
         setattr(cls, name, timed)
 
     def report(self, frames: int) -> None:
+        print(f"  {'step':42s} {'ms':>8s} {'faults':>8s} {'system ms':>10s}")
         for label, seconds in self.seconds.items():
             if seconds:
-                print(f"  {label:42s} {seconds * 1e3 / frames:8.2f}")
+                faults, system = self.faults[label] / frames, self.system[label] * 1e3 / frames
+                print(f"  {label:42s} {seconds * 1e3 / frames:8.2f} {faults:8.1f} {system:10.2f}")
 
 
 def _system_seconds() -> float:
@@ -156,6 +170,13 @@ def main() -> None:
     ap.add_argument("--spare-pages", type=int, default=None, help="the policy's spare_pages option")
     ap.add_argument("--sketch-dims", type=int, default=None, help="mosaic's sketch_dims option")
     ap.add_argument("--parts", action="store_true", help="time the named steps of the last block")
+    ap.add_argument(
+        "--after",
+        default=None,
+        help="first stream --after-frames frames into this policy in the same process and drop it, as "
+        "a benchmark run does before the next policy (which then writes into memory already faulted in)",
+    )
+    ap.add_argument("--after-frames", type=int, default=600)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     spec = SyntheticSpec(frames=args.frames, questions=1, seed=0, sink_tokens=args.sinks)
@@ -166,6 +187,15 @@ def main() -> None:
     config = PolicyConfig(
         budget_tokens=args.budget, sink_tokens=args.sinks, window_tokens=args.window, options=options
     )
+    if args.after:
+        first_spec = SyntheticSpec(frames=args.after_frames, questions=1, seed=0, sink_tokens=args.sinks)
+        first_work = SyntheticWorkload(SHAPES[args.shape], first_spec, torch.float16)
+        first = make_policy(args.after, first_work.geometry, config, torch.device("cpu"))
+        for i in range(first_work.num_chunks):
+            ingest_frame(first, first_work.chunk(i), args.maintain_ms)
+        del first, first_work
+        gc.collect()
+        print(f"after {args.after_frames} frames of {args.after} in this process")
     policy = make_policy(args.policy, work.geometry, config, torch.device("cpu"))
     clock = AssignClock()
     moves = MoveClock()
