@@ -732,7 +732,10 @@ class ClusterBank:
         if self.log_scale is not None:
             limit = self.config.loose_factor * (self.config.cohesion * self.log_scale.exp())
             bad |= (count > 1) & (_variance(count, norm2) > limit.to(self.device, torch.float32)[:, None])
-        for layer, c in bad.nonzero().tolist():
+        # with maintenance behind, a thousand (layer, cluster) pairs can be bad at once: two flat
+        # lists, not a list of pairs (a small list per pair made the garbage collector run often)
+        layer_of, cluster_of = bad.nonzero().cpu().numpy().T
+        for layer, c in zip(layer_of.tolist(), cluster_of.tolist(), strict=True):
             if c not in self.queued[layer]:
                 self.queued[layer].add(c)
                 self.queue[layer].append(c)
