@@ -24,6 +24,7 @@ import time
 import torch
 
 from mosaic_ros.runtime.bench.needles import NeedleConfig, _stream, generate_needles
+from mosaic_ros.runtime.heap import freeze_startup_objects
 from mosaic_ros.runtime.kv import attention, bridge, plan, store
 from mosaic_ros.runtime.kv.clusters import ClusterIndex
 from mosaic_ros.runtime.kv.policies import base, mosaic, rekv, units
@@ -73,6 +74,7 @@ def main() -> None:
     )
     sets = [generate_needles(s, 24, 6) for s in range(args.seed, args.seed + args.streams)]
     streams = {name: [_stream(adapter, name, cfg, s) for s in sets] for name in (first, second)}
+    freeze_startup_objects()
     acc.clear()
 
     def prefill(name: str, index: int, question: str) -> float:

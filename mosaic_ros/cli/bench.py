@@ -43,6 +43,7 @@ from mosaic_ros.runtime.bench.sweep import (
     window_for,
 )
 from mosaic_ros.runtime.bench.workloads import SyntheticSpec, SyntheticWorkload
+from mosaic_ros.runtime.heap import freeze_startup_objects
 from mosaic_ros.runtime.kv.policy import POLICIES
 from mosaic_ros.runtime.snapshot import SnapshotError
 
@@ -172,6 +173,7 @@ def needles_main(args: argparse.Namespace, names: list[str], budgets: list[int],
             seeds = range(args.seed, args.seed + args.streams)
             sets = [generate_needles(s, args.needle_frames, args.needles_per_stream) for s in seeds]
         adapter = load_model(args.model, device=args.device, dtype="float32")
+        freeze_startup_objects()
         for budget in budgets:
             window = window_for(budget, args.window_tokens) if args.budgets else args.window_tokens
             cfg = NeedleConfig(
@@ -276,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         t0 = time.perf_counter()
         workload = _workload(args)
+        freeze_startup_objects()
         runs = {}
         for budget in budgets:
             window = window_for(budget, args.window_tokens) if args.budgets else args.window_tokens

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from mosaic_ros.runtime import config
+from mosaic_ros.runtime.heap import freeze_startup_objects
 from mosaic_ros.runtime.models import load_model
 from mosaic_ros.runtime.models.smollm2 import SMOLLM2_PREFIX
 from mosaic_ros.runtime.session import SessionConfig, StreamSession, TimeWindow
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, SnapshotError) as exc:
         print(f"mosaic-ros-run: {exc}", file=sys.stderr)
         return 2
+    freeze_startup_objects()
     offset = 0.0
     if restored is not None:
         for message in restored.refused:
