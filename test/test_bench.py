@@ -66,6 +66,25 @@ def test_bench_with_a_budget_covering_the_stream_matches_dense(tmp_path):
         assert res["out_rel_err"] == pytest.approx(0.0, abs=1e-3)
 
 
+def test_each_policy_after_dense_runs_in_a_process_of_its_own_with_the_same_results(tmp_path):
+    runs = {}
+    for flag in ("--isolate", "--no-isolate"):
+        out = tmp_path / f"{flag}.json"
+        rest = ["--questions", "2", "--policies", "dense,rekv,mosaic", "--json", str(out)]
+        assert main([*TINY, *rest, "--option", "mosaic.maintain_clock=work", flag]) == 0
+        runs[flag] = json.loads(out.read_text())["policies"]
+    isolated, shared = runs["--isolate"], runs["--no-isolate"]
+    pids = {name: res["process_id"] for name, res in isolated.items()}
+    assert len(set(pids.values())) == 3 and pids["dense"] == shared["dense"]["process_id"]
+    assert [res["own_process"] for res in isolated.values()] == [False, True, True]
+    assert not any(res["own_process"] for res in shared.values())
+    assert {res["process_id"] for res in shared.values()} == {pids["dense"]}
+    for name in ("rekv", "mosaic"):  # what was retrieved does not depend on the process
+        for key in ("recall", "out_rel_err", "bytes_moved", "tokens_retrieved", "tokens_in_memory", "units"):
+            assert isolated[name][key] == shared[name][key], (name, key)
+    assert isolated["mosaic"]["recall"] != isolated["rekv"]["recall"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -577,6 +577,7 @@ def run_needles(
                 options=cfg.options,
                 progress=False,
                 maintain_budget_ms=cfg.maintain_ms,
+                isolate=False,  # the replay's ingest figures are not reported: no need for fresh heaps
             )
             result = run_policies(workload, bench)["policies"]
             for name in names:
