@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import operator
+import os
 
 import pytest
 import torch
 
 from mosaic_ros.cli.bench import main
 from mosaic_ros.runtime.bench.report import FIELDS
+from mosaic_ros.runtime.bench.runner import PolicyProcessError, in_fresh_process
 from mosaic_ros.runtime.bench.shapes import SHAPES
 from mosaic_ros.runtime.bench.workloads import SyntheticSpec, SyntheticWorkload
 
@@ -83,6 +86,15 @@ def test_each_policy_after_dense_runs_in_a_process_of_its_own_with_the_same_resu
         for key in ("recall", "out_rel_err", "bytes_moved", "tokens_retrieved", "tokens_in_memory", "units"):
             assert isolated[name][key] == shared[name][key], (name, key)
     assert isolated["mosaic"]["recall"] != isolated["rekv"]["recall"]
+
+
+def test_a_fresh_process_hands_back_results_and_errors_and_one_that_dies_is_a_clear_error():
+    assert in_fresh_process("a sum", sum, [1, 2, 3]) == 6
+    with pytest.raises(ZeroDivisionError):  # an exception comes back as itself
+        in_fresh_process("a division", operator.truediv, 1, 0)
+    with pytest.raises(PolicyProcessError, match="the process running a process that exits ended"):
+        in_fresh_process("a process that exits", os._exit, 3)
+    assert in_fresh_process("the next one", sum, [4, 5]) == 9  # the fork server still serves
 
 
 @pytest.mark.parametrize(

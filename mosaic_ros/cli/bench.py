@@ -31,7 +31,7 @@ import torch
 
 from mosaic_ros.runtime import config
 from mosaic_ros.runtime.bench.report import machine, now, plot, table, write_json
-from mosaic_ros.runtime.bench.runner import BenchConfig, run_policies
+from mosaic_ros.runtime.bench.runner import BenchConfig, PolicyProcessError, run_policies
 from mosaic_ros.runtime.bench.shapes import SHAPES
 from mosaic_ros.runtime.bench.sweep import (
     NEEDLE_FIELDS,
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[budget] = {"window": window, **run_policies(workload, dataclasses.replace(cfg, kv=kv))}
         result = runs[budgets[-1]]
         wall = time.perf_counter() - t0
-    except (ValueError, SnapshotError) as exc:
+    except (ValueError, SnapshotError, PolicyProcessError) as exc:
         print(f"mosaic-ros-bench: error: {exc}", file=sys.stderr)
         return 2
     doc = {

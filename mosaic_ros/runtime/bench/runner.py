@@ -36,9 +36,12 @@ import multiprocessing
 import os
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -536,16 +539,34 @@ def _run_policy(
     return res, reference
 
 
+class PolicyProcessError(RuntimeError):
+    """The process running one policy of the benchmark ended without an answer (killed, e.g. for
+    memory, or crashed in native code); its own stderr says more."""
+
+
 def _in_own_process(name: str, workload: Workload, cfg: BenchConfig, reference: _Reference) -> dict:
     """``_run_policy`` of ``name`` in a new process with the same torch threads, the workload and
-    the reference handed over by pickle; its exceptions are raised here. The process is forked
-    from multiprocessing's fork server, which imported this module once and has run nothing
-    (single-threaded, so forking it is safe): each policy starts from that heap, and starting
+    the reference handed over by pickle (``in_fresh_process``)."""
+    args = (name, workload, cfg, reference, torch.get_num_threads())
+    return in_fresh_process(f"policy {name!r}", _run_isolated, *args)
+
+
+def in_fresh_process(what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a new process; its exceptions are raised here, and a process that ends
+    without answering raises ``PolicyProcessError`` naming ``what``. The process is forked from
+    multiprocessing's fork server, which imported this module once and has run nothing
+    (single-threaded, so forking it is safe): every call starts from that heap, and starting
     costs a fork, not a fresh interpreter's imports."""
     server = multiprocessing.get_context("forkserver")
     server.set_forkserver_preload([__name__, "mosaic_ros.runtime.kv.policies"])
     with ProcessPoolExecutor(max_workers=1, mp_context=server) as pool:
-        return pool.submit(_run_isolated, name, workload, cfg, reference, torch.get_num_threads()).result()
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool:
+            raise PolicyProcessError(
+                f"the process running {what} ended without an answer (killed, e.g. for memory, or a "
+                "crash in native code: see its messages above)"
+            ) from None
 
 
 def _run_isolated(
