@@ -34,6 +34,8 @@ def test_bench_writes_every_field_as_json_and_a_png(tmp_path, capsys):
         assert res["device_kv_bytes_peak"] > 0
         assert 0.0 <= res["recall"] <= 1.0 + 1e-5
         assert len(res["per_question"]) == (1 if name == "dense" else 2)
+        assert 0 < res["ingest_ms_median"] <= res["ingest_ms_p99"] <= res["ingest_ms_max"]
+        assert res["ingest_ms_per_frame"] <= res["ingest_ms_max"]
     dense = doc["policies"]["dense"]
     assert dense["recall"] == pytest.approx(1.0, abs=1e-5)
     assert dense["out_rel_err"] == pytest.approx(0.0, abs=1e-6)

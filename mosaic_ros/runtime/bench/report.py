@@ -25,6 +25,9 @@ FIELDS = (
     "device_kv_bytes_peak",
     "host_kv_bytes",
     "ingest_ms_per_frame",
+    "ingest_ms_median",
+    "ingest_ms_p99",
+    "ingest_ms_max",
     "maintain_ms_per_frame",
 )
 
