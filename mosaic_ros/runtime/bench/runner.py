@@ -5,15 +5,14 @@ per frame), then per question and layer time ``retrieve`` (select and transfer, 
 policy's ``RetrievalStats``) and attention (``rotate_context`` + ``attend``), then free the
 policy. With ``isolate`` (the default) every policy after the first runs in a process of its
 own (forked from a fork server that has run nothing, handed the workload and the reference):
-in one process a policy's store is
-written into memory the previous policy freed, already faulted in, so the second policy's
-ingest skipped the first-touch cost the first one paid (measured at the 7B shape: mosaic's
-row moves 12.5 ms per frame fresh, 3.5 ms after ReKV), and the ingest ratio depended on the
-order. ``dense`` always runs first (reported only when asked for). Once it holds the stream,
-the reference is computed layer by layer (each layer's keys rotated once for all
-questions), outside any timed region: per question and layer, the dense attention output
-and the log-sum-exp of the dense logits over every stored token, by the same math as
-``attend`` (checked equal in the tests). ``dense`` itself is then timed on its first
+in one process a policy's store is written into memory the previous policy freed, already
+faulted in, so the second policy's ingest skipped the first-touch cost the first one paid
+(measured at the 7B shape: mosaic's row moves 12.5 ms per frame fresh, 3.5 ms after ReKV),
+and the ingest ratio depended on the order. ``dense`` always runs first (reported only when
+asked for). Once it holds the stream, the reference is computed layer by layer (each layer's
+keys rotated once for all questions), outside any timed region: per question and layer, the
+dense attention output and the log-sum-exp of the dense logits over every stored token, by the
+same math as ``attend`` (checked equal in the tests). ``dense`` itself is then timed on its first
 ``dense_questions`` questions only: its work does not depend on the question, and rotating
 and attending over the whole stream per question and layer is what makes it the slowest.
 A policy's fidelity is computed from the reference, outside the timed region:
