@@ -459,9 +459,7 @@ def run_policies(workload: Workload, cfg: BenchConfig) -> dict:
     """Run ``cfg.policies`` over ``workload``; returns {"policies": {name: results}, "memcpy": {...}}."""
     device = torch.device(cfg.device)
     geom = workload.geometry
-    attn_dtype = geom.dtype if device.type == "cuda" else torch.float32
-    questions = [_PreparedQuestion(q, workload, device, attn_dtype) for q in workload.questions()]
-    rotary = _device_rotary(workload, device)
+    questions, rotary = _prepared(workload, device)
     reference: _Reference | None = None
     order = ["dense"] + [p for p in cfg.policies if p != "dense"]
     results: dict[str, dict] = {}
@@ -592,10 +590,7 @@ def _run_isolated(
     from mosaic_ros.runtime.kv import policies  # noqa: F401  (registers the built-in policies)
 
     torch.set_num_threads(threads)
-    device = torch.device(cfg.device)
-    attn_dtype = workload.geometry.dtype if device.type == "cuda" else torch.float32
-    questions = [_PreparedQuestion(q, workload, device, attn_dtype) for q in workload.questions()]
-    rotary = _device_rotary(workload, device)
+    questions, rotary = _prepared(workload, torch.device(cfg.device))
     freeze_startup_objects()
     res, _ = _run_policy(name, workload, cfg, questions, rotary, reference)
     return res
@@ -617,6 +612,14 @@ def _options(name: str, cfg: BenchConfig, workload: Workload) -> dict:
         tokens = sum(workload.chunk_tokens(i) for i in range(workload.num_chunks))
         options.setdefault("reserve_tokens", tokens)
     return options
+
+
+def _prepared(workload: Workload, device: torch.device) -> tuple[list[_PreparedQuestion], Any]:
+    """The workload's questions prepared on ``device`` (attention in the KV dtype on CUDA, float32
+    on a CPU) and its rotary function with its tables there."""
+    attn_dtype = workload.geometry.dtype if device.type == "cuda" else torch.float32
+    questions = [_PreparedQuestion(q, workload, device, attn_dtype) for q in workload.questions()]
+    return questions, _device_rotary(workload, device)
 
 
 def _device_rotary(workload: Workload, device: torch.device):
