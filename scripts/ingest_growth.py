@@ -194,7 +194,8 @@ def main() -> None:
         "--after",
         default=None,
         help="first stream --after-frames frames into this policy in the same process and drop it, as "
-        "a benchmark run does before the next policy (which then writes into memory already faulted in)",
+        "a benchmark run with --no-isolate does before the next policy (which then writes into memory "
+        "already faulted in)",
     )
     ap.add_argument("--after-frames", type=int, default=600)
     ap.add_argument(
