@@ -1,4 +1,5 @@
-"""``mosaic-ros-bench``: every KV policy on the same stream and questions, in one process.
+"""``mosaic-ros-bench``: every KV policy on the same stream and questions, each after ``dense``
+in a process of its own (``--no-isolate``: all in this one).
 
     mosaic-ros-bench --shape qwen2.5-vl-7b --workload synthetic --frames 600 --budget 8192 \
         --questions 8 --policies dense,token_topk,rekv,livevlm --json out.json --plot out.png
