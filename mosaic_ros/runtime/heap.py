@@ -2,9 +2,10 @@
 
 After torch, transformers and a model are loaded the interpreter holds ~430,000 objects that
 live as long as the process. Python's cyclic collector walks all of them in every full
-(generation 2) collection, and a stream's ingest triggers one every few seconds: measured at
-the 7B shape (``scripts/ingest_growth.py``), about one per 120 frames, each 130-230 ms with the
-GIL held, so the frame that meets it (and every ROS callback) stalls that long.
+(generation 2) collection, which the objects a stream keeps making trigger now and then:
+measured at the 7B shape (``scripts/ingest_growth.py --no-freeze``, while mosaic's split queue
+still made a list per queued pair), about one per 120 frames, each 130-230 ms with the GIL
+held, so the frame that meets it (and every ROS callback) stalls that long.
 ``freeze_startup_objects`` moves what exists at the end of startup into the collector's
 permanent generation (``gc.freeze``); full collections then walk only what the stream made
 since, ~1 ms each. Nothing is leaked: frozen objects are freed by reference counting as usual,

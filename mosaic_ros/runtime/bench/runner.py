@@ -465,7 +465,9 @@ def run_policies(workload: Workload, cfg: BenchConfig) -> dict:
     results: dict[str, dict] = {}
     for name in order:
         if reference is not None and cfg.isolate:
-            results[name] = {**_in_own_process(name, workload, cfg, reference), "own_process": True}
+            args = (name, workload, cfg, reference, torch.get_num_threads())
+            res = in_fresh_process(f"policy {name!r}", _run_isolated, *args)
+            results[name] = {**res, "own_process": True}
             continue
         res, reference = _run_policy(name, workload, cfg, questions, rotary, reference)
         if res is not None:
@@ -557,13 +559,6 @@ class PolicyProcessError(RuntimeError):
     memory, or crashed in native code); its own stderr says more."""
 
 
-def _in_own_process(name: str, workload: Workload, cfg: BenchConfig, reference: _Reference) -> dict:
-    """``_run_policy`` of ``name`` in a new process with the same torch threads, the workload and
-    the reference handed over by pickle (``in_fresh_process``)."""
-    args = (name, workload, cfg, reference, torch.get_num_threads())
-    return in_fresh_process(f"policy {name!r}", _run_isolated, *args)
-
-
 def in_fresh_process(what: str, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` in a new process; its exceptions are raised here, and a process that ends
     without answering raises ``PolicyProcessError`` naming ``what``. The process is forked from
@@ -585,7 +580,8 @@ def in_fresh_process(what: str, fn: Callable[..., Any], *args: Any) -> Any:
 def _run_isolated(
     name: str, workload: Workload, cfg: BenchConfig, reference: _Reference, threads: int
 ) -> dict:
-    """The new process's side of ``_in_own_process``."""
+    """``_run_policy`` of ``name`` in a process of its own (``in_fresh_process``): the workload and
+    the reference came by pickle, the torch threads are the parent's."""
     from mosaic_ros.runtime.heap import freeze_startup_objects
     from mosaic_ros.runtime.kv import policies  # noqa: F401  (registers the built-in policies)
 
