@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mosaic_ros.runtime.kv.plan import copy_runs, plan_per_head, plan_shared, write_slot_meta
+from mosaic_ros.runtime.kv.plan import copy_runs, gather_rows, plan_per_head, plan_shared, write_slot_meta
 
 
 def reference_plan(want, rmap, held):
@@ -140,3 +140,17 @@ def test_plan_per_head_is_plan_shared_per_group_on_flat_slots(seed):
     assert np.array_equal(rmap, rmap_ref) and np.array_equal(held, held_ref)
     for g in range(groups):  # each group's slots [0, n) hold its wanted rows
         assert sorted(held[g, :n].tolist()) == want[g].tolist()
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint8])
+def test_gather_rows_copies_each_row_into_its_slot_and_nothing_else(dtype):
+    rng = np.random.default_rng(3)
+    page = rng.integers(0, 100, size=(20, 6)).astype(dtype)
+    out = np.full((10, 6), 7, dtype=dtype)
+    rows = np.array([19, 2, 2, 5], dtype=np.int64)
+    slots = np.array([0, 9, 4, 3], dtype=np.int64)
+    gather_rows(page, rows, slots, out)
+    for r, s in zip(rows, slots, strict=True):
+        assert out[s].tolist() == page[r].tolist()
+    untouched = np.setdiff1d(np.arange(10), slots)
+    assert (out[untouched] == 7).all()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_policies import assert_map_inverts_slots
 
-from mosaic_ros.runtime.kv.copy import HOST_PARALLEL_ROWS
+from mosaic_ros.runtime.kv.copy import HOST_PARALLEL_ROWS, HOST_RUN_MIN_ROWS
 from mosaic_ros.runtime.kv.policy import KVGeometry, TokenMeta
 from mosaic_ros.runtime.kv.pool import contiguous_runs
 from mosaic_ros.runtime.kv.store import DeviceBuffer, HostKVStore, StoreFullError
@@ -159,11 +159,12 @@ def test_alloc_without_reusing_freed_rows_grows_and_keeps_the_layout():
 
 
 @pytest.mark.parametrize("run_min_rows", [1, 5, 10_000])
-def test_host_fetch_copies_every_run_once_whatever_the_run_threshold(run_min_rows):
-    # run_min_rows picks runs or gathers for copies to another device; CPU to CPU every run,
-    # however short, is one copy (a row-by-row gather costs more there)
+def test_host_fetch_copies_long_runs_and_gathers_the_rest_whatever_the_run_threshold(run_min_rows):
+    # run_min_rows picks runs or gathers for copies to another device; CPU to CPU a run of at
+    # least HOST_RUN_MIN_ROWS rows is one copy, the rows of shorter runs one gather per page
+    assert HOST_RUN_MIN_ROWS == 16  # the selection below is cut for it
     store, truth = filled_store(60, page_rows=16, run_min_rows=run_min_rows)
-    sel = torch.cat((torch.arange(0, 4), torch.arange(10, 30), torch.tensor([41, 43, 59])))
+    sel = torch.cat((torch.arange(0, 4), torch.arange(10, 32), torch.tensor([41, 43, 59])))
     buf = DeviceBuffer(GEOM, 40, "cpu")
     fs = store.fetch(0, store.rows_of(0, sel), buf)
     ctx = buf.context()
@@ -173,7 +174,9 @@ def test_host_fetch_copies_every_run_once_whatever_the_run_threshold(run_min_row
     assert torch.equal(ctx.values, truth[0][ids][:, 1].permute(1, 0, 2))
     assert torch.equal(ctx.positions[0, 0], ids)
     assert fs.bytes_moved == sel.numel() * 2 * GEOM.token_row_bytes
-    assert fs.copies == 6  # runs [0,4) [10,16) [16,30) split at row 16, then 41, 43, 59
+    # runs [0,4) [10,16) [16,32) (split at row 16), 41, 43, 59: [16,32) is copied; the others are
+    # gathered from pages 0, 2 and 3
+    assert fs.copies == 4
     assert fs.tokens_copied == sel.numel() and fs.tokens_reused == 0
 
 
@@ -187,8 +190,9 @@ def torch_threads(request):
 
 
 def test_fetch_into_fragmented_free_slots_copies_long_and_short_runs_exactly(torch_threads):
-    """Long runs (torch copies, >= HOST_PARALLEL_ROWS rows, with 2 threads), shorter runs and
-    single rows (numpy) fill the free slots a previous question left around its resident rows."""
+    """Long runs (torch copies, >= HOST_PARALLEL_ROWS rows, with 2 threads), shorter runs (numpy)
+    and single rows (a compiled gather per page) fill the free slots a previous question left
+    around its resident rows."""
     store, truth = filled_store(600, page_rows=256, chunk=50)
     buf = DeviceBuffer(GEOM, 400, "cpu")
     first = torch.cat((torch.arange(0, 100), torch.arange(300, 400)))  # slots 0..199
@@ -200,7 +204,7 @@ def test_fetch_into_fragmented_free_slots_copies_long_and_short_runs_exactly(tor
             torch.arange(360, 400),  # resident in slots 160..199 (the last three beyond n: moved)
             long_run,
             torch.arange(520, 560),  # a run copied by numpy
-            torch.tensor([100, 200, 599]),  # scattered: one copy each
+            torch.tensor([100, 200, 599]),  # scattered: gathered, one copy per page (0 and 2)
         )
     )
     fs = store.fetch(0, store.rows_of(0, sel), buf)
@@ -212,7 +216,7 @@ def test_fetch_into_fragmented_free_slots_copies_long_and_short_runs_exactly(tor
     assert torch.equal(ctx.positions[0, 0], ids)
     assert fs.tokens_reused == 80 and fs.device_moves == 3
     assert fs.tokens_copied == long_run.numel() + 40 + 3
-    assert fs.copies == 5  # the two runs and the three scattered rows
+    assert fs.copies == 4  # the two runs, and the three scattered rows from two pages
     # the missing rows fill the hole in row order: 100, 200, the three moved rows, then the run
     assert ids[45 : 45 + long_run.numel()].tolist() == long_run.tolist()
 

@@ -5,9 +5,10 @@ others take, which rows move inside the buffer); a copy engine carries the plan 
 everything device-specific about it: streams, events, staging memory and timing.
 
 - ``HostCopyEngine``: host pages into a buffer in host memory (a CPU "device"). Whole rows go
-  by runs, each run one copy (numpy row views for short runs, torch's threaded ``copy_`` for
-  long ones); per-head units are copied by a compiled loop over byte views. Copies are
-  synchronous: their time is wall time.
+  by runs of at least ``HOST_RUN_MIN_ROWS`` rows, each run one copy (numpy row views, or
+  torch's threaded ``copy_`` for long ones); rows of shorter runs are gathered into their slots
+  by a compiled row loop, one call per page touched. Per-head units are copied by a compiled loop
+  over byte views. Copies are synchronous: their time is wall time.
 - ``CudaCopyEngine``: pages (pinned host memory, or on the device itself) into a buffer on a
   CUDA device. Runs of at least ``run_min_rows`` rows are copied one copy per run, shorter ones
   gathered per page into one pinned staging tensor and sent with one copy. From host memory the
@@ -34,12 +35,16 @@ import numpy as np
 import torch
 
 from mosaic_ros.runtime.kv.buffer import DeviceBuffer
-from mosaic_ros.runtime.kv.plan import copy_runs, gather_heads, write_slot_meta
+from mosaic_ros.runtime.kv.plan import copy_runs, gather_heads, gather_rows, write_slot_meta
 from mosaic_ros.runtime.kv.pool import PagePool
 
 # host-to-host runs at least this long are copied by torch (split across its intra-op threads),
 # shorter ones by numpy (a single thread, but about a microsecond less per call)
 HOST_PARALLEL_ROWS = 64
+# host-to-host runs shorter than this are gathered (a compiled row loop per page touched)
+# instead of copied one Python call each (~1.3 us a run): a window that slides through a
+# chunk laid out cluster by cluster gets its new rows in ~100 runs of 1-3 rows per layer
+HOST_RUN_MIN_ROWS = 16
 
 _NO_SESSION = nullcontext()
 
@@ -95,6 +100,13 @@ def page_segments(pages: np.ndarray) -> list[tuple[int, int]]:
 def _byte_units(tensor: torch.Tensor) -> np.ndarray:
     """A contiguous CPU tensor (rows, 2, H_kv, D) as a numpy uint8 view (rows, 2, H_kv, D x element size)."""
     return tensor.view(torch.uint8).numpy()
+
+
+def _word_rows(tensor: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU tensor (rows, ...) as a numpy view (rows, words per row) of int64 words, or
+    of bytes where a row's bytes are not a multiple of 8."""
+    flat = tensor.view(torch.uint8).numpy().reshape(tensor.shape[0], -1)
+    return flat.view(np.int64) if flat.shape[1] % 8 == 0 else flat
 
 
 def _unit_views(into: DeviceBuffer, tensor: torch.Tensor) -> torch.Tensor:
@@ -311,9 +323,7 @@ class HostCopyEngine(CopyEngine):
         )
 
     def _min_run(self) -> int:
-        # CPU to CPU a row-by-row gather (rows indexed one by one, into scattered slots through a
-        # temporary) costs more than the microsecond or two of a short run's copy: every run is copied
-        return 1
+        return HOST_RUN_MIN_ROWS
 
     def _gather(
         self,
@@ -325,7 +335,17 @@ class HostCopyEngine(CopyEngine):
         stats: FetchStats,
     ) -> None:
         if into.groups == 1:
-            super()._gather(pool, layer, into, rows, dst, stats)
+            # one compiled copy per page touched, row by row into the slots
+            pr = pool.rows_per_page(layer)
+            pages = rows // pr
+            order = np.argsort(pages, kind="stable")
+            rows, dst, pages = rows[order], dst[order], pages[order]
+            out = _word_rows(into.data)
+            segments = page_segments(pages)
+            for a, b in segments:
+                page = _word_rows(pool.pages[layer][int(pages[a])])
+                gather_rows(page, np.ascontiguousarray(rows[a:b] % pr), np.ascontiguousarray(dst[a:b]), out)
+            stats.copies += len(segments)
             return
         # per head: one compiled copy per page touched (torch's indexing of the (G, slot) units of
         # permuted views costs tens of microseconds per layer)

@@ -14,6 +14,9 @@ question gets and fill every head up to the same count (``cut_blocks``, ``choose
 one pass each, where tensor operations, a Python sort and a top-k per head cost about 0.3 ms
 per layer, 30 layers per question.
 
+``gather_rows`` copies whole rows of a page into scattered slots of a CPU buffer with no
+temporary (numpy's indexed copy makes one, a fresh allocation each time).
+
 Signatures are given so the kernels compile (or load from numba's cache) at import, not
 inside the first question.
 """
@@ -173,6 +176,15 @@ def gather_heads(page, rows, heads, slots, out):
         r, h, s = rows[i], heads[i], slots[i]
         out[s, 0, h, :] = page[r, 0, h, :]
         out[s, 1, h, :] = page[r, 1, h, :]
+
+
+@njit([f"void({t}[:, ::1], {_I64}, {_I64}, {t}[:, ::1])" for t in ("int64", "uint8")], cache=True, nogil=True)
+def gather_rows(page, rows, slots, out):
+    """out[slots[i]] = page[rows[i]] for every i: whole rows of a page into a buffer's slots, with
+    no temporary. page (R, W) and out (capacity, W) are int64 (or, where a row's bytes are not a
+    multiple of 8, uint8) views of (rows, 2, H_kv, D) tensors: int64 words copy ~2x faster."""
+    for i in range(rows.size):
+        out[slots[i], :] = page[rows[i], :]
 
 
 @njit(f"int64[::1]({_I64}, int64)", cache=True, nogil=True)
