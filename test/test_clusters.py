@@ -8,7 +8,13 @@ import random
 import pytest
 import torch
 
-from mosaic_ros.runtime.kv.clusters import ClusterBank, ClusterConfig, ClusterIndex
+from mosaic_ros.runtime.kv.clusters import (
+    ClusterBank,
+    ClusterConfig,
+    ClusterIndex,
+    _fine_search_host,
+    _fine_search_torch,
+)
 
 H, D = 4, 32
 
@@ -587,3 +593,32 @@ def test_a_bank_takes_whole_chunks_of_every_layer():
         bank.assign([torch.randn(3, H, D), torch.randn(2, H, D)], torch.arange(3))
     with pytest.raises(ValueError, match="assigned together"):
         bank.layers[0].assign(torch.randn(3, H, D), torch.arange(3))
+
+
+def test_the_compiled_fine_search_picks_what_the_tensor_one_picks():
+    # the host kernel replaces the tensor operations on the CPU; the tensor path is what other
+    # devices run, so both must pick the same cluster at the same distance
+    gen = torch.Generator().manual_seed(5)
+    layers_total, slots, width, rows, cands = 6, 40, 24, 30, 4
+    sum_unit = torch.randn(layers_total, slots, width, generator=gen)
+    count = torch.randint(1, 20, (layers_total, slots), generator=gen)
+    sum_norm2 = (sum_unit * sum_unit).sum(dim=2)
+    layers = torch.tensor([4, 0, 5])
+    unit = torch.nn.functional.normalize(torch.randn(3, rows, width, generator=gen), dim=2)
+    top = torch.randint(slots, (3, rows, cands), generator=gen)
+    top[0, 0] = 7  # every candidate the same cluster: a tie, the first one wins either way
+    want_d, want_c = _fine_search_torch(unit, top, layers, sum_unit, count, sum_norm2)
+    got_d, got_c = torch.empty(3, rows), torch.empty(3, rows, dtype=torch.int64)
+    _fine_search_host(
+        unit.numpy(),
+        top.numpy(),
+        layers.numpy(),
+        sum_unit.numpy(),
+        count.numpy(),
+        sum_norm2.numpy(),
+        got_d.numpy(),
+        got_c.numpy(),
+    )
+    assert torch.equal(got_c, want_c)
+    assert torch.allclose(got_d, want_d, atol=1e-5)
+    assert int(got_c[0, 0]) == 7

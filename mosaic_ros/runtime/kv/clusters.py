@@ -77,7 +77,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from numba import njit
 from torch import Tensor
 
 from mosaic_ros.runtime.kv.clock import MaintenanceClock, WallClock
@@ -252,6 +254,7 @@ class ClusterBank:
         # local scale: the reference, the latest rows as (unit rows (L, n, F), tags (n,)) pieces of
         # the chunks they came in (views, never copied), and the log scale per layer (L,) float64
         self.ref: deque[tuple[Tensor, Tensor]] = deque()
+        self._ref_mean: Tensor | None = None  # (L, F) mean reference row, None until asked for
         # buffers reused across chunks, so a chunk's large temporaries do not take fresh memory
         # (first-touch page faults cost more than the arithmetic): the float32 keys of the chunk
         # (``_raw``), free unit-row buffers (``_spare_units``; a chunk's unit rows live on in the
@@ -392,6 +395,7 @@ class ClusterBank:
 
     def _keep_reference(self, unit: Tensor, tags: Tensor, keep: int) -> None:
         """Append a chunk's rows to the reference and keep its latest ``keep`` rows."""
+        self._ref_mean = None
         self.ref.append((unit, tags))
         total = sum(t.shape[0] for _, t in self.ref)
         while total - self.ref[0][1].shape[0] >= keep:
@@ -403,9 +407,12 @@ class ClusterBank:
             self.ref[0] = (oldest[:, total - keep :], oldest_tags[total - keep :])
 
     def _reference_mean(self, layers: Tensor) -> Tensor:
-        """(l, F) mean reference row of each of ``layers``."""
-        rows = sum(t.shape[0] for _, t in self.ref)
-        return sum(u[layers].sum(dim=1) for u, _ in self.ref) / rows
+        """(l, F) mean reference row of each of ``layers``; the (L, F) means of every layer are
+        computed once per reference (a chunk's searches all centre on them)."""
+        if self._ref_mean is None:
+            rows = sum(t.shape[0] for _, t in self.ref)
+            self._ref_mean = sum(u.sum(dim=1) for u, _ in self.ref) / rows
+        return self._ref_mean.index_select(0, layers)
 
     def _scale_sample(self, unit: Tensor, tags: Tensor) -> tuple[Tensor | None, bool]:
         """((L,) float64 lower quartile of half the squared nearest-neighbour distance, whether
@@ -548,12 +555,7 @@ class ClusterBank:
                 top = cand.gather(1, rank.topk(_CANDIDATES, dim=2).indices.flatten(1)).view(
                     *rank.shape[:2], -1
                 )
-                lay3 = layers[:, None, None]
-                top_inv_n = 1.0 / self.count[lay3, top].to(torch.float32)  # (l, n, c)
-                dots = (self.sum_unit[lay3, top] * rows_u[:, :, None, :]).sum(dim=3)  # (l, n, c)
-                d = 1.0 - 2.0 * dots * top_inv_n + self.sum_norm2[lay3, top] * top_inv_n * top_inv_n
-                best, pick = d.min(dim=2)
-                near = top.gather(2, pick[:, :, None])[:, :, 0]
+                best, near = self._fine_search(rows_u, top, layers)
             nearest[layers], dist[layers] = near, best
         found = nearest >= 0
         at = nearest.clamp_min(0)
@@ -571,6 +573,27 @@ class ClusterBank:
             & (size < 2 * self.config.max_cluster_tokens)
         )
         return torch.where(ok, nearest, -1)
+
+    def _fine_search(self, rows: Tensor, top: Tensor, layers: Tensor) -> tuple[Tensor, Tensor]:
+        """Nearest of each row's candidate clusters by exact distance: rows (l, n, F) of ``layers``
+        (l,), candidates ``top`` (l, n, c) live cluster ids -> (squared distance (l, n) float32,
+        cluster id (l, n) int64); ties go to the earlier candidate. On the CPU one compiled pass
+        (no (l, n, c, F) gather of the candidates' sums); elsewhere the same in tensor operations."""
+        if self.device.type == "cpu":
+            best = torch.empty(top.shape[:2])
+            near = torch.empty(top.shape[:2], dtype=torch.int64)
+            _fine_search_host(
+                rows.contiguous().numpy(),
+                top.contiguous().numpy(),
+                layers.contiguous().numpy(),
+                self.sum_unit.numpy(),
+                self.count.numpy(),
+                self.sum_norm2.numpy(),
+                best.numpy(),
+                near.numpy(),
+            )
+            return best, near
+        return _fine_search_torch(rows, top, layers, self.sum_unit, self.count, self.sum_norm2)
 
     @staticmethod
     def _group(unit: Tensor, valid: Tensor, radius: Tensor | None) -> tuple[Tensor, list[int]]:
@@ -756,6 +779,46 @@ class ClusterBank:
             self.tok_modality = self.tok_modality[drop:].clone()
             self.base += drop
             self.tok_len -= drop
+
+
+def _fine_search_torch(
+    rows: Tensor, top: Tensor, layers: Tensor, sum_unit: Tensor, count: Tensor, sum_norm2: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``ClusterBank._fine_search`` in tensor operations (any device): ``sum_unit`` (L, C, F),
+    ``count`` (L, C), ``sum_norm2`` (L, C) the bank's statistics."""
+    lay3 = layers[:, None, None]
+    inv_n = 1.0 / count[lay3, top].to(torch.float32)  # (l, n, c)
+    dots = (sum_unit[lay3, top] * rows[:, :, None, :]).sum(dim=3)  # (l, n, c)
+    d = 1.0 - 2.0 * dots * inv_n + sum_norm2[lay3, top] * inv_n * inv_n
+    best, pick = d.min(dim=2)
+    return best, top.gather(2, pick[:, :, None])[:, :, 0]
+
+
+@njit(
+    "void(float32[:, :, ::1], int64[:, :, ::1], int64[::1], float32[:, :, ::1], int64[:, ::1], "
+    "float32[:, ::1], float32[:, ::1], int64[:, ::1])",
+    cache=True,
+    nogil=True,
+)
+def _fine_search_host(rows, top, layers, sum_unit, count, sum_norm2, best, near):
+    """``_fine_search_torch`` on the host in one pass, into ``best`` (l, n) and ``near`` (l, n)."""
+    width = rows.shape[2]
+    for i in range(top.shape[0]):
+        layer = layers[i]
+        for j in range(top.shape[1]):
+            best_d = np.float32(np.inf)
+            best_c = -1
+            for k in range(top.shape[2]):
+                c = top[i, j, k]
+                inv = np.float32(1.0) / np.float32(count[layer, c])
+                dot = np.float32(0.0)
+                for x in range(width):
+                    dot += sum_unit[layer, c, x] * rows[i, j, x]
+                d = np.float32(1.0) - np.float32(2.0) * dot * inv + sum_norm2[layer, c] * inv * inv
+                if d < best_d or best_c < 0:
+                    best_d, best_c = d, c
+            best[i, j] = best_d
+            near[i, j] = best_c
 
 
 def _variance(count: Tensor, sum_norm2: Tensor) -> Tensor:
