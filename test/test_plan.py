@@ -3,7 +3,14 @@
 import numpy as np
 import pytest
 
-from mosaic_ros.runtime.kv.plan import copy_runs, gather_rows, plan_per_head, plan_shared, write_slot_meta
+from mosaic_ros.runtime.kv.plan import (
+    copy_runs,
+    gather_heads,
+    gather_rows,
+    plan_per_head,
+    plan_shared,
+    write_slot_meta,
+)
 
 
 def reference_plan(want, rmap, held):
@@ -154,3 +161,18 @@ def test_gather_rows_copies_each_row_into_its_slot_and_nothing_else(dtype):
         assert out[s].tolist() == page[r].tolist()
     untouched = np.setdiff1d(np.arange(10), slots)
     assert (out[untouched] == 7).all()
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint8])
+def test_gather_heads_copies_one_heads_key_and_value_into_its_slot(dtype):
+    rng = np.random.default_rng(4)
+    page = rng.integers(0, 100, size=(12, 2, 3, 5)).astype(dtype)
+    out = np.full((6, 2, 3, 5), 7, dtype=dtype)
+    rows = np.array([11, 0, 4], dtype=np.int64)
+    heads = np.array([2, 0, 2], dtype=np.int64)
+    slots = np.array([5, 5, 1], dtype=np.int64)
+    gather_heads(page, rows, heads, slots, out)
+    expect = np.full_like(out, 7)
+    for r, h, s in zip(rows, heads, slots, strict=True):
+        expect[s, :, h] = page[r, :, h]
+    assert (out == expect).all()

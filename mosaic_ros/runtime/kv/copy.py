@@ -97,9 +97,11 @@ def page_segments(pages: np.ndarray) -> list[tuple[int, int]]:
     return list(pairwise(bounds))
 
 
-def _byte_units(tensor: torch.Tensor) -> np.ndarray:
-    """A contiguous CPU tensor (rows, 2, H_kv, D) as a numpy uint8 view (rows, 2, H_kv, D x element size)."""
-    return tensor.view(torch.uint8).numpy()
+def _word_units(tensor: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU tensor (rows, 2, H_kv, D) as a numpy view (rows, 2, H_kv, W) of int64 words
+    (W = D x element size / 8), or of bytes where a head's bytes are not a multiple of 8."""
+    units = tensor.view(torch.uint8).numpy()
+    return units.view(np.int64) if units.shape[-1] % 8 == 0 else units
 
 
 def _word_rows(tensor: torch.Tensor) -> np.ndarray:
@@ -295,7 +297,7 @@ class HostCopyEngine(CopyEngine):
     def move_slots(self, into: DeviceBuffer, src: np.ndarray, dst: np.ndarray) -> None:
         if into.groups > 1:
             heads, src_slots = np.divmod(src, into.capacity)
-            units = _byte_units(into.data)
+            units = _word_units(into.data)
             gather_heads(units, src_slots, heads, dst % into.capacity, units)  # sources >= n > targets
         else:
             buf = into.host_rows()
@@ -353,9 +355,9 @@ class HostCopyEngine(CopyEngine):
         pages = rows // pr
         segments = page_segments(pages)
         heads, slots = np.divmod(dst, into.capacity)
-        out = _byte_units(into.data)
+        out = _word_units(into.data)
         for a, b in segments:
-            page = _byte_units(pool.pages[layer][int(pages[a])])
+            page = _word_units(pool.pages[layer][int(pages[a])])
             gather_heads(page, rows[a:b] % pr, heads[a:b], slots[a:b], out)
         stats.copies += len(segments)
 

@@ -164,14 +164,16 @@ def write_slot_meta(rows, slots, row_token, positions, slot_ids, slot_pos):
             slot_pos[d, s] = positions[d, t]
 
 
-_UNITS = "uint8[:, :, :, ::1]"
-
-
-@njit(f"void({_UNITS}, {_I64}, {_I64}, {_I64}, {_UNITS})", cache=True, nogil=True)
+@njit(
+    [f"void({t}[:, :, :, ::1], {_I64}, {_I64}, {_I64}, {t}[:, :, :, ::1])" for t in ("int64", "uint8")],
+    cache=True,
+    nogil=True,
+)
 def gather_heads(page, rows, heads, slots, out):
     """out[slots[i], :, heads[i]] = page[rows[i], :, heads[i]] for every i: one KV head's key and
-    value of a row into a per-head buffer's slot. page (R, 2, H_kv, B) and out (capacity, 2, H_kv,
-    B) are byte views (B = head_dim x element size), so any dtype copies bit for bit."""
+    value of a row into a per-head buffer's slot. page (R, 2, H_kv, W) and out (capacity, 2, H_kv,
+    W) are int64 views (W = head_dim x element size / 8), or byte views where a head's bytes are
+    not a multiple of 8, so any dtype copies bit for bit (int64 words ~2x faster than bytes)."""
     for i in range(rows.size):
         r, h, s = rows[i], heads[i], slots[i]
         out[s, 0, h, :] = page[r, 0, h, :]
