@@ -8,7 +8,7 @@ everything device-specific about it: streams, events, staging memory and timing.
   by runs of at least ``HOST_RUN_MIN_ROWS`` rows, each run one copy (numpy row views, or
   torch's threaded ``copy_`` for long ones); rows of shorter runs are gathered into their slots
   by a compiled row loop, one call per page touched. Per-head units are copied by a compiled loop
-  over byte views. Copies are synchronous: their time is wall time.
+  over int64-word views. Copies are synchronous: their time is wall time.
 - ``CudaCopyEngine``: pages (pinned host memory, or on the device itself) into a buffer on a
   CUDA device. Runs of at least ``run_min_rows`` rows are copied one copy per run, shorter ones
   gathered per page into one pinned staging tensor and sent with one copy. From host memory the
@@ -97,18 +97,20 @@ def page_segments(pages: np.ndarray) -> list[tuple[int, int]]:
     return list(pairwise(bounds))
 
 
+def _words(raw: np.ndarray) -> np.ndarray:
+    """A uint8 array's last axis as int64 words (the compiled copies move them ~2x faster than
+    bytes), or the bytes themselves where that axis is not a multiple of 8 long."""
+    return raw.view(np.int64) if raw.shape[-1] % 8 == 0 else raw
+
+
 def _word_units(tensor: torch.Tensor) -> np.ndarray:
-    """A contiguous CPU tensor (rows, 2, H_kv, D) as a numpy view (rows, 2, H_kv, W) of int64 words
-    (W = D x element size / 8), or of bytes where a head's bytes are not a multiple of 8."""
-    units = tensor.view(torch.uint8).numpy()
-    return units.view(np.int64) if units.shape[-1] % 8 == 0 else units
+    """A contiguous CPU tensor (rows, 2, H_kv, D) as a numpy view (rows, 2, H_kv, W) of ``_words``."""
+    return _words(tensor.view(torch.uint8).numpy())
 
 
 def _word_rows(tensor: torch.Tensor) -> np.ndarray:
-    """A contiguous CPU tensor (rows, ...) as a numpy view (rows, words per row) of int64 words, or
-    of bytes where a row's bytes are not a multiple of 8."""
-    flat = tensor.view(torch.uint8).numpy().reshape(tensor.shape[0], -1)
-    return flat.view(np.int64) if flat.shape[1] % 8 == 0 else flat
+    """A contiguous CPU tensor (rows, ...) as a numpy view (rows, W) of ``_words``."""
+    return _words(tensor.view(torch.uint8).numpy().reshape(tensor.shape[0], -1))
 
 
 def _unit_views(into: DeviceBuffer, tensor: torch.Tensor) -> torch.Tensor:
