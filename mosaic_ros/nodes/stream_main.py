@@ -172,7 +172,7 @@ def _start_node(log):
             }
         except SessionError as error:
             raise StartError(str(error)) from None
-        freeze_startup_objects()  # full GC passes would walk the model's objects: 130-230 ms stalls
+        freeze_startup_objects()  # full GC passes would walk the model's objects (~200 ms stalls)
         node.start(sessions)
     except BaseException:
         node.destroy_node()
