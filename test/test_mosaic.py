@@ -863,6 +863,32 @@ def layout(policy) -> list[tuple[list[int], list[int], list[int]]]:
     return out
 
 
+def test_block_layer_ids_are_the_sinks_the_chosen_candidates_and_the_window_of_each_head():
+    from mosaic_ros.runtime.kv.plan import block_layer_ids, choose_blocks, cut_blocks
+
+    gen = np.random.default_rng(5)
+    sinks, window = np.arange(4), np.arange(90, 98)
+    rest = np.sort(gen.choice(np.arange(4, 90), 60, replace=False))  # candidates, gaps between ids
+    first = 2  # the token map starts at id 2: ids 0-1 are not held by the clusters
+    clusters = np.full(100, -1, np.int64)
+    clusters[rest - first] = gen.integers(0, 9, rest.size)
+    block_of = np.full(110, -1, np.int64)
+    block_of[rest] = np.arange(rest.size) // 7  # blocks of 7 candidates, the last one short
+    shares = gen.random((3, 9)).astype(np.float32)
+    counts = np.bincount(clusters[rest - first], minlength=9).astype(np.int64)
+    base = np.concatenate((sinks, window))
+    for most in (0, 3):
+        ids = block_layer_ids(shares, counts, clusters, first, block_of, rest, base, 4, most, 20)
+        unit = clusters[rest - first]
+        pick = choose_blocks(shares, counts, unit, cut_blocks(block_of[rest], most), 20)
+        assert ids.shape == (3, base.size + pick.shape[1])
+        for g in range(3):
+            assert ids[g].tolist() == sinks.tolist() + rest[pick[g]].tolist() + window.tolist()
+    clusters[rest[5] - first] = -1  # a candidate the clusters do not hold: an error, not a guess
+    with pytest.raises(ValueError, match="in no cluster"):
+        block_layer_ids(shares, counts, clusters, first, block_of, rest, base, 4, 0, 20)
+
+
 def test_work_clock_maintenance_is_the_same_however_slow_the_machine_is(monkeypatch):
     """With ``maintain_clock="work"`` the budget is spent in fixed costs per split, sealed row and
     layer, so a machine on which every timer read is a second later decides exactly as a fast

@@ -272,6 +272,14 @@ class ClusterBank:
     def capacity(self) -> int:
         return self.count.shape[1]
 
+    def live_clusters(self) -> list[int]:
+        """Live (non-empty) clusters of every layer, one count per layer (``layers[l].num_clusters``)."""
+        return (self.count > 0).sum(dim=1).tolist()
+
+    def held_tokens(self) -> list[int]:
+        """Tokens every layer holds now (``layers[l].num_tokens``)."""
+        return [self.assigned - removed for removed in self.removed]
+
     # -----------------------------------------------------------------------------------------
     # assignment
     # -----------------------------------------------------------------------------------------
@@ -985,6 +993,13 @@ class ClusterIndex:
         out = torch.full_like(ids, -1)
         out[known] = b.tok_cluster[self.layer, idx[known]]
         return out
+
+    def token_map(self) -> tuple[int, np.ndarray]:
+        """(first, clusters): the cluster id of token id ``first + i`` is ``clusters[i]`` (int64, -1
+        for ids not held), the lookup ``units_of`` makes, as a view for compiled planning: valid
+        until the next ``assign``, removal or trim; not to be written."""
+        b = self._bank
+        return b.base, b.tok_cluster[self.layer].numpy()
 
     def modality_counts(self) -> Tensor:
         """(C, M) int64 tokens per cluster and modality value (M = largest modality held + 1)."""

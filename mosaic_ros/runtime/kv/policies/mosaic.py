@@ -798,7 +798,7 @@ class MosaicPolicy(StoreBackedPolicy):
     def begin_question(self, window: tuple[float, float] | None = None) -> None:
         self._settle()
         self._flush()
-        self._block_layers = [self._is_block_layer(layer) for layer in range(self.geometry.num_layers)]
+        self._block_layers = self._is_block_layer()
         super().begin_question(window)
 
     # ------------------------------------------------------------------ selection
@@ -818,19 +818,18 @@ class MosaicPolicy(StoreBackedPolicy):
 
     def per_head_layer(self, layer: int) -> bool:
         """A block layer (see the module docstring); decided once per question, at its start."""
-        if self._block_layers is not None:
-            return self._block_layers[layer]
-        return self._is_block_layer(layer)
+        flags = self._block_layers if self._block_layers is not None else self._is_block_layer()
+        return flags[layer]
 
-    def _is_block_layer(self, layer: int) -> bool:
-        """Whether ``layer``'s clusters average fewer tokens than ``blocks_below`` x the stream's
-        mean frame block."""
+    def _is_block_layer(self) -> list[bool]:
+        """Per layer, whether its clusters average fewer tokens than ``blocks_below`` x the stream's
+        mean frame block (never while it has no cluster)."""
         below = float(self.options["blocks_below"])
-        index = self._layers[layer].index
-        if below <= 0 or index.num_clusters == 0:
-            return False
+        if below <= 0:
+            return [False] * self.geometry.num_layers
         block = self.store.num_tokens / max(self.frame_blocks.count, 1)  # tokens per block, mean
-        return index.num_tokens < below * block * index.num_clusters
+        tokens, clusters = self._bank.held_tokens(), self._bank.live_clusters()
+        return [c > 0 and t < below * block * c for t, c in zip(tokens, clusters, strict=True)]
 
     def select(self, layer: int, query: Tensor) -> Selection:
         """What ``layer`` retrieves for the question's queries (H_q, L_q, D) pre-RoPE."""
@@ -903,16 +902,23 @@ class MosaicPolicy(StoreBackedPolicy):
         index = self._layers[layer].index
         counts = index.counts.cpu()
         shares = head_shares(query, index.centroids, counts)  # (H_kv, C)
-        # ids ascending, so their blocks (numbered in arrival order) never decrease
         parts = int(self.options["block_parts"])
-        part = plan.cut_blocks(self.frame_blocks.of(rest).numpy(), -(-room // parts) if parts else 0)
-        pick = plan.choose_blocks(shares.numpy(), counts.numpy(), index.units_of(rest).numpy(), part, room)
-        # sinks < rest < window (split_candidates, base ascending), so each head's ids come out ascending
-        sinks = int(np.searchsorted(base.numpy(), self.config.sink_tokens))
-        ids = torch.cat(
-            (base[:sinks].expand(h, -1), rest[torch.from_numpy(pick)], base[sinks:].expand(h, -1)), dim=1
+        first, clusters = index.token_map()
+        # rest ascending, so its blocks (numbered in arrival order) never decrease; sinks < rest <
+        # window (split_candidates, base ascending), so each head's ids come out ascending
+        ids = plan.block_layer_ids(
+            shares.numpy(),
+            counts.numpy(),
+            clusters,
+            first,
+            self.frame_blocks.table(),
+            rest.numpy(),
+            base.numpy(),
+            self.config.sink_tokens,
+            -(-room // parts) if parts else 0,
+            room,
         )
-        return self.selection(layer, ids)
+        return self.selection(layer, torch.from_numpy(ids))
 
     @staticmethod
     def _fragments(cid: Tensor, rows: Tensor, slots: int) -> Tensor:

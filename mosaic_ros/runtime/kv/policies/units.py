@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from mosaic_ros.runtime.kv.policy import KVGeometry, TokenMeta
@@ -61,6 +62,11 @@ class FrameBlocks:
     def of(self, token_ids: torch.Tensor) -> torch.Tensor:
         """(n,) int64 block of each id."""
         return self._block_of[token_ids]
+
+    def table(self) -> np.ndarray:
+        """(N,) int64 block of every token id seen (-1 above the last), a view valid until the
+        next ``add``: for compiled planning; not to be written."""
+        return self._block_of.numpy()
 
 
 def grouped_queries(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
