@@ -240,6 +240,7 @@ def test_store_reads_moves_and_compacts_through_spilled_pages(tmp_path):
     for layer in range(STORE_GEOM.num_layers):
         rows = store.rows_of(layer, torch.arange(200))
         assert torch.equal(store.read(layer, rows), truth[layer])
+        assert torch.equal(store.read_keys(layer, rows), truth[layer][:, 0])  # spilled pages too
         pages = [page for _, page in store.iter_pages(layer)]
         assert torch.equal(torch.cat(pages), truth[layer])
     # a fetch of scattered rows, shared and per head, into CPU buffers

@@ -54,6 +54,8 @@ def test_read_returns_what_was_appended():
     store, truth = filled_store(37)
     rows = store.rows_of(1, torch.arange(37))
     assert torch.equal(store.read(1, rows), truth[1])
+    shuffled = rows[torch.randperm(37, generator=torch.Generator().manual_seed(3))]
+    assert torch.equal(store.read_keys(1, shuffled), store.read(1, shuffled)[:, 0])  # the keys alone
 
 
 def test_contiguous_runs_split_at_gaps_and_page_boundaries():

@@ -1174,8 +1174,14 @@ class ClusterIndex:
     # -----------------------------------------------------------------------------------------
 
     def means(self, units: Tensor) -> Tensor:
-        """(k, H_kv, D) float32 raw centroids of cluster ids ``units`` (the ``UnitIndex`` protocol)."""
-        return self.centroids[units.to(self.device)]
+        """(k, H_kv, D) float32 raw centroids of cluster ids ``units`` (the ``UnitIndex`` protocol):
+        from the centroids when they are current, else from those k clusters' sums alone (the
+        same values: after a split, maintenance asks for three, not all C)."""
+        b, units = self._bank, units.to(self.device)
+        if b.centroid_cache[self.layer] is not None:
+            return b.centroid_cache[self.layer][units]
+        n = b.count[self.layer, units].clamp_min(1).to(torch.float32)
+        return (b.sum_raw[self.layer, units] / n[:, None]).view(-1, self.num_kv_heads, self.head_dim)
 
     def share(self, query: Tensor, units: Tensor | None = None) -> Tensor:
         """(C,) (or (len(units),)) float32 on the host: each cluster's estimated share of the

@@ -281,10 +281,14 @@ class PagePool:
             page[s % pr : s % pr + ln].copy_(data[offset : offset + ln])
             offset += ln
 
-    def read(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
-        """Gather ``rows`` (n,) of ``layer`` as (n, 2, H_kv, D) (K then V), one gather per page."""
+    def read(self, layer: int, rows: torch.Tensor, part: int | None = None) -> torch.Tensor:
+        """Gather ``rows`` (n,) of ``layer`` as (n, 2, H_kv, D) (K then V), or with ``part`` 0 / 1
+        only the keys / values as (n, H_kv, D) (half the bytes moved); one gather per page."""
         g = self.geometry
-        out = torch.empty(rows.numel(), 2, g.num_kv_heads, g.head_dim, dtype=g.dtype, device=self.device)
+        shape = (rows.numel(), g.num_kv_heads, g.head_dim)
+        if part is None:
+            shape = (shape[0], 2, *shape[1:])
+        out = torch.empty(shape, dtype=g.dtype, device=self.device)
         pr = self.rows_per_page(layer)
         pages, local = rows // pr, rows % pr
         touched = torch.unique(pages).tolist()
@@ -292,8 +296,10 @@ class PagePool:
             sel = torch.nonzero(pages == p).flatten()
             page = self.pages[layer][p]
             if page is None:
-                out[sel] = self.read_spilled(layer, p, local[sel].numpy())
+                got = self.read_spilled(layer, p, local[sel].numpy())
+                out[sel] = got if part is None else got[:, part]
             else:
+                page = page if part is None else page[:, part]
                 out[sel] = page.index_select(0, local[sel].to(self.device))
         self.touch(layer, touched)
         return out

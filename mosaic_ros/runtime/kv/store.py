@@ -90,6 +90,7 @@ class HostKVStore:
             "appended_upto",
             "runs",
             "read",
+            "read_keys",
             "iter_pages",
             "arena",
             # one layer's rows (write)
@@ -250,6 +251,10 @@ class HostKVStore:
     def read(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
         """Gather ``rows`` (n,) of ``layer`` as (n, 2, H_kv, D) (K then V), one gather per page."""
         return self.pool.read(layer, rows.to("cpu", torch.int64))
+
+    def read_keys(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """The keys of ``rows`` (n,) of ``layer``, (n, H_kv, D) pre-RoPE: ``read`` without the values."""
+        return self.pool.read(layer, rows.to("cpu", torch.int64), part=0)
 
     def iter_pages(self, layer: int):
         """Yield (first_row, rows (n, 2, H_kv, D)) over the allocated rows of ``layer``, page by page.

@@ -40,7 +40,7 @@ def _probe_keys(store: HostKVStore, layer: int, probe: int) -> torch.Tensor:
     newest = vision[frames == frames[-1]]
     pick = torch.linspace(0, newest.numel() - 1, min(probe, newest.numel())).round().long()
     rows = store.rows_of(layer, newest[pick])
-    return store.read(layer, rows)[:, 0].float()
+    return store.read_keys(layer, rows).float()
 
 
 def vision_scores(
@@ -53,7 +53,7 @@ def vision_scores(
     rows = store.rows_of(layer, among)
     logits = torch.empty(q.shape[0], q.shape[1], among.numel())
     for a in range(0, among.numel(), chunk):
-        keys = store.read(layer, rows[a : a + chunk])[:, 0].float().cpu().permute(1, 2, 0)
+        keys = store.read_keys(layer, rows[a : a + chunk]).float().cpu().permute(1, 2, 0)
         logits[:, :, a : a + chunk] = torch.bmm(q, keys) * scale
     return torch.softmax(logits, dim=-1).sum(dim=(0, 1))
 

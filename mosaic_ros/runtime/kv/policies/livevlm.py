@@ -80,7 +80,7 @@ class LiveVLMPolicy(StoreBackedPolicy):
 
     def release(self, layer: int, token_ids: torch.Tensor) -> None:
         rows = self.store.rows_of(layer, token_ids)
-        self.pages.remove(layer, token_ids, self.store.read(layer, rows)[:, 0])
+        self.pages.remove(layer, token_ids, self.store.read_keys(layer, rows))
         super().release(layer, token_ids)
 
     def maintain(self, budget_ms: float) -> float:

@@ -370,7 +370,7 @@ class MosaicPolicy(StoreBackedPolicy):
         store = self.store
 
         def lookup(token_ids: Tensor) -> Tensor:
-            return store.read(layer, store.rows_of(layer, token_ids))[:, 0]
+            return store.read_keys(layer, store.rows_of(layer, token_ids))
 
         return lookup
 
@@ -726,7 +726,7 @@ class MosaicPolicy(StoreBackedPolicy):
     @staticmethod
     def _closer_to(st: _Layer, anchor: int, a: int, b: int) -> bool:
         """Whether cluster ``a``'s centroid is more similar to ``anchor``'s than ``b``'s is."""
-        units = _unit_rows(st.index.centroids[[anchor, a, b]].cpu())
+        units = _unit_rows(st.index.means(torch.tensor([anchor, a, b])).cpu())
         return bool(units[0] @ units[1] > units[0] @ units[2])
 
     def _compact_holes(self, layer: int) -> int:
@@ -771,7 +771,7 @@ class MosaicPolicy(StoreBackedPolicy):
         ids = ids[store.rows_of(layer, ids) >= 0]
         if ids.numel() == 0:
             return
-        keys = store.read(layer, store.rows_of(layer, ids))[:, 0]
+        keys = store.read_keys(layer, store.rows_of(layer, ids))
         cid = st.index.units_of(ids)
         emptied = st.index.remove_tokens(ids, keys)
         st.nursery = st.nursery[~torch.isin(st.nursery, ids)]

@@ -39,7 +39,7 @@ class ReKVPolicy(StoreBackedPolicy):
 
     def release(self, layer: int, token_ids: torch.Tensor) -> None:
         rows = self.store.rows_of(layer, token_ids)
-        self.blocks.remove(layer, token_ids, self.store.read(layer, rows)[:, 0])
+        self.blocks.remove(layer, token_ids, self.store.read_keys(layer, rows))
         super().release(layer, token_ids)
 
     def select(self, layer: int, query: torch.Tensor) -> Selection:
