@@ -884,7 +884,10 @@ def test_block_layer_ids_are_the_sinks_the_chosen_candidates_and_the_window_of_e
         assert ids.shape == (3, base.size + pick.shape[1])
         for g in range(3):
             assert ids[g].tolist() == sinks.tolist() + rest[pick[g]].tolist() + window.tolist()
-    clusters[rest[5] - first] = -1  # a candidate the clusters do not hold: an error, not a guess
+    block_of[rest[7]] = -1  # a candidate of no block, or one the clusters do not hold: errors
+    with pytest.raises(ValueError, match="in no frame block"):
+        block_layer_ids(shares, counts, clusters, first, block_of, rest, base, 4, 0, 20)
+    clusters[rest[5] - first] = -1
     with pytest.raises(ValueError, match="in no cluster"):
         block_layer_ids(shares, counts, clusters, first, block_of, rest, base, 4, 0, 20)
 

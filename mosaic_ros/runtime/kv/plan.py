@@ -302,6 +302,8 @@ def block_layer_ids(shares, counts, clusters, first, block_of, rest, base, sink_
         at = rest[i] - first
         if at < 0 or at >= clusters.size or clusters[at] < 0:
             raise ValueError("a candidate token is in no cluster")
+        if rest[i] >= block_of.size or block_of[rest[i]] < 0:
+            raise ValueError("a candidate token is in no frame block")
         unit[i] = clusters[at]
         block[i] = block_of[rest[i]]
     pick = choose_blocks(shares, counts, unit, cut_blocks(block, most), room)

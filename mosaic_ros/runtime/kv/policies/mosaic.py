@@ -798,7 +798,7 @@ class MosaicPolicy(StoreBackedPolicy):
     def begin_question(self, window: tuple[float, float] | None = None) -> None:
         self._settle()
         self._flush()
-        self._block_layers = self._is_block_layer()
+        self._block_layers = self._block_layer_flags()
         super().begin_question(window)
 
     # ------------------------------------------------------------------ selection
@@ -818,10 +818,10 @@ class MosaicPolicy(StoreBackedPolicy):
 
     def per_head_layer(self, layer: int) -> bool:
         """A block layer (see the module docstring); decided once per question, at its start."""
-        flags = self._block_layers if self._block_layers is not None else self._is_block_layer()
+        flags = self._block_layers if self._block_layers is not None else self._block_layer_flags()
         return flags[layer]
 
-    def _is_block_layer(self) -> list[bool]:
+    def _block_layer_flags(self) -> list[bool]:
         """Per layer, whether its clusters average fewer tokens than ``blocks_below`` x the stream's
         mean frame block (never while it has no cluster)."""
         below = float(self.options["blocks_below"])
