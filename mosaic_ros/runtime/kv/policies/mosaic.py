@@ -993,7 +993,8 @@ class MosaicPolicy(StoreBackedPolicy):
     # ------------------------------------------------------------------ reporting and checks
     def units(self) -> int:
         """Clusters per layer (mean)."""
-        return round(sum(st.index.num_clusters for st in self._layers) / len(self._layers))
+        live = self._bank.live_clusters()
+        return round(sum(live) / len(live))
 
     def check_invariants(self) -> None:
         """Raise AssertionError, saying what broke, unless every layer is consistent:
