@@ -179,6 +179,43 @@ def test_time_window_limits_candidates_but_keeps_sinks(name):
     assert set(range(40, 60)) <= set(ids.tolist())
 
 
+def scanned_split(p: KVPolicy, layer: int, budget: int, window=None) -> tuple[list[int], list[int]]:
+    """``split_candidates`` by its definition, from a scan of the layer's token -> row map."""
+    table = p.store.table
+    live = [i for i in range(table.num_tokens) if int(table.token_row[layer][i]) >= 0]
+    sinks = [i for i in live if i < p.config.sink_tokens][:budget]
+    stamps = p.store.stamps
+    cand = [
+        i
+        for i in live
+        if i >= p.config.sink_tokens and (window is None or window[0] <= float(stamps[i]) <= window[1])
+    ]
+    w = min(p.config.window_tokens, budget - len(sinks), len(cand))
+    return sinks + cand[len(cand) - w :], cand[: len(cand) - w]
+
+
+@pytest.mark.parametrize("evict", [False, True])
+def test_live_tokens_and_the_candidate_split_match_a_scan_with_and_without_evictions(evict):
+    cap = 120 * GEOM.bytes_per_token if evict else 0
+    config = PolicyConfig(budget_tokens=48, sink_tokens=4, window_tokens=16, host_cap_bytes=cap)
+    policy = make_policy("rekv", GEOM, config)
+    for f in range(30):
+        ids = policy.add_tokens(frame_meta(f, f * 10, 10))
+        for layer in range(GEOM.num_layers):
+            policy.append(layer, torch.randn(10, 2, 16).half(), torch.randn(10, 2, 16).half(), ids)
+    assert (policy.memory().tokens_evicted > 0) == evict
+    table = policy.store.table
+    for layer in range(GEOM.num_layers):
+        scan = [i for i in range(table.num_tokens) if int(table.token_row[layer][i]) >= 0]
+        assert policy.store.live_tokens(layer).tolist() == scan
+        for window in (None, (12.0, 20.0)):
+            policy.begin_question(window=window)
+            for budget in (48, 10, 3):
+                base, rest = policy.split_candidates(layer, budget)
+                assert (base.tolist(), rest.tolist()) == scanned_split(policy, layer, budget, window)
+            policy.end_question()
+
+
 def test_bad_parameters_raise_clear_errors():
     with pytest.raises(ValueError, match="budget_tokens must be >= 1, got 0"):
         PolicyConfig(budget_tokens=0)

@@ -114,6 +114,8 @@ class TokenTable:
 
     def live_tokens(self, layer: int) -> torch.Tensor:
         """Ids (n,) int64, ascending, of the tokens ``layer`` holds."""
+        if self.live[layer] == self.num_tokens:  # nothing evicted: every id, no scan
+            return torch.arange(self.num_tokens)
         return torch.nonzero(self.token_row[layer][: self.num_tokens] >= 0).flatten()
 
     # ------------------------------------------------------------------ maps, write (the store)

@@ -295,17 +295,16 @@ class StoreBackedPolicy(KVPolicy):
         other tokens a question may retrieve (ascending), both within the question's time window.
         """
         live = self.live_ids(layer)
-        sinks = live < self.config.sink_tokens
-        allowed = sinks | self._in_time_window(live)
-        cand = live[allowed & ~sinks]
-        sink_ids = live[sinks][:budget]
+        first = int(torch.searchsorted(live, self.config.sink_tokens))  # live ascending: sinks first
+        sink_ids, cand = live[:first][:budget], live[first:]
+        if self._window is not None:
+            cand = cand[self._in_time_window(cand)]
         w = min(self.config.window_tokens, budget - sink_ids.numel(), cand.numel())
         window = cand[cand.numel() - w :]
         return torch.cat((sink_ids, window)), cand[: cand.numel() - w]
 
     def _in_time_window(self, ids: torch.Tensor) -> torch.Tensor:
-        if self._window is None:
-            return torch.ones(ids.numel(), dtype=torch.bool)
+        """(n,) bool: which of ``ids`` the open question's time window (set) holds."""
         stamps = self.store.stamps[ids]
         return (stamps >= self._window[0]) & (stamps <= self._window[1])
 
