@@ -6,9 +6,13 @@ time is mostly decode passes that do the same work under every policy at equal b
 script times only what differs: the question's prefill (every layer's retrieval, fetch,
 rotation and attention), the two policies one right after the other on the same question, in
 alternating order, several times. With ``--parts``, the time inside named steps as well
-(wall time around each call, summed; a step includes the steps it calls).
+(wall time around each call, summed; a step includes the steps it calls). With ``--decode N``,
+each prefill is followed by N decode passes, one token each (the same fixed tokens under both
+policies, so both do the same work over their own retrieved contexts), timed apart from it:
+the median pass per question, paired (the ``--parts`` then include the decode passes).
 
     .venv/bin/python scripts/needle_prefill.py --streams 4 --repeats 4 --parts
+    .venv/bin/python scripts/needle_prefill.py --streams 2 --repeats 2 --decode 8
 
 The model is the real SmolLM2 LM with the build's random vision tower unused (the needle
 stream's "frames" are sentence embeddings: an oracle vision tower). Times are per question, ms.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import statistics
 import time
 
@@ -56,6 +61,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=200)
     p.add_argument("--repeats", type=int, default=4, help="passes over every question")
     p.add_argument("--parts", action="store_true", help="also time the named steps")
+    p.add_argument("--decode", type=int, default=0, help="decode passes timed after each prefill")
     args = p.parse_args()
     first, second = args.policies.split(",")
     torch.set_num_threads(1)
@@ -76,21 +82,39 @@ def main() -> None:
     streams = {name: [_stream(adapter, name, cfg, s) for s in sets] for name in (first, second)}
     freeze_startup_objects()
     acc.clear()
+    continuation = adapter.encode_text(" The answer is that it was the one in the")[: args.decode]
+    if len(continuation) < args.decode:
+        raise SystemExit(f"--decode is at most {len(continuation)}")
 
-    def prefill(name: str, index: int, question: str) -> float:
+    def prefill(name: str, index: int, question: str) -> tuple[float, float]:
+        """(prefill ms, median decode pass ms or nan)."""
         current[0] = name
         st = streams[name][index]
         chunk = adapter.question_chunk(question, st.cursor)
         t0 = time.perf_counter()
         st.bridge.begin_question(None)
-        with torch.no_grad(), st.bridge.question_step(chunk.token_positions) as cache:
-            adapter.forward(chunk, cache)
-        st.bridge.end_question()
-        ms = (time.perf_counter() - t0) * 1e3
+        passes = []
+        try:
+            with torch.no_grad():
+                with st.bridge.question_step(chunk.token_positions) as cache:
+                    adapter.forward(chunk, cache)
+                ms = (time.perf_counter() - t0) * 1e3
+                cursor = chunk.cursor
+                for token in continuation:
+                    step = adapter.token_chunk(token, cursor)
+                    t1 = time.perf_counter()
+                    with st.bridge.question_step(step.token_positions) as cache:
+                        adapter.forward(step, cache)
+                    passes.append((time.perf_counter() - t1) * 1e3)
+                    cursor = step.cursor
+        finally:
+            st.bridge.end_question()
+        if not passes:
+            ms = (time.perf_counter() - t0) * 1e3
         acc[(name, "prefill")] += ms / 1e3
-        return ms
+        return ms, statistics.median(passes) if passes else math.nan
 
-    diffs, count = [], 0
+    diffs, pass_diffs, pass_ms, count = [], [], collections.defaultdict(list), 0
     for rep in range(args.repeats):
         for index, needle_set in enumerate(sets):
             for qi, q in enumerate(needle_set.questions):
@@ -100,7 +124,10 @@ def main() -> None:
                 else:
                     b = prefill(second, index, q.question)
                     a = prefill(first, index, q.question)
-                diffs.append(b - a)
+                diffs.append(b[0] - a[0])
+                pass_diffs.append(b[1] - a[1])
+                pass_ms[first].append(a[1])
+                pass_ms[second].append(b[1])
                 count += 1
     print(
         f"{count} prefills per policy ({args.streams} streams x {args.repeats} passes), budget {args.budget}"
@@ -109,6 +136,15 @@ def main() -> None:
         f"{second} - {first} per question, paired: median {statistics.median(diffs):.2f} ms, "
         f"mean {statistics.mean(diffs):.2f} ms, {second} faster in {sum(d < 0 for d in diffs)} of {count}"
     )
+    if args.decode:
+        med = {name: statistics.median(v) for name, v in pass_ms.items()}
+        faster = sum(d < 0 for d in pass_diffs)
+        print(
+            f"decode pass ({args.decode} per question), median per question: {first} "
+            f"{med[first]:.2f} ms, {second} {med[second]:.2f} ms; {second} - {first} paired: median "
+            f"{statistics.median(pass_diffs):.3f} ms, mean {statistics.mean(pass_diffs):.3f} ms, "
+            f"{second} faster in {faster} of {count}"
+        )
     labels = ["prefill"] + [label for _, _, label in PARTS if args.parts]
     print(f"{'ms per question':40s} {first:>9s} {second:>9s}")
     for label in labels:
