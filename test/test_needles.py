@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mosaic_ros.cli import bench
+from mosaic_ros.runtime.bench import needles
 from mosaic_ros.runtime.bench.needles import (
     NeedleConfig,
     NeedleEvent,
@@ -138,12 +139,22 @@ def test_dense_stream_scores_match_a_plain_forward(tiny):
         assert got == pytest.approx(want, abs=1e-3)
 
 
-def test_run_needles_reports_every_policy_and_dense_is_its_own_reference(tiny):
+def test_run_needles_reports_every_policy_and_dense_is_its_own_reference(tiny, monkeypatch):
     sets = [generate_needles(s, frames=6, needles=2) for s in (0, 1)]
     cfg = NeedleConfig(
         policies=["dense", "window", "mosaic"], budget_tokens=48, window_tokens=16, max_new_tokens=3
     )
+    started = []
+    make_stream = needles._stream
+
+    def recorded(adapter, name, *args):
+        started.append(name)
+        return make_stream(adapter, name, *args)
+
+    monkeypatch.setattr(needles, "_stream", recorded)
     result = run_needles(tiny, sets, cfg, progress=False)
+    # dense first on every stream, the others taking turns in the places after it
+    assert started == ["dense", "window", "mosaic", "dense", "mosaic", "window"]
     assert list(result["policies"]) == ["dense", "window", "mosaic"]
     assert len(result["records"]) == 4
     dense = result["policies"]["dense"]

@@ -440,16 +440,30 @@ def _stream(adapter: VLMAdapter, name: str, cfg: NeedleConfig, needle_set: Needl
 
 
 def answer_needles(
-    adapter: VLMAdapter, needle_set: NeedleSet, cfg: NeedleConfig, on_question=None, dense_cache=None
+    adapter: VLMAdapter,
+    needle_set: NeedleSet,
+    cfg: NeedleConfig,
+    on_question=None,
+    dense_cache=None,
+    turn: int = 0,
 ):
     """Every policy over one stream. Returns (per-question records, dense's ``NeedleWorkload``).
+
+    Dense runs first (it is every other policy's reference); the others follow in the order of
+    ``cfg.policies`` rotated by ``turn``. ``run_needles`` passes the stream's index, so over the
+    streams each policy runs in every place equally often: a later run of the same stream was
+    1-2% slower per question here, and a fixed order put that on whichever policy came last.
 
     A record: question facts, and per policy its greedy text, substring hit, forced-choice hit,
     dense agreement, per-position top-1 agreements and KLs over dense's answer, answer ms.
     ``dense_cache``: a dict kept by the caller across runs that differ only in budget or window
     (a budget sweep): dense keeps every token whatever the budget, so its runs of a stream are
     made once and reused."""
-    order = ["dense"] + [p for p in cfg.policies if p != "dense"]
+    others = [p for p in cfg.policies if p != "dense"]
+    if others:
+        k = turn % len(others)
+        others = others[k:] + others[:k]
+    order = ["dense", *others]
     records = [
         {
             "question": q.question,
@@ -563,9 +577,14 @@ def run_needles(
     replay: dict[str, list[tuple[int, dict]]] = {name: [] for name in names}
     sinks = adapter.system_chunk(PositionCursor()).n_tokens
     with tqdm(total=total, desc="needles", disable=not progress, leave=False) as bar:
-        for needle_set in sets:
+        for turn, needle_set in enumerate(sets):
             stream_records, workload = answer_needles(
-                adapter, needle_set, cfg, on_question=lambda: bar.update(1), dense_cache=dense_cache
+                adapter,
+                needle_set,
+                cfg,
+                on_question=lambda: bar.update(1),
+                dense_cache=dense_cache,
+                turn=turn,
             )
             records += stream_records
             bench = BenchConfig(
