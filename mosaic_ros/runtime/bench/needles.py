@@ -451,8 +451,8 @@ def answer_needles(
 
     Dense runs first (it is every other policy's reference); the others follow in the order of
     ``cfg.policies`` rotated by ``turn``. ``run_needles`` passes the stream's index, so over the
-    streams each policy runs in every place equally often: a later run of the same stream was
-    1-2% slower per question here, and a fixed order put that on whichever policy came last.
+    streams each policy runs in every place equally often, and a machine that slows down within
+    a stream's runs slows every policy alike instead of the one that always comes last.
 
     A record: question facts, and per policy its greedy text, substring hit, forced-choice hit,
     dense agreement, per-position top-1 agreements and KLs over dense's answer, answer ms.
