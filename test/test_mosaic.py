@@ -21,6 +21,7 @@ from mosaic_ros.runtime.kv.rope import Rotary1D
 
 GEOM = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=16, num_q_heads=4)
 GEOM3 = KVGeometry(num_layers=3, num_kv_heads=2, head_dim=16, num_q_heads=4)
+NONE = np.zeros(0, np.float32)  # no carried block scores (``plan.choose_blocks``)
 ROTARY = Rotary1D(16)
 HUGE_MS = 1e6  # a maintenance budget that always finishes the queued work (deterministic tests)
 
@@ -733,6 +734,39 @@ def test_layers_whose_clusters_do_not_cohere_retrieve_whole_frame_blocks_per_hea
     narrow.end_question()
 
 
+def test_a_block_layer_carries_the_earlier_block_layers_choice_with_layer_carry():
+    """Room for one frame per head. Layer 0's heads ask about frames 2 and 5, layer 1's both about
+    frame 8: alone, layer 1 takes frame 8; with a large ``layer_carry`` the block scores layer 0
+    carried outweigh its own, and each head takes a frame layer 0 chose. A question starts with
+    nothing carried."""
+    chosen = {}
+    for carry in (0.0, 50.0):
+        options = {"layer_carry": carry}
+        policy = make_policy(
+            "mosaic", GEOM3, PolicyConfig(budget_tokens=22, sink_tokens=4, window_tokens=8, options=options)
+        )
+        frames, keys = feed_unclustered(policy, frames=12)
+        base = set(range(4)) | set(range(policy.store.num_tokens - 8, policy.store.num_tokens))
+        assert all(policy.per_head_layer(layer) for layer in range(GEOM3.num_layers))
+        aim = {0: [int(frames[2][7]), int(frames[5][8])], 1: [int(frames[8][7])] * 2}
+        for _ in range(2):  # the same question twice: the same choice
+            policy.begin_question()
+            picked = []
+            for layer in (0, 1):
+                ids = policy.retrieve(layer, aimed_query(keys[layer], aim[layer])).token_ids
+                picked.append([sorted(set(ids[g].tolist()) - base) for g in range(2)])
+            policy.end_question()
+            assert chosen.setdefault(carry, picked) == picked
+        policy.begin_question()  # layer 1 asked first: nothing carried yet
+        ids = policy.retrieve(1, aimed_query(keys[1], aim[1])).token_ids
+        assert [sorted(set(ids[g].tolist()) - base) for g in range(2)] == [frames[8].tolist()] * 2
+        policy.end_question()
+        layer0 = [frames[2].tolist(), frames[5].tolist()]
+        assert chosen[carry][0] == layer0
+    assert chosen[0.0][1] == [frames[8].tolist()] * 2
+    assert all(block in layer0 for block in chosen[50.0][1])
+
+
 def test_a_block_longer_than_a_part_of_the_free_budget_is_taken_in_parts():
     from mosaic_ros.runtime.kv.plan import cut_blocks
 
@@ -817,7 +851,7 @@ def test_head_shares_average_to_the_centroid_scores_and_choose_blocks_fills_by_s
     score = np.array([[0.1, 0.5, 0.3, 0.2]], np.float32)
 
     def picked(shares, room):  # (H, m) candidate indices, each row ascending
-        pick = choose_blocks(np.ascontiguousarray(shares, np.float32), sizes, part, part, room)
+        pick = choose_blocks(np.ascontiguousarray(shares, np.float32), sizes, part, part, room, NONE)
         assert all(list(row) == sorted(set(row.tolist())) for row in pick)
         return pick
 
@@ -848,6 +882,11 @@ def test_head_shares_average_to_the_centroid_scores_and_choose_blocks_fills_by_s
     assert pick.shape == (2, 20)
     assert pick[0].tolist() == list(range(10, 25)) + list(range(45, 50))
     assert pick[1].tolist() == list(range(20))
+    # a carried score per candidate adds to its part's: 0.05 on each of part 0's ten tokens
+    # lifts it to 0.6, above part 1's 0.5, so with room for 20 tokens parts 0 and 1 are taken
+    carried = np.where(part == 0, 0.05, 0.0).astype(np.float32)
+    pick = choose_blocks(score, sizes, part, part, 20, carried)
+    assert pick.tolist() == [list(range(20))]
 
 
 # ------------------------------------------------------------------------ maintenance clocks
@@ -878,18 +917,28 @@ def test_block_layer_ids_are_the_sinks_the_chosen_candidates_and_the_window_of_e
     counts = np.bincount(clusters[rest - first], minlength=9).astype(np.int64)
     base = np.concatenate((sinks, window))
     for most in (0, 3):
-        ids = block_layer_ids(shares, counts, clusters, first, block_of, rest, base, 4, most, 20)
+        ids = block_layer_ids(shares, counts, clusters, first, block_of, rest, base, 4, most, 20, NONE)
         unit = clusters[rest - first]
-        pick = choose_blocks(shares, counts, unit, cut_blocks(block_of[rest], most), 20)
+        pick = choose_blocks(shares, counts, unit, cut_blocks(block_of[rest], most), 20, NONE)
         assert ids.shape == (3, base.size + pick.shape[1])
         for g in range(3):
             assert ids[g].tolist() == sinks.tolist() + rest[pick[g]].tolist() + window.tolist()
+    # a block's carried score is spread evenly over its candidates
+    carry = gen.random(block_of[rest].max() + 1).astype(np.float32)
+    ids = block_layer_ids(shares, counts, clusters, first, block_of, rest, base, 4, 0, 20, carry)
+    size = np.bincount(block_of[rest])
+    carried = (carry[block_of[rest]] / size[block_of[rest]]).astype(np.float32)
+    pick = choose_blocks(shares, counts, clusters[rest - first], cut_blocks(block_of[rest], 0), 20, carried)
+    unaided = block_layer_ids(shares, counts, clusters, first, block_of, rest, base, 4, 0, 20, NONE)
+    assert not np.array_equal(ids, unaided)  # the carry decides something here
+    for g in range(3):
+        assert ids[g].tolist() == sinks.tolist() + rest[pick[g]].tolist() + window.tolist()
     block_of[rest[7]] = -1  # a candidate of no block, or one the clusters do not hold: errors
     with pytest.raises(ValueError, match="in no frame block"):
-        block_layer_ids(shares, counts, clusters, first, block_of, rest, base, 4, 0, 20)
+        block_layer_ids(shares, counts, clusters, first, block_of, rest, base, 4, 0, 20, NONE)
     clusters[rest[5] - first] = -1
     with pytest.raises(ValueError, match="in no cluster"):
-        block_layer_ids(shares, counts, clusters, first, block_of, rest, base, 4, 0, 20)
+        block_layer_ids(shares, counts, clusters, first, block_of, rest, base, 4, 0, 20, NONE)
 
 
 def test_work_clock_maintenance_is_the_same_however_slow_the_machine_is(monkeypatch):

@@ -29,6 +29,7 @@ import numpy as np
 from numba import njit
 
 _I64 = "int64[::1]"
+_F32 = "float32[::1]"
 _I32 = "int32[::1]"
 
 
@@ -219,8 +220,8 @@ def cut_blocks(block, most):
     return out
 
 
-@njit(f"int64[:, ::1](float32[:, ::1], {_I64}, {_I64}, {_I64}, int64)", cache=True, nogil=True)
-def choose_blocks(shares, counts, unit, part, room):
+@njit(f"int64[:, ::1](float32[:, ::1], {_I64}, {_I64}, {_I64}, int64, {_F32})", cache=True, nogil=True)
+def choose_blocks(shares, counts, unit, part, room, carried):
     """(H, m) int64: per KV head, the candidates it takes, ascending indices into the n candidates.
 
     ``shares`` (H, C): each unit's estimated share of each head's attention; ``counts`` (C,): the
@@ -231,7 +232,8 @@ def choose_blocks(shares, counts, unit, part, room):
     part first), each one that still fits within ``room`` tokens (one too large for what is left
     is passed over), and stops once what is left is less than the smallest part. Every head then
     hands attention as many tokens as the head that took the most (m): the others add their
-    best candidates outside the parts they took (ties: lower index first).
+    best candidates outside the parts they took (ties: lower index first). ``carried`` (n,) or
+    (0,): a score added to each candidate's share in every head (what earlier layers carried).
     """
     h, n = shares.shape[0], unit.size
     if n == 0 or room <= 0:
@@ -241,6 +243,8 @@ def choose_blocks(shares, counts, unit, part, room):
         for i in range(n):
             c = unit[i]
             per_token[g, i] = shares[g, c] / np.float32(max(counts[c], 1))
+            if carried.size:
+                per_token[g, i] += carried[i]
     parts = part[n - 1] + 1
     sizes = np.zeros(parts, np.int64)
     for i in range(n):
@@ -281,11 +285,12 @@ def choose_blocks(shares, counts, unit, part, room):
 
 
 @njit(
-    f"int64[:, ::1](float32[:, ::1], {_I64}, {_I64}, int64, {_I64}, {_I64}, {_I64}, int64, int64, int64)",
+    f"int64[:, ::1](float32[:, ::1], {_I64}, {_I64}, int64, {_I64}, {_I64}, {_I64}, int64, int64, int64, "
+    f"{_F32})",
     cache=True,
     nogil=True,
 )
-def block_layer_ids(shares, counts, clusters, first, block_of, rest, base, sink_tokens, most, room):
+def block_layer_ids(shares, counts, clusters, first, block_of, rest, base, sink_tokens, most, room, carry):
     """(H, b + m) int64: each KV head's token ids in a block layer, ascending: the sinks of ``base``,
     the m candidates ``choose_blocks`` gives the head, the rest of ``base`` (the local window).
 
@@ -293,7 +298,9 @@ def block_layer_ids(shares, counts, clusters, first, block_of, rest, base, sink_
     (N,): the cluster of token id ``first + i`` (-1: not held); ``block_of``: the frame block of
     every token id; ``rest`` (n,) candidate ids, ascending, each above every sink and below every
     window id; ``base`` (b,) sinks (ids below ``sink_tokens``) then window, ascending; ``most``
-    as ``cut_blocks`` takes it. One pass for what took a lookup, two kernels and a concatenation.
+    as ``cut_blocks`` takes it; ``carry`` (B,) or (0,): a score per frame block, spread evenly over
+    its candidates (``choose_blocks``'s ``carried``). One pass for what took a lookup, two kernels
+    and a concatenation.
     """
     n = rest.size
     unit = np.empty(n, np.int64)
@@ -306,7 +313,17 @@ def block_layer_ids(shares, counts, clusters, first, block_of, rest, base, sink_
             raise ValueError("a candidate token is in no frame block")
         unit[i] = clusters[at]
         block[i] = block_of[rest[i]]
-    pick = choose_blocks(shares, counts, unit, cut_blocks(block, most), room)
+        if carry.size and block[i] >= carry.size:
+            raise ValueError("a candidate's frame block has no carried score")
+    carried = np.zeros(0, np.float32)
+    if carry.size:  # each block's carried score, spread over its candidates
+        size = np.zeros(carry.size, np.int64)
+        for i in range(n):
+            size[block[i]] += 1
+        carried = np.empty(n, np.float32)
+        for i in range(n):
+            carried[i] = carry[block[i]] / np.float32(size[block[i]])
+    pick = choose_blocks(shares, counts, unit, cut_blocks(block, most), room, carried)
     sinks = np.searchsorted(base, sink_tokens)
     h, m = pick.shape
     out = np.empty((h, base.size + m), np.int64)

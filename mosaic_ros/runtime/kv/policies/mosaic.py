@@ -68,7 +68,12 @@ along, one token does not, and per head each KV head finds its own blocks. With
 ``options['block_parts']`` = k > 0 (0 by default: blocks stay whole), a block longer than a
 head's free budget (budget less sinks and window) over k is cut into equal consecutive parts
 (``plan.cut_blocks``), for streams of long text events (measured both ways in docs/BENCHMARKS.md,
-"Long events taken in parts": it helps on SQuAD's sentences, it hurts on short events). No
+"Long events taken in parts": it helps on SQuAD's sentences, it hurts on short events). With
+``options['layer_carry']`` = b > 0 (0 by default: each layer chooses alone), a question's block
+layers agree across depth: layer l's KV heads score each block by their own shares plus b x
+C(l-1), where C(l) = (the block's share averaged over l's heads) + b x C(l-1), summed over the
+block layers chosen so far (measured in docs/BENCHMARKS.md, "Block layers that carry the earlier
+layers' choice": at 128 tokens it lifts accuracy and lowers top-1, at 256 it costs accuracy). No
 prefetch runs into or out of a block layer. Measured in docs/BENCHMARKS.md (the needle workload).
 
 Cross-layer prefetch (``config.prefetch``; the base class runs it for every policy): right
@@ -326,6 +331,7 @@ class MosaicPolicy(StoreBackedPolicy):
         "sketch_dims": 16,  # ClusterIndex: cluster a count sketch of each head's key, this many dims (0: all)
         "blocks_below": 0.5,  # clusters below this many frame blocks in size: retrieve blocks per head
         "block_parts": 0,  # a block layer's block is at most 1/block_parts of a head's free budget (0: whole)
+        "layer_carry": 0.0,  # a block layer adds this times the earlier block layers' carried block scores
         "maintain_clock": "wall",  # what maintenance's budget is measured in: "wall" or "work" (clock.py)
     }
 
@@ -365,6 +371,7 @@ class MosaicPolicy(StoreBackedPolicy):
         self._order_buffers: list[Tensor | None] = [None, None]  # a chunk's keys / values in write order
         self.frame_blocks = FrameBlocks()
         self._block_layers: list[bool] | None = None  # per layer, fixed while a question is open
+        self._carry = np.zeros(0, np.float32)  # (blocks,) the question's carried block scores
 
     def _key_lookup(self, layer: int):
         store = self.store
@@ -799,6 +806,7 @@ class MosaicPolicy(StoreBackedPolicy):
         self._settle()
         self._flush()
         self._block_layers = self._block_layer_flags()
+        self._carry = np.zeros(0, np.float32)
         super().begin_question(window)
 
     # ------------------------------------------------------------------ selection
@@ -902,6 +910,7 @@ class MosaicPolicy(StoreBackedPolicy):
         index = self._layers[layer].index
         counts = index.counts.cpu()
         shares = head_shares(query, index.centroids, counts)  # (H_kv, C)
+        beta = float(self.options["layer_carry"])
         parts = int(self.options["block_parts"])
         first, clusters = index.token_map()
         # rest ascending, so its blocks (numbered in arrival order) never decrease; sinks < rest <
@@ -917,7 +926,16 @@ class MosaicPolicy(StoreBackedPolicy):
             self.config.sink_tokens,
             -(-room // parts) if parts else 0,
             room,
+            (beta * self._carry).astype(np.float32) if beta > 0 else self._carry[:0],
         )
+        if beta > 0:  # C(l) = this layer's head-mean block shares + beta x C(l - 1)
+            table = self.frame_blocks.table()
+            r = rest.numpy()
+            unit = clusters[r - first]
+            per_token = shares.numpy().mean(axis=0)[unit] / np.maximum(counts.numpy()[unit], 1)
+            mine = np.bincount(table[r], weights=per_token, minlength=self.frame_blocks.count)
+            prev = self._carry if self._carry.size else np.zeros_like(mine)
+            self._carry = (mine + beta * prev).astype(np.float32)
         return self.selection(layer, torch.from_numpy(ids))
 
     @staticmethod
