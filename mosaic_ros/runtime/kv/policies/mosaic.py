@@ -913,6 +913,7 @@ class MosaicPolicy(StoreBackedPolicy):
         beta = float(self.options["layer_carry"])
         parts = int(self.options["block_parts"])
         first, clusters = index.token_map()
+        table, r = self.frame_blocks.table(), rest.numpy()
         # rest ascending, so its blocks (numbered in arrival order) never decrease; sinks < rest <
         # window (split_candidates, base ascending), so each head's ids come out ascending
         ids = plan.block_layer_ids(
@@ -920,17 +921,15 @@ class MosaicPolicy(StoreBackedPolicy):
             counts.numpy(),
             clusters,
             first,
-            self.frame_blocks.table(),
-            rest.numpy(),
+            table,
+            r,
             base.numpy(),
             self.config.sink_tokens,
             -(-room // parts) if parts else 0,
             room,
-            (beta * self._carry).astype(np.float32) if beta > 0 else self._carry[:0],
+            (beta * self._carry).astype(np.float32),  # empty until a block layer has carried
         )
         if beta > 0:  # C(l) = this layer's head-mean block shares + beta x C(l - 1)
-            table = self.frame_blocks.table()
-            r = rest.numpy()
             unit = clusters[r - first]
             per_token = shares.numpy().mean(axis=0)[unit] / np.maximum(counts.numpy()[unit], 1)
             mine = np.bincount(table[r], weights=per_token, minlength=self.frame_blocks.count)
