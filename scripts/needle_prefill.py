@@ -69,11 +69,9 @@ def main() -> None:
     p.add_argument("--parts", action="store_true", help="also time the named steps")
     p.add_argument("--decode", type=int, default=0, help="decode passes timed after each prefill")
     args = p.parse_args()
-    first, second = args.policies.split(",")
-    kind = {first: first}  # label -> policy
-    if second == first:
-        second = f"{first}-2"
-    kind[second] = args.policies.split(",")[1]
+    first, other = args.policies.split(",")
+    second = f"{first}-2" if other == first else other  # the same policy twice: two labels
+    kind = {first: first, second: other}  # label -> policy
     torch.set_num_threads(1)
     acc: dict[tuple[str, str], float] = collections.defaultdict(float)
     current = [first]

@@ -361,6 +361,10 @@ OPTION_HELP: dict[str, Setting] = {
         0,
         1 << 20,
     ),
+    "cpu_prefetch": Setting("Cross-layer prefetch on a CPU device too (a worker thread)."),
+    "hold_windows": Setting(
+        "A cluster idle this many local windows beyond the local window is sealed.", "windows", 0.0, 1e6
+    ),
     "layer_carry": Setting(
         "In a block layer, each frame block's score gains this times the block scores the earlier "
         "block layers of the question carried (each layer's own, plus this times what it was given; "
@@ -368,10 +372,6 @@ OPTION_HELP: dict[str, Setting] = {
         "",
         0.0,
         1e6,
-    ),
-    "cpu_prefetch": Setting("Cross-layer prefetch on a CPU device too (a worker thread)."),
-    "hold_windows": Setting(
-        "A cluster idle this many local windows beyond the local window is sealed.", "windows", 0.0, 1e6
     ),
     "maintain_clock": Setting(
         "What the maintenance budget is measured in: wall time, or fixed costs per unit of work "
