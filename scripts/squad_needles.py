@@ -25,8 +25,7 @@ greedy answer held SQuAD's answer for 6-13% of questions even with dense attenti
 
     python scripts/squad_needles.py dev-v1.1.json squad_streams --streams 30 \\
         --streams-per-article 6 --questions-per-stream 6 --tokens 250
-    mosaic-ros-bench --needles squad_streams/s00.jsonl --needles squad_streams/s01.jsonl \\
-        ... --max-new-tokens 32
+    mosaic-ros-bench --needles squad_streams --max-new-tokens 32    # every stream, in name order
 
 License: SQuAD (Rajpurkar et al.) is distributed under CC BY-SA 4.0. This script does not
 download it and nothing of it is part of this project: it reads a file you pass in, and the

@@ -16,6 +16,7 @@ from mosaic_ros.runtime.bench.needles import (
     NeedleSet,
     PolicyStream,
     generate_needles,
+    needle_files,
     read_needles,
     run_needles,
     summarize,
@@ -84,6 +85,25 @@ def test_needles_file_round_trip_and_errors(tmp_path):
     bad.write_text('{"t": 0, "text": "a"}\n')
     with pytest.raises(ValueError, match="at least one event and one question"):
         read_needles(bad)
+
+
+def test_a_needles_folder_is_its_jsonl_streams_in_name_order(tmp_path, capsys):
+    folder = tmp_path / "streams"
+    folder.mkdir()
+    for name in ("s10.jsonl", "s02.jsonl", "notes.txt"):
+        (folder / name).write_text("")
+    single = tmp_path / "one.jsonl"
+    single.write_text("")
+    assert needle_files([folder, single]) == [folder / "s02.jsonl", folder / "s10.jsonl", single]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"empty: a folder with no \*\.jsonl"):
+        needle_files([empty])
+    with pytest.raises(ValueError, match="gone: no such needle file or folder"):
+        needle_files([tmp_path / "gone"])
+    # the bench says so and stops before it loads a model
+    assert bench.main(["--needles", str(empty), "--no-progress"]) != 0
+    assert "a folder with no *.jsonl" in capsys.readouterr().err
 
 
 def test_wilson_interval():
@@ -178,14 +198,15 @@ def test_run_needles_reports_every_policy_and_dense_is_its_own_reference(tiny, m
                 assert run["decode_ms_per_pass"] is None and decode == pytest.approx(0.0)
 
 
-def test_bench_cli_runs_a_needles_file(tmp_path, capsys):
-    path = tmp_path / "s.jsonl"
+def test_bench_cli_runs_a_needles_folder(tmp_path, capsys):
+    (tmp_path / "streams").mkdir()
+    path = tmp_path / "streams" / "s.jsonl"
     events = [{"t": float(i), "text": f"Event number {i} happens."} for i in range(4)]
     questions = [{"question": "Which event happened first?", "answer": "0", "choices": ["0", "3"]}]
     path.write_text("\n".join(json.dumps(x) for x in events + questions))
     out = tmp_path / "out.json"
     code = bench.main(
-        ["--needles", str(path), "--model", "tiny-random:llava-ov", "--policies", "dense,token_topk",
+        ["--needles", str(path.parent), "--model", "tiny-random:llava-ov", "--policies", "dense,token_topk",
          "--budget", "32", "--window", "8", "--max-new-tokens", "2", "--no-progress", "--json", str(out)]
     )  # fmt: skip
     assert code == 0

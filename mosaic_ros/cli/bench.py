@@ -99,9 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--needles",
         action="append",
         default=[],
-        metavar="FILE",
+        metavar="PATH",
         help="a stream of JSON lines ({'t','text'} events, {'question','answer','choices'} questions) "
-        "instead of generated ones (repeatable; implies --workload needles)",
+        "instead of generated ones, or a folder of such *.jsonl streams, read in name order "
+        "(repeatable; implies --workload needles)",
     )
     needles.add_argument("--model", default="smollm2-llava:135m-instruct", help="a 1-D RoPE (llava-ov) model")
     needles.add_argument("--streams", type=int, default=18, help="generated streams (seeds --seed on)")
@@ -159,7 +160,13 @@ def choose_threads(requested: int) -> int:
 def needles_main(args: argparse.Namespace, names: list[str], budgets: list[int], argv: list[str]) -> int:
     """``--workload needles``: the answers of a real LM under each policy (``bench.needles``), at
     one budget or, with ``--budgets``, at each (``bench.sweep``)."""
-    from mosaic_ros.runtime.bench.needles import NeedleConfig, generate_needles, read_needles, run_needles
+    from mosaic_ros.runtime.bench.needles import (
+        NeedleConfig,
+        generate_needles,
+        needle_files,
+        read_needles,
+        run_needles,
+    )
     from mosaic_ros.runtime.bench.report import needle_table
     from mosaic_ros.runtime.models import ModelLoadError, load_model
 
@@ -169,7 +176,7 @@ def needles_main(args: argparse.Namespace, names: list[str], budgets: list[int],
     dense_cache: dict = {}  # dense's answers do not depend on the budget: made once per stream
     try:
         if args.needles:
-            sets = [read_needles(path) for path in args.needles]
+            sets = [read_needles(path) for path in needle_files(args.needles)]
         else:
             seeds = range(args.seed, args.seed + args.streams)
             sets = [generate_needles(s, args.needle_frames, args.needles_per_stream) for s in seeds]

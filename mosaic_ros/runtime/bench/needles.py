@@ -33,7 +33,8 @@ time, exactly as for the other workloads (queries are dense's for every policy t
 
 ``--needles FILE`` reads a stream from JSON lines: ``{"t": seconds, "text": ...}`` events and
 ``{"question": ..., "answer": ..., "choices": [...], "prefix": ...}`` questions (choices and
-prefix optional; choices, when given, must contain the answer).
+prefix optional; choices, when given, must contain the answer). ``--needles FOLDER`` reads every
+``*.jsonl`` file in it as one stream each, in name order (``needle_files``).
 """
 
 from __future__ import annotations
@@ -141,6 +142,23 @@ def generate_needles(seed: int, frames: int, needles: int, frame_seconds: float 
         questions.append(NeedleQuestion(question, answer, tuple(choices), prefix, depth))
     events = [NeedleEvent(i * frame_seconds, text) for i, text in enumerate(texts)]
     return NeedleSet(f"generated seed {seed}", events, questions)
+
+
+def needle_files(paths: list[str | Path]) -> list[Path]:
+    """The stream files ``paths`` name: a file as given, a folder as its ``*.jsonl`` files in name
+    order. Raises ``ValueError`` for a path that does not exist or a folder with no such file."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(path.glob("*.jsonl"))
+            if not found:
+                raise ValueError(f"{path}: a folder with no *.jsonl needle stream in it")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ValueError(f"{path}: no such needle file or folder")
+    return files
 
 
 def read_needles(path: str | Path) -> NeedleSet:
