@@ -14,6 +14,7 @@ with a 95% interval of the mean difference (the ``--parts`` then include the dec
 
     .venv/bin/python scripts/needle_prefill.py --streams 4 --repeats 4 --parts
     .venv/bin/python scripts/needle_prefill.py --streams 2 --repeats 2 --decode 10
+    .venv/bin/python scripts/needle_prefill.py --needles squad_streams --budget 128 --repeats 1 --parts
 
 The model is the real SmolLM2 LM with the build's random vision tower unused (the needle
 stream's "frames" are sentence embeddings: an oracle vision tower). Times are per question, ms.
@@ -29,7 +30,13 @@ import time
 
 import torch
 
-from mosaic_ros.runtime.bench.needles import NeedleConfig, _stream, generate_needles
+from mosaic_ros.runtime.bench.needles import (
+    NeedleConfig,
+    _stream,
+    generate_needles,
+    needle_files,
+    read_needles,
+)
 from mosaic_ros.runtime.heap import freeze_startup_objects
 from mosaic_ros.runtime.kv import attention, bridge, plan, store
 from mosaic_ros.runtime.kv.clusters import ClusterIndex
@@ -40,6 +47,8 @@ from mosaic_ros.runtime.models import load_model
 PARTS = [
     (base.StoreBackedPolicy, "retrieve", "retrieve (select + fetch + reposition)"),
     (base.StoreBackedPolicy, "split_candidates", "  split_candidates"),
+    (mosaic.MosaicPolicy, "_rows_for", "  _rows_for (mosaic's cluster layers)"),
+    (mosaic, "choose_clusters", "    choose_clusters"),
     (mosaic, "head_shares", "  head_shares"),
     (rekv, "take_units", "  take_units (rekv's choice)"),
     (units, "unit_scores", "    unit_scores"),
@@ -65,6 +74,13 @@ def main() -> None:
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--streams", type=int, default=4, help="generated needle streams, seeds --seed on")
     p.add_argument("--seed", type=int, default=200)
+    p.add_argument(
+        "--needles",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="needle streams from JSON lines (a file, or a folder of *.jsonl) instead of generated ones",
+    )
     p.add_argument("--repeats", type=int, default=4, help="passes over every question")
     p.add_argument("--parts", action="store_true", help="also time the named steps")
     p.add_argument("--decode", type=int, default=0, help="decode passes timed after each prefill")
@@ -86,7 +102,10 @@ def main() -> None:
         options={"mosaic": {"maintain_clock": "work"}},
         maintain_ms=50,
     )
-    sets = [generate_needles(s, 24, 6) for s in range(args.seed, args.seed + args.streams)]
+    if args.needles:
+        sets = [read_needles(path) for path in needle_files(args.needles)]
+    else:
+        sets = [generate_needles(s, 24, 6) for s in range(args.seed, args.seed + args.streams)]
     streams = {label: [_stream(adapter, kind[label], cfg, s) for s in sets] for label in (first, second)}
     freeze_startup_objects()
     acc.clear()
@@ -138,9 +157,7 @@ def main() -> None:
                 totals[first].append(a[2])
                 totals[second].append(b[2])
                 count += 1
-    print(
-        f"{count} prefills per policy ({args.streams} streams x {args.repeats} passes), budget {args.budget}"
-    )
+    print(f"{count} prefills per policy ({len(sets)} streams x {args.repeats} passes), budget {args.budget}")
     mean, half = _mean_interval(diffs)
     print(
         f"{second} - {first} prefill per question, paired: median {statistics.median(diffs):.2f} ms, "
