@@ -74,7 +74,8 @@ layers agree across depth: layer l's KV heads score each block by their own shar
 C(l-1), where C(l) = (the block's share averaged over l's heads) + b x C(l-1), summed over the
 block layers chosen so far (measured in docs/BENCHMARKS.md, "Block layers that carry the earlier
 layers' choice": at 128 tokens it lifted accuracy on the benchmark's 108 questions, not on six
-fresh streams, and lowered top-1 on both; at 256 it costs accuracy). No
+fresh streams, and lowered top-1 on both; at 256 it costs accuracy; on SQuAD's questions it
+changes nothing, "SQuAD's questions again"). No
 prefetch runs into or out of a block layer. Measured in docs/BENCHMARKS.md (the needle workload).
 
 Cross-layer prefetch (``config.prefetch``; the base class runs it for every policy): right
