@@ -48,7 +48,7 @@ PARTS = [
     (base.StoreBackedPolicy, "retrieve", "retrieve (select + fetch + reposition)"),
     (base.StoreBackedPolicy, "split_candidates", "  split_candidates"),
     (mosaic.MosaicPolicy, "_rows_for", "  _rows_for (mosaic's cluster layers)"),
-    (mosaic, "choose_clusters", "    choose_clusters"),
+    (plan, "cluster_layer_rows", "    cluster_layer_rows"),
     (mosaic, "head_shares", "  head_shares"),
     (rekv, "take_units", "  take_units (rekv's choice)"),
     (units, "unit_scores", "    unit_scores"),

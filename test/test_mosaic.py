@@ -15,7 +15,7 @@ from test_policies import assert_map_inverts_slots, brute_force_ingest_ids
 
 from mosaic_ros.runtime.kv.attention import attend, rotate_context
 from mosaic_ros.runtime.kv.clock import WorkClock
-from mosaic_ros.runtime.kv.policies.mosaic import MosaicPolicy, Selection, chain_order, choose_clusters
+from mosaic_ros.runtime.kv.policies.mosaic import MosaicPolicy, Selection, chain_order
 from mosaic_ros.runtime.kv.policy import KVGeometry, PolicyConfig, TokenMeta, make_policy
 from mosaic_ros.runtime.kv.rope import Rotary1D
 
@@ -417,23 +417,26 @@ def test_a_question_after_seals_keeps_the_tokens_it_already_had_and_serves_their
 
 
 def test_choose_clusters_fills_the_room_by_value_per_token_and_prefers_extending_runs():
-    share = torch.tensor([0.5, 0.1, 0.1, 0.3])
-    sizes = torch.tensor([10, 10, 10, 10])
-    no_frag = torch.zeros(4, dtype=torch.int64)
-    has = torch.ones(4, dtype=torch.bool)
-    left = torch.tensor([-1, -1, 0, -1])  # extent 2 starts where extent 0 ends
-    right = torch.tensor([2, -1, -1, -1])
-    kw = {"fragments": no_frag, "has_extent": has, "left": left, "right": right}
+    from mosaic_ros.runtime.kv.plan import choose_clusters
+
+    share = np.array([0.5, 0.1, 0.1, 0.3], np.float32)
+    sizes = np.array([10, 10, 10, 10])
+    no_frag = np.zeros(4, np.int64)
+    has = np.ones(4, np.bool_)
+    left = np.array([-1, -1, 0, -1])  # extent 2 starts where extent 0 ends
+    right = np.array([2, -1, -1, -1])
 
     def choose(room: int, penalty: float, sizes=sizes) -> tuple[list[int], int, int]:
-        whole, partial, tokens = choose_clusters(share, sizes, room, run_penalty=penalty, **kw)
+        whole, partial, tokens = choose_clusters(share, sizes, room, no_frag, has, left, right, penalty)
         return whole.tolist(), partial, tokens
 
     assert choose(30, 0.0) == ([0, 1, 3], -1, 0)  # by share per token; ties: lower id first
     assert choose(30, 1.0) == ([0, 2, 3], -1, 0)  # 2 extends 0's run: one copy fewer
     assert choose(25, 0.0) == ([0, 3], 1, 5)  # the room left is filled from the next best cluster
     # a small cluster with a high share per token goes first; a big one that does not fit is cut
-    assert choose(15, 0.0, sizes=torch.tensor([40, 2, 10, 10])) == ([1, 3], 0, 3)
+    assert choose(15, 0.0, sizes=np.array([40, 2, 10, 10])) == ([1, 3], 0, 3)
+    assert choose(0, 0.0) == ([], -1, 0)  # no room
+    assert choose(100, 1.0) == ([0, 1, 2, 3], -1, 0)  # everything fits
 
 
 def test_chain_order_visits_nearest_neighbours_first():
@@ -900,6 +903,44 @@ def layout(policy) -> list[tuple[list[int], list[int], list[int]]]:
         units = policy._layers[layer].index.units_of(ids)
         out.append((ids.tolist(), policy.store.rows_of(layer, ids).tolist(), units.tolist()))
     return out
+
+
+def test_a_cluster_layer_takes_base_then_whole_extents_then_ring_tokens_and_cuts_the_partial_one():
+    from mosaic_ros.runtime.kv.plan import cluster_layer_rows
+
+    # ids 0-1 sinks, 10-11 the window; clusters 0, 1, 2 (-1: the sinks, not clustered)
+    clusters = np.array([-1, -1, 0, 0, 1, 1, 2, 2, 0, 1, 2, 0])
+    token_row = np.array([30, 31, 20, 21, 1, 2, 23, 24, 5, 4, 6, 22])
+    base = np.array([0, 1, 10, 11])
+    nursery = np.array([4, 5, 8, 9, 10])  # not sealed yet; 11 was sealed while in the window
+    ext_start, ext_len = np.array([20, 0, 23]), np.array([3, 0, 2])  # 0: ids 2, 3, 11; 2: ids 6, 7
+    counts = np.bincount(clusters[clusters >= 0])
+    share = np.array([0.6, 0.1, 0.3], np.float32)
+    none = np.full(3, -1, np.int64)
+
+    def rows_for(room: int, clusters=clusters) -> tuple[list[int], list[float]]:
+        rows, extra_share = cluster_layer_rows(
+            share, counts, clusters, 0, base, token_row[base], 2, nursery, token_row[nursery],
+            ext_start, ext_len, none, none, room, 0.0,
+        )  # fmt: skip
+        return rows.tolist(), extra_share.tolist()
+
+    # outside base the clusters hold 3, 3 and 2 tokens: shares per token 0.2, 0.1 / 3 and 0.15
+    per_token = [share[c] / np.float32(n) for c, n in enumerate((3, 3, 2))]
+    rows, extra_share = rows_for(4)
+    # cluster 0 whole: its extent less the window's sealed row 22, then its ring token 8 (row 5);
+    # cluster 2 cut to the one token left of the room: its extent's first row (its ring token is
+    # in the window)
+    assert rows == [30, 31, 6, 22, 20, 21, 23, 5]
+    assert extra_share == [per_token[0]] * 2 + [per_token[2], per_token[0]]
+    # clusters 0 and 2 whole, then the first 2 of 1's 3 ring tokens: ring tokens in id order
+    rows, extra_share = rows_for(7)
+    assert rows == [30, 31, 6, 22, 20, 21, 23, 24, 1, 2, 5]
+    assert extra_share == [per_token[0]] * 2 + [per_token[2]] * 2 + [per_token[1]] * 2 + [per_token[0]]
+    bad = clusters.copy()
+    bad[4] = -1
+    with pytest.raises(ValueError, match="no cluster"):  # a nursery token outside base unclustered
+        rows_for(4, clusters=bad)
 
 
 def test_block_layer_ids_are_the_sinks_the_chosen_candidates_and_the_window_of_each_head():

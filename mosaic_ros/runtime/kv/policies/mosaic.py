@@ -41,7 +41,8 @@ Retrieval per layer: sinks + local window (as every policy), then clusters. All 
 scored in one batched product (``ClusterIndex.score``: the log of each cluster's estimated
 share of the question's attention; Triton on CUDA). Clusters are taken as in a fractional
 knapsack, by estimated share per token, and the first cluster that no longer fits is cut to
-fill the budget (``choose_clusters``). A cluster's value counts the copies it adds: one whose
+fill the budget (``plan.choose_clusters``, compiled with the rest of the layer's choice in
+``plan.cluster_layer_rows``). A cluster's value counts the copies it adds: one whose
 extent touches an extent already taken extends that run and pays nothing, one that bridges
 two runs earns a copy back, ring tokens of a still-open cluster cost one copy (to a GPU the
 store gathers short runs together; CPU to CPU each is a copy of its own, a microsecond or
@@ -91,7 +92,6 @@ Shapes: keys/values (T, H_kv, D) pre-RoPE; C cluster ids per layer; rows and ids
 
 from __future__ import annotations
 
-import heapq
 import time
 from typing import Any, ClassVar
 
@@ -156,86 +156,6 @@ def chain_order(units: Tensor, start: Tensor | None) -> list[int]:
         order.append(current)
         sims[:, current] = -np.inf
     return order
-
-
-def choose_clusters(
-    share: Tensor,
-    sizes: Tensor,
-    room: int,
-    *,
-    fragments: Tensor,
-    has_extent: Tensor,
-    left: Tensor,
-    right: Tensor,
-    run_penalty: float,
-) -> tuple[Tensor, int, int]:
-    """Clusters to retrieve within ``room`` tokens: (whole (k,) int64 ascending, a partial cluster
-    id or -1, how many of its tokens to take).
-
-    share: (C,) estimated share of the question's attention per cluster (0 for empty ids);
-    sizes: (C,) retrievable tokens per cluster; fragments: (C,) runs its ring tokens form;
-    has_extent: (C,) bool; left/right: (C,) the cluster whose extent touches this one's on that
-    side (-1 none).
-
-    A greedy fractional knapsack: clusters are taken by value per token, and the first one that
-    no longer fits is taken in part to fill the room (a cluster is a group of near-identical
-    keys, so part of it keeps about its share per token). A cluster's value is its share minus
-    ``penalty x`` the copies it adds: one if it has ring tokens (to a GPU the store gathers the
-    short runs of a page in one call; CPU to CPU each is a short copy, not counted), plus one
-    for its extent unless a touching extent is already taken, minus one if it joins two taken
-    runs. ``penalty = run_penalty x`` the share of the last cluster taken whole when copies are
-    ignored (the marginal cluster), so it only reorders choices of about marginal value;
-    ``run_penalty = 0`` ignores copies.
-    """
-    usable = (sizes > 0) & (share > 0)
-    if not bool(usable.any()) or room <= 0:
-        return _EMPTY, -1, 0
-    density = torch.where(usable, share / sizes.clamp_min(1), -1.0)
-    order = torch.argsort(density, descending=True, stable=True)[: int(usable.sum())]
-    fits = int((torch.cumsum(sizes[order], 0) <= room).sum())
-    if run_penalty <= 0 or fits == 0:
-        whole = order[:fits].sort().values
-        left_room = room - int(sizes[whole].sum())
-        if fits == order.numel() or left_room == 0:
-            return whole, -1, 0
-        return whole, int(order[fits]), left_room
-    penalty = run_penalty * float(share[order[fits - 1]])
-    # candidates: the densest clusters (several times what fits) and their extent neighbours
-    top = order[: 4 * fits + 32]
-    neigh = torch.cat((left[top], right[top]))
-    cand = torch.unique(torch.cat((top, neigh[neigh >= 0])))
-    cand = cand[usable[cand]]
-    ids = cand.tolist()
-    sh = dict(zip(ids, share[cand].tolist(), strict=True))
-    sz = dict(zip(ids, sizes[cand].tolist(), strict=True))
-    fr = dict(zip(ids, fragments[cand].tolist(), strict=True))
-    ext = dict(zip(ids, has_extent[cand].tolist(), strict=True))
-    lf = dict(zip(ids, left[cand].tolist(), strict=True))
-    rt = dict(zip(ids, right[cand].tolist(), strict=True))
-    taken: set[int] = set()
-
-    def value(c: int) -> float:
-        runs = min(fr[c], 1)
-        if ext[c]:
-            runs += 1 - (lf[c] in taken) - (rt[c] in taken)
-        return (sh[c] - penalty * runs) / sz[c]
-
-    heap = [(-value(c), c) for c in ids]
-    heapq.heapify(heap)
-    left_room = room
-    while heap:
-        neg, c = heapq.heappop(heap)
-        if c in taken or -neg != value(c):
-            continue  # taken, or a stale entry (a fresher one is queued)
-        if sz[c] > left_room:
-            partial = c if left_room else -1
-            return torch.tensor(sorted(taken), dtype=torch.int64), partial, left_room
-        taken.add(c)
-        left_room -= sz[c]
-        for nb in (lf[c], rt[c]):
-            if nb in sh and nb not in taken:
-                heapq.heappush(heap, (-value(nb), nb))
-    return torch.tensor(sorted(taken), dtype=torch.int64), -1, 0
 
 
 def head_shares(query: Tensor, centroids: Tensor, counts: Tensor) -> Tensor:
@@ -852,53 +772,43 @@ class MosaicPolicy(StoreBackedPolicy):
         return self._rows_for(layer, base, share, self.config.budget_tokens - base.numel())
 
     def _rows_for(self, layer: int, base: Tensor, share: Tensor, room: int) -> Selection:
-        """Sinks + window ``base`` (ids) plus the clusters ``choose_clusters`` takes within ``room``
-        tokens, ``share`` (C,) being their estimated shares of the question's attention."""
+        """Sinks + window ``base`` (ids) plus the clusters ``plan.choose_clusters`` takes within
+        ``room`` tokens, ``share`` (C,) being their estimated shares of the question's attention
+        (one compiled pass, ``plan.cluster_layer_rows``); every live token if all of them fit."""
         store, st = self.store, self._layers[layer]
-        share = share.to("cpu", torch.float32)
+        share = share.to("cpu", torch.float32).contiguous()
+        counts = st.index.counts.cpu()  # the index keeps its statistics on the compute device
         base_rows = store.rows_of(layer, base)
-        sizes = st.index.counts.cpu()  # the index keeps its statistics on the compute device
         in_base = st.index.units_of(base)
-        sizes -= torch.bincount(in_base[in_base >= 0], minlength=sizes.numel())
-        per_token = share / sizes.clamp_min(1)
-        if int(sizes.sum()) <= room:
+        if int(counts.sum()) - int((in_base >= 0).sum()) <= room:
+            sizes = counts - torch.bincount(in_base[in_base >= 0], minlength=counts.numel())
             live = store.live_tokens(layer)
             rest = live[~torch.isin(live, base)]
             extra = store.rows_of(layer, rest)
+            per_token = share / sizes.clamp_min(1)
             return Selection(torch.cat((base_rows, extra)), extra, per_token[st.index.units_of(rest)])
-        nursery = st.nursery[~torch.isin(st.nursery, base)]
-        ncid = st.index.units_of(nursery)
-        nrows = store.rows_of(layer, nursery)
-        fragments = self._fragments(ncid, nrows, sizes.numel())
+        first, clusters = st.index.token_map()
         left, right = st.adjacency(self.page_rows)
-        n = sizes.numel()
-        whole, partial, partial_tokens = choose_clusters(
-            share,
-            sizes,
+        nursery = st.nursery.contiguous()
+        rows, extra_share = plan.cluster_layer_rows(
+            share.numpy(),
+            counts.numpy(),
+            clusters,
+            first,
+            base.contiguous().numpy(),
+            base_rows.numpy(),
+            self.config.sink_tokens,
+            nursery.numpy(),
+            store.rows_of(layer, nursery).numpy(),
+            st.ext_start.numpy(),
+            st.ext_len.numpy(),
+            left.numpy(),
+            right.numpy(),
             room,
-            fragments=fragments,
-            has_extent=st.ext_len[:n] > 0,
-            left=left[:n],
-            right=right[:n],
-            run_penalty=float(self.options["run_penalty"]),
+            float(self.options["run_penalty"]),
         )
-        chosen = whole if partial < 0 else torch.cat((whole, torch.tensor([partial])))
-        picked = torch.zeros(n, dtype=torch.bool)
-        picked[chosen] = True
-        ext_rows = _ranges(st.ext_start[chosen], st.ext_len[chosen])
-        ext_cid = torch.repeat_interleave(chosen, st.ext_len[chosen])
-        sealed_base = base[(base >= self.config.sink_tokens) & ~torch.isin(base, st.nursery)]
-        if sealed_base.numel():  # sealed early while still in the window: already in base_rows
-            outside = ~torch.isin(ext_rows, store.rows_of(layer, sealed_base))
-            ext_rows, ext_cid = ext_rows[outside], ext_cid[outside]
-        in_nursery = picked[ncid]
-        extra = torch.cat((ext_rows, nrows[in_nursery]))
-        extra_cid = torch.cat((ext_cid, ncid[in_nursery]))
-        if partial >= 0:  # the partial cluster: its first tokens, extent before ring
-            is_partial = extra_cid == partial
-            keep = ~is_partial | (torch.cumsum(is_partial, 0) <= partial_tokens)
-            extra, extra_cid = extra[keep], extra_cid[keep]
-        return Selection(torch.cat((base_rows, extra)), extra, per_token[extra_cid])
+        rows_t = torch.from_numpy(rows)
+        return Selection(rows_t, rows_t[base.numel() :], torch.from_numpy(extra_share))
 
     def _select_blocks(self, layer: int, query: Tensor) -> Selection:
         """A block layer's (H_kv, n) selection: per KV head, sinks + window and the frame blocks its
@@ -939,17 +849,6 @@ class MosaicPolicy(StoreBackedPolicy):
             self._carry = (mine + beta * prev).astype(np.float32)
         return self.selection(layer, torch.from_numpy(ids))
 
-    @staticmethod
-    def _fragments(cid: Tensor, rows: Tensor, slots: int) -> Tensor:
-        """(slots,) number of runs the rows of each cluster's ring tokens form."""
-        if cid.numel() == 0:
-            return torch.zeros(slots, dtype=torch.int64)
-        order = torch.argsort(cid * (int(rows.max()) + 2) + rows)
-        c, r = cid[order], rows[order]
-        new_run = torch.ones(c.numel(), dtype=torch.bool)
-        new_run[1:] = (c[1:] != c[:-1]) | (r[1:] != r[:-1] + 1)
-        return torch.bincount(c[new_run], minlength=slots)
-
     def _select_in_window(self, layer: int, query: Tensor) -> Selection:
         """A question's time window: candidates filtered token by token, clusters chosen by value
         per token (copies ignored: the filtered tokens are gathered anyway)."""
@@ -960,19 +859,12 @@ class MosaicPolicy(StoreBackedPolicy):
         n = st.index.num_slots
         sizes = torch.bincount(cid, minlength=n)
         share = st.index.share(query)
-        none = torch.full((n,), -1, dtype=torch.int64)
-        whole, partial, partial_tokens = choose_clusters(
-            share,
-            sizes,
-            room,
-            fragments=torch.zeros(n, dtype=torch.int64),
-            has_extent=torch.zeros(n, dtype=torch.bool),
-            left=none,
-            right=none,
-            run_penalty=0.0,
+        none, no_runs = np.full(n, -1, np.int64), np.zeros(n, np.int64)
+        whole, partial, partial_tokens = plan.choose_clusters(
+            share.contiguous().numpy(), sizes.numpy(), room, no_runs, np.zeros(n, np.bool_), none, none, 0.0
         )
         picked = torch.zeros(n, dtype=torch.bool)
-        picked[whole] = True
+        picked[torch.from_numpy(whole)] = True
         taken = picked[cid]
         if partial >= 0:
             is_partial = cid == partial

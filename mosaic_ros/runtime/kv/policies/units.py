@@ -10,7 +10,7 @@ appends cost O(chunk)) estimates shares as ReKV does (``unit_scores``: a softmax
 candidate units' mean keys); ``clusters.ClusterIndex`` estimates them from its count-weighted
 centroids. What is taken within the budget is the policy's rule: ``take_units`` takes whole
 units by share (ReKV, LiveVLM); Mosaic takes clusters by share per token, copy-aware, with the
-last one cut to fill the budget (``mosaic.choose_clusters``).
+last one cut to fill the budget (``plan.choose_clusters``).
 """
 
 from __future__ import annotations
