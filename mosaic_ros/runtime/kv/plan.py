@@ -361,6 +361,30 @@ def _sift_down(key, ident, at, size):
         at = low
 
 
+@njit("void(float64[::1], int64[::1], int64)", cache=True, nogil=True)
+def _sift_up(key, ident, at):
+    """Move heap entry ``at`` up to its place."""
+    while at > 0:
+        up = (at - 1) // 2
+        if not _before(key, ident, at, up):
+            return
+        key[at], key[up], ident[at], ident[up] = key[up], key[at], ident[up], ident[at]
+        at = up
+
+
+@njit(
+    f"float64(int64, {_F32}, {_I64}, {_I64}, boolean[::1], {_I64}, {_I64}, boolean[::1], float64)",
+    cache=True,
+    nogil=True,
+)
+def _value(c, share, sizes, fragments, has_extent, left, right, taken, penalty):
+    """``choose_clusters``'s value per token of cluster ``c`` given the clusters ``taken``."""
+    runs = min(fragments[c], 1)
+    if has_extent[c]:
+        runs += 1 - (left[c] >= 0 and taken[left[c]]) - (right[c] >= 0 and taken[right[c]])
+    return (np.float64(share[c]) - penalty * runs) / np.float64(sizes[c])
+
+
 @njit(
     f"Tuple((int64[::1], int64, int64))({_F32}, {_I64}, int64, {_I64}, boolean[::1], {_I64}, {_I64}, "
     "float64)",
@@ -425,10 +449,8 @@ def choose_clusters(share, sizes, room, fragments, has_extent, left, right, run_
     ident = np.empty(cap, np.int64)
     size = 0
     for c in ids:  # pushed in any order: the pops depend only on the entries
-        runs = min(fragments[c], 1)
-        if has_extent[c]:
-            runs += 1
-        key[size], ident[size] = -(np.float64(share[c]) - penalty * runs) / np.float64(sizes[c]), c
+        key[size] = -_value(c, share, sizes, fragments, has_extent, left, right, taken, penalty)
+        ident[size] = c
         size += 1
     for start in range(size // 2 - 1, -1, -1):  # heapify
         _sift_down(key, ident, start, size)
@@ -438,31 +460,18 @@ def choose_clusters(share, sizes, room, fragments, has_extent, left, right, run_
         size -= 1
         key[0], ident[0] = key[size], ident[size]
         _sift_down(key, ident, 0, size)
-        if taken[c]:
-            continue
-        runs = min(fragments[c], 1)
-        if has_extent[c]:
-            runs += 1 - (left[c] >= 0 and taken[left[c]]) - (right[c] >= 0 and taken[right[c]])
-        if -neg != (np.float64(share[c]) - penalty * runs) / np.float64(sizes[c]):
-            continue  # a stale entry: a fresher one is queued
+        if taken[c] or -neg != _value(c, share, sizes, fragments, has_extent, left, right, taken, penalty):
+            continue  # taken, or a stale entry (a fresher one is queued)
         if sizes[c] > left_room:
             return np.flatnonzero(taken), c if left_room else -1, left_room
         taken[c] = True
         left_room -= sizes[c]
         for nb in (left[c], right[c]):
             if nb >= 0 and cand[nb] and not taken[nb]:
-                runs = min(fragments[nb], 1)
-                if has_extent[nb]:
-                    runs += 1 - (left[nb] >= 0 and taken[left[nb]]) - (right[nb] >= 0 and taken[right[nb]])
-                key[size], ident[size] = -(np.float64(share[nb]) - penalty * runs) / np.float64(sizes[nb]), nb
-                at = size
+                value = _value(nb, share, sizes, fragments, has_extent, left, right, taken, penalty)
+                key[size], ident[size] = -value, nb
+                _sift_up(key, ident, size)
                 size += 1
-                while at > 0:
-                    up = (at - 1) // 2
-                    if not _before(key, ident, at, up):
-                        break
-                    key[at], key[up], ident[at], ident[up] = key[up], key[at], ident[up], ident[at]
-                    at = up
     return np.flatnonzero(taken), -1, 0
 
 
